@@ -1,0 +1,345 @@
+"""The ``noetl-pgworker`` command.
+
+Every option also reads ``NOETL_PGWORKER_<NAME>`` from the environment (``--help`` shows the
+name); the connection string goes to libpq untouched, so ``PG*`` variables work too.
+Expected failures print one line on stderr and exit 1 (usage errors exit 2); ``-v`` shows
+the traceback. Data goes to stdout, progress and logs to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from . import enqueue as enqueue_mod
+from . import logs, schema
+from . import status as status_mod
+from .config import Settings
+from .db import connect, redact_dsn, wrap_errors
+from .errors import ConfigError, PgWorkerError
+from .tools import default_registry
+
+logger = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _env(name: str) -> str:
+    return f"NOETL_PGWORKER_{name}"
+
+
+def dsn_option(func: F) -> F:
+    return click.option(
+        "--dsn",
+        envvar=_env("DSN"),
+        show_envvar=True,
+        default="",
+        help="PostgreSQL connection string or URL. Empty: libpq defaults and PG* variables"
+        " (PGHOST, PGDATABASE, ...).",
+    )(func)
+
+
+def log_options(func: F) -> F:
+    func = click.option(
+        "--log-format",
+        envvar=_env("LOG_FORMAT"),
+        show_envvar=True,
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="Log lines on stderr as text or as one JSON object per line.",
+    )(func)
+    func = click.option(
+        "--log-level",
+        envvar=_env("LOG_LEVEL"),
+        show_envvar=True,
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        default="info",
+        show_default=True,
+        help="Least severe log level shown.",
+    )(func)
+    return click.option(
+        "-v", "--verbose", is_flag=True, help="Show tracebacks of errors (for bug reports)."
+    )(func)
+
+
+def handle_errors(func: F) -> F:
+    """Expected failures: one clear line on stderr, exit 1; tracebacks only with -v."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose = bool(kwargs.get("verbose"))
+        logs.configure(kwargs.get("log_level") or "info", kwargs.get("log_format") or "text",
+                       kwargs.get("worker_id"))
+        try:
+            return func(*args, **kwargs)
+        except PgWorkerError as exc:
+            if verbose:
+                traceback.print_exc()
+            click.echo(f"noetl-pgworker: error: {exc.message}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="noetl-pgworker")
+def main() -> None:
+    """Run NoETL commands straight from PostgreSQL.
+
+    Claims rows of noetl.command with SELECT ... FOR UPDATE SKIP LOCKED, wakes on
+    LISTEN/NOTIFY, runs each command's tool on a thread pool and writes the outcome back:
+    row status and NoETL's lifecycle events.
+    """
+
+
+@main.command()
+@dsn_option
+@click.option("--worker-id", envvar=_env("WORKER_ID"), show_envvar=True, default=None,
+              help="Name of this worker in noetl.runtime and noetl.command.worker_id."
+              "  [default: <host>-<pid>]")
+@click.option("--concurrency", envvar=_env("CONCURRENCY"), show_envvar=True, type=click.IntRange(1, 1024),
+              default=8, show_default=True, help="Threads, i.e. commands run at once.")
+@click.option("--tool-kinds", envvar=_env("TOOL_KINDS"), show_envvar=True, default="",
+              help="Comma-separated tool kinds to claim; nothing else is claimed."
+              "  [default: every kind this worker has]")
+@click.option("--poll-interval", envvar=_env("POLL_INTERVAL"), show_envvar=True,
+              type=click.FloatRange(0.01, 3600), default=2.0, show_default=True,
+              help="Seconds between claims when no NOTIFY arrives (the fallback).")
+@click.option("--drain", envvar=_env("DRAIN"), show_envvar=True, is_flag=True,
+              help="Exit 0 once the queue has nothing left for this worker.")
+@click.option("--heartbeat-interval", envvar=_env("HEARTBEAT_INTERVAL"), show_envvar=True,
+              type=click.FloatRange(0.1, 15), default=5.0, show_default=True,
+              help="Seconds between noetl.runtime heartbeats.")
+@click.option("--shutdown-timeout", envvar=_env("SHUTDOWN_TIMEOUT"), show_envvar=True,
+              type=click.FloatRange(0), default=30.0, show_default=True,
+              help="On SIGTERM/SIGINT, seconds to let running commands finish.")
+@click.option("--connect-timeout", envvar=_env("CONNECT_TIMEOUT"), show_envvar=True,
+              type=click.FloatRange(1), default=10.0, show_default=True,
+              help="Seconds to wait for a database connection.")
+@click.option("--max-result-bytes", envvar=_env("MAX_RESULT_BYTES"), show_envvar=True,
+              type=click.IntRange(1024), default=1024 * 1024, show_default=True,
+              help="Tool output larger than this is stored as a summary, not inline.")
+@click.option("--skip-schema-check", envvar=_env("SKIP_SCHEMA_CHECK"), show_envvar=True,
+              is_flag=True, help="Do not verify the schema before starting.")
+@log_options
+@handle_errors
+def start(
+    dsn: str,
+    worker_id: str | None,
+    concurrency: int,
+    tool_kinds: str,
+    poll_interval: float,
+    drain: bool,
+    heartbeat_interval: float,
+    shutdown_timeout: float,
+    connect_timeout: float,
+    max_result_bytes: int,
+    skip_schema_check: bool,
+    log_level: str,
+    log_format: str,
+    verbose: bool,
+) -> None:
+    """Claim and run commands until stopped (SIGTERM/SIGINT: graceful; twice: now)."""
+    from .worker import Worker
+
+    values: dict[str, Any] = {
+        "dsn": dsn,
+        "concurrency": concurrency,
+        "tool_kinds": tool_kinds or None,
+        "poll_interval": poll_interval,
+        "drain": drain,
+        "heartbeat_interval": heartbeat_interval,
+        "shutdown_timeout": shutdown_timeout,
+        "connect_timeout": connect_timeout,
+        "max_result_bytes": max_result_bytes,
+        "verify_schema": not skip_schema_check,
+    }
+    if worker_id:
+        values["worker_id"] = worker_id
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid settings: {problems}") from exc
+    if not worker_id:
+        logs.configure(log_level, log_format, settings.worker_id)
+    worker = Worker(settings, default_registry())
+    _install_signal_handlers(worker.stop)
+    summary = worker.run()
+    if not summary.clean:
+        sys.exit(1)
+
+
+def _install_signal_handlers(graceful: Callable[[], None]) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: stop now, exit 130."""
+    received: list[int] = []
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            logger.warning(
+                "%s received: stopping gracefully (send it again to stop at once)",
+                signal.Signals(signum).name,
+                extra={"action": "stopping"},
+            )
+            graceful()
+        else:
+            logger.error("second signal: stopping at once; running commands will be recovered")
+            logging.shutdown()
+            os._exit(130)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+@main.group(name="schema")
+def schema_group() -> None:
+    """Print, apply or verify the database objects the worker needs."""
+
+
+with_tables_option = click.option(
+    "--with-noetl-tables",
+    is_flag=True,
+    help="Also create NoETL's tables (for a database without a NoETL server).",
+)
+
+
+@schema_group.command(name="sql")
+@with_tables_option
+def schema_sql(with_noetl_tables: bool) -> None:
+    """Print the DDL that `schema apply` runs."""
+    click.echo(schema.schema_sql(with_noetl_tables=with_noetl_tables))
+
+
+@schema_group.command(name="apply")
+@dsn_option
+@with_tables_option
+@log_options
+@handle_errors
+def schema_apply(dsn: str, with_noetl_tables: bool, **_: Any) -> None:
+    """Create the worker's trigger and index (and NoETL's tables on request). Idempotent."""
+    with wrap_errors(dsn, "applying the schema"), connect(dsn) as conn:
+        schema.apply(conn, with_noetl_tables=with_noetl_tables)
+    click.echo(f"schema applied to {redact_dsn(dsn)}", err=True)
+
+
+@schema_group.command(name="verify")
+@dsn_option
+@log_options
+@handle_errors
+def schema_verify(dsn: str, **_: Any) -> None:
+    """Exit 0 if the database has everything the worker needs; else name what is missing."""
+    with wrap_errors(dsn, "verifying the schema"), connect(dsn) as conn:
+        missing = schema.verify(conn)
+    if missing:
+        for item in missing:
+            click.echo(f"missing: {item}")
+        click.echo(
+            f"noetl-pgworker: error: {len(missing)} object(s) missing; run"
+            " `noetl-pgworker schema apply`",
+            err=True,
+        )
+        sys.exit(1)
+    click.echo("schema ok", err=True)
+
+
+def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object")
+    return parsed
+
+
+@main.command(name="enqueue")
+@dsn_option
+@click.option("--tool-kind", default="noop", show_default=True, help="Tool kind of the commands.")
+@click.option("--step", default="step", show_default=True, help="Step name of the commands.")
+@click.option("--config", "tool_config", callback=_json_object,
+              help='Tool configuration as a JSON object (context.tool_config), e.g. \'{"code": "result = 1"}\'.')
+@click.option("--input", "args", callback=_json_object,
+              help="Step inputs as a JSON object (context.input).")
+@click.option("--count", type=click.IntRange(1), default=1, show_default=True,
+              help="How many commands.")
+@click.option("--executions", type=click.IntRange(1), default=1, show_default=True,
+              help="Spread the commands over this many new executions.")
+@click.option("--execution-id", type=int, default=None,
+              help="Add the commands to this existing execution instead.")
+@click.option("--catalog-path", default=enqueue_mod.DEFAULT_CATALOG_PATH, show_default=True,
+              help="Playbook path in noetl.catalog (created when missing).")
+@log_options
+@handle_errors
+def enqueue_cmd(
+    dsn: str,
+    tool_kind: str,
+    step: str,
+    tool_config: dict[str, Any] | None,
+    args: dict[str, Any] | None,
+    count: int,
+    executions: int,
+    execution_id: int | None,
+    catalog_path: str,
+    **_: Any,
+) -> None:
+    """Write PENDING commands the way NoETL's server does, in one transaction.
+
+    Prints the execution ids on stdout.
+    """
+    with wrap_errors(dsn, "enqueueing"), connect(dsn) as conn:
+        result = enqueue_mod.enqueue(
+            conn,
+            tool_kind=tool_kind,
+            step=step,
+            tool_config=tool_config,
+            args=args,
+            count=count,
+            executions=executions,
+            execution_id=execution_id,
+            catalog_path=catalog_path,
+        )
+    for eid in result.execution_ids:
+        click.echo(eid)
+    click.echo(
+        f"enqueued {len(result.command_ids)} {tool_kind} command(s) in"
+        f" {len(result.execution_ids)} execution(s)",
+        err=True,
+    )
+
+
+@main.command(name="status")
+@dsn_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@log_options
+@handle_errors
+def status_cmd(dsn: str, as_json: bool, **_: Any) -> None:
+    """Commands by status and tool kind, oldest pending age, workers and heartbeat ages."""
+    with wrap_errors(dsn, "reading status"), connect(dsn) as conn:
+        st = status_mod.read_status(conn)
+    if as_json:
+        click.echo(json.dumps(st.as_dict(), indent=2, sort_keys=True))
+    else:
+        click.echo(status_mod.format_status(st))
+
+
+@main.command(name="tools")
+def tools_cmd() -> None:
+    """List the tool kinds this worker can run."""
+    for kind in default_registry().kinds():
+        click.echo(kind)

@@ -1,0 +1,59 @@
+"""Worker settings.
+
+One story for every value: command-line flag > ``NOETL_PGWORKER_*`` environment variable >
+default. The CLI resolves flags and environment (click does it, and ``--help`` shows the
+variable names); this model validates the result and is what the library takes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ENV_PREFIX = "NOETL_PGWORKER_"
+NOTIFY_CHANNEL = "noetl_pgworker_command"
+
+
+def default_worker_id() -> str:
+    """``<host>-<pid>``: unique per process on a machine, readable in ``noetl.runtime``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseModel):
+    """Everything a running worker needs to know."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dsn: str = Field(
+        default="",
+        description="libpq connection string or URL; empty = libpq defaults and PG* variables",
+    )
+    worker_id: str = Field(default_factory=default_worker_id, min_length=1, max_length=200)
+    concurrency: int = Field(default=8, ge=1, le=1024)
+    tool_kinds: tuple[str, ...] | None = Field(
+        default=None, description="tool kinds to claim; None = every kind the registry has"
+    )
+    poll_interval: float = Field(default=2.0, gt=0, le=3600)
+    drain: bool = False
+    heartbeat_interval: float = Field(default=5.0, gt=0, le=15)
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    flush_interval: float = Field(
+        default=0.005, ge=0, le=1, description="how long the writer gathers outcomes"
+    )
+    flush_max: int = Field(default=500, ge=1, le=10_000)
+    listener_check_interval: float = Field(default=30.0, gt=0)
+    max_result_bytes: int = Field(default=1024 * 1024, ge=1024)
+    verify_schema: bool = True
+
+    @field_validator("tool_kinds", mode="before")
+    @classmethod
+    def _split_kinds(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list | tuple):
+            kinds = tuple(dict.fromkeys(str(k).strip() for k in value if str(k).strip()))
+            return kinds or None
+        return value

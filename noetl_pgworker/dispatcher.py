@@ -1,0 +1,148 @@
+"""The dispatcher: a fixed thread pool, slots taken before a claim, tools run by kind.
+
+A slot is reserved by the claim loop *before* it claims, and given back when the command's
+outcome has been handed to the reporter; so the worker never holds a claimed command that no
+thread can start now.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from .errors import PgWorkerError, ToolError
+from .events import NotSerialisable, dumps
+from .models import Command, Outcome
+from .tools import ToolRegistry
+
+logger = logging.getLogger(__name__)
+
+
+class Slots:
+    """A counter of free threads, with waits that time out."""
+
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ValueError("at least one slot is needed")
+        self.total = total
+        self._free = total
+        self._cond = threading.Condition()
+
+    def acquire(self, timeout: float) -> bool:
+        """Take one slot; False if none freed up within ``timeout`` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._free > 0, timeout=timeout):
+                return False
+            self._free -= 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._free >= self.total:
+                raise RuntimeError("slot released twice")
+            self._free += 1
+            self._cond.notify()
+
+    def available(self) -> int:
+        with self._cond:
+            return self._free
+
+    def in_use(self) -> int:
+        with self._cond:
+            return self.total - self._free
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every slot is free; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._free == self.total, timeout=timeout)
+
+
+def execute(command: Command, registry: ToolRegistry) -> Outcome:
+    """Run one command's tool; never raises (every failure becomes a failed Outcome)."""
+    started_at = datetime.now(UTC)
+    t0 = time.perf_counter()
+    try:
+        tool = registry.get(command.tool_kind)
+        data = tool.run(command)
+        dumps(data)  # fail here, with a clear error, rather than in the writer
+    except ToolError as exc:
+        return Outcome.failure(
+            exc.message,
+            error_type=exc.error_type,
+            duration=time.perf_counter() - t0,
+            started_at=started_at,
+        )
+    except NotSerialisable as exc:
+        return Outcome.failure(
+            str(exc), error_type="serialisation", duration=time.perf_counter() - t0,
+            started_at=started_at,
+        )
+    except PgWorkerError as exc:
+        return Outcome.failure(
+            exc.message, duration=time.perf_counter() - t0, started_at=started_at
+        )
+    except BaseException as exc:  # noqa: BLE001 - user code may raise anything, SystemExit too
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return Outcome.failure(
+            f"{type(exc).__name__}: {exc}",
+            error_type="exception",
+            duration=time.perf_counter() - t0,
+            started_at=started_at,
+        )
+    return Outcome.success(data, duration=time.perf_counter() - t0, started_at=started_at)
+
+
+class Dispatcher:
+    """Runs commands on ``slots.total`` named threads."""
+
+    def __init__(
+        self,
+        registry: ToolRegistry,
+        slots: Slots,
+        *,
+        on_start: Callable[[Command, datetime], None],
+        on_finish: Callable[[Command, Outcome], None],
+    ) -> None:
+        self._registry = registry
+        self._slots = slots
+        self._on_start = on_start
+        self._on_finish = on_finish
+        self._executor = ThreadPoolExecutor(
+            max_workers=slots.total, thread_name_prefix="noetl-pgworker-tool"
+        )
+
+    def submit(self, command: Command) -> None:
+        """Run ``command``; the caller holds a slot, which is released when it is done."""
+        self._executor.submit(self._run, command)
+
+    def _run(self, command: Command) -> None:
+        try:
+            self._on_start(command, datetime.now(UTC))
+            outcome = execute(command, self._registry)
+            if not outcome.ok:
+                logger.debug(
+                    "command failed: %s",
+                    outcome.error,
+                    extra={"action": "command_failed", "command_id": command.command_id},
+                )
+            self._on_finish(command, outcome)
+        except Exception:
+            # Only the callbacks can get here (execute never raises); keep the thread alive.
+            logger.exception(
+                "could not hand over the outcome of command %s",
+                command.command_id,
+                extra={"action": "dispatch_error", "command_id": command.command_id},
+            )
+        finally:
+            self._slots.release()
+
+    def shutdown(self, timeout: float) -> bool:
+        """Stop taking work and wait up to ``timeout`` for running commands; True if all ended."""
+        idle = self._slots.wait_idle(timeout)
+        self._executor.shutdown(wait=idle, cancel_futures=True)
+        return idle

@@ -1,0 +1,55 @@
+"""Exceptions of noetl-pgworker.
+
+One root, :class:`PgWorkerError`; each leaf's docstring is its default message. Driver errors
+are wrapped once, at the boundary, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PgWorkerError(Exception):
+    """noetl-pgworker failed."""
+
+    def __init__(self, message: str | None = None, **context: Any) -> None:
+        self.message = message or (self.__doc__ or "").strip()
+        self.context = context
+        super().__init__(self.message)
+
+
+class ConfigError(PgWorkerError):
+    """The configuration is not valid."""
+
+
+class DatabaseUnavailable(PgWorkerError):
+    """The database cannot be reached."""
+
+
+class SchemaMissing(PgWorkerError):
+    """The database lacks objects the worker needs (run `noetl-pgworker schema apply`)."""
+
+    def __init__(self, missing: list[str]) -> None:
+        self.missing = missing
+        super().__init__(
+            "the database lacks what the worker needs: "
+            + ", ".join(missing)
+            + " (run `noetl-pgworker schema apply`; add --with-noetl-tables on a database"
+            " without NoETL)"
+        )
+
+
+class MalformedCommand(PgWorkerError):
+    """A noetl.command row cannot be mapped to a Command."""
+
+
+class ToolError(PgWorkerError):
+    """A tool failed."""
+
+    error_type = "tool_error"
+
+
+class UnknownTool(ToolError):
+    """No tool is registered for this tool kind."""
+
+    error_type = "unknown_tool"

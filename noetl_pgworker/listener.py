@@ -1,0 +1,116 @@
+"""The doorbell: LISTEN on a dedicated autocommit connection, set an Event on every NOTIFY.
+
+LISTEN is an accelerator, not a dependency: if the connection dies, the claim loop goes on
+polling while this thread reconnects with backoff. A periodic round trip catches a connection
+that is silently dead (no error, no notifications).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .config import NOTIFY_CHANNEL
+from .db import connect, first_line
+
+logger = logging.getLogger(__name__)
+
+
+class Listener:
+    def __init__(
+        self,
+        dsn: str,
+        wake: threading.Event,
+        *,
+        channel: str = NOTIFY_CHANNEL,
+        application_name: str = "noetl-pgworker-listener",
+        connect_timeout: float = 10.0,
+        check_interval: float = 30.0,
+    ) -> None:
+        self._dsn = dsn
+        self._wake = wake
+        self._channel = channel
+        self._application_name = application_name
+        self._connect_timeout = connect_timeout
+        self._check_interval = check_interval
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._thread = threading.Thread(
+            target=self._run, name="noetl-pgworker-listener", daemon=True
+        )
+        self.reconnects = 0
+        self.notifications = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("the listener thread did not stop in %.0f s", timeout)
+
+    def _run(self) -> None:
+        backoff = 0.0
+        first = True
+        while not self._stop.is_set():
+            try:
+                self._listen()
+                backoff = 0.0
+            except Exception as exc:  # any failure: reconnect, never die
+                self._connected.clear()
+                backoff = min(10.0, max(0.2, backoff * 2))
+                logger.warning(
+                    "listener connection lost (%s); polling until it is back",
+                    first_line(exc),
+                    extra={"action": "listener_lost"},
+                )
+                self._stop.wait(backoff)
+            finally:
+                self._close()
+            if not first:
+                self.reconnects += 1
+            first = False
+
+    def _listen(self) -> None:
+        conn = self._conn = connect(
+            self._dsn,
+            application_name=self._application_name,
+            connect_timeout=self._connect_timeout,
+            autocommit=True,
+        )
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+        self._connected.set()
+        # Anything inserted while we were not listening must not wait for the poll timer.
+        self._wake.set()
+        logger.debug("listening on %s", self._channel, extra={"action": "listening"})
+        last_check = time.monotonic()
+        while not self._stop.is_set():
+            for _ in conn.notifies(timeout=0.5):
+                self.notifications += 1
+                self._wake.set()
+            if time.monotonic() - last_check >= self._check_interval:
+                conn.execute("SELECT 1")  # a silently dead connection raises here
+                last_check = time.monotonic()
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        self._connected.clear()
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # closing a broken connection may fail; nothing to do
+                logger.debug("error closing the listener connection", exc_info=True)

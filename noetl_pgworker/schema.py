@@ -1,0 +1,66 @@
+"""The database objects the worker needs: print them, apply them, verify them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from .errors import SchemaMissing
+from .queries import query, read_sql_file
+
+NOETL_TABLES_FILE = "noetl_tables.sql"
+WORKER_OBJECTS_FILE = "worker_objects.sql"
+# Serialises concurrent `schema apply` runs (many workers starting at once).
+_APPLY_LOCK_KEY = 0x6E6F65746C706777  # "noetlpgw"
+
+
+def schema_sql(*, with_noetl_tables: bool = False) -> str:
+    """The DDL that ``apply`` runs, as one script."""
+    parts = []
+    if with_noetl_tables:
+        parts.append(read_sql_file(NOETL_TABLES_FILE))
+    parts.append(read_sql_file(WORKER_OBJECTS_FILE))
+    return "\n".join(parts)
+
+
+def apply(conn: psycopg.Connection[Any], *, with_noetl_tables: bool = False) -> None:
+    """Create what is missing, in one transaction; applying twice changes nothing."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_APPLY_LOCK_KEY,))
+        if not with_noetl_tables:
+            missing = [m for m in _missing(conn) if "pgworker" not in m]
+            if missing:
+                raise SchemaMissing(missing)
+        conn.execute(schema_sql(with_noetl_tables=with_noetl_tables).encode())
+
+
+def _missing(conn: psycopg.Connection[Any]) -> list[str]:
+    missing: list[str] = []
+    with conn.cursor() as cur:
+        for name in ("verify_objects", "verify_columns"):
+            cur.execute(query(name))
+            missing += [str(obj) for obj, present in cur.fetchall() if not present]
+    # A missing table explains its missing columns; name the table alone.
+    tables = {m.removeprefix("table ") for m in missing if m.startswith("table ")}
+    return [
+        m
+        for m in missing
+        if not (m.startswith("column ") and m.removeprefix("column ").rsplit(".", 1)[0] in tables)
+    ]
+
+
+def verify(conn: psycopg.Connection[Any]) -> list[str]:
+    """Names of the objects the worker needs but the database lacks (empty when all is well)."""
+    try:
+        return _missing(conn)
+    finally:
+        if not conn.autocommit:
+            conn.rollback()
+
+
+def require(conn: psycopg.Connection[Any]) -> None:
+    """Raise :class:`SchemaMissing` naming what is missing."""
+    missing = verify(conn)
+    if missing:
+        raise SchemaMissing(missing)

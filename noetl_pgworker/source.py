@@ -1,0 +1,188 @@
+"""Where commands come from.
+
+:class:`CommandSource` mirrors the ``CommandSource`` trait of NoETL's Rust worker: ``next()``
+returns a command to dispatch, or ``None`` when the source is exhausted (drain and exit). A
+long-running source never returns ``None`` while it runs; it returns ``None`` only once it was
+asked to stop (or, in drain mode, when nothing is left for it).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from .db import TRANSIENT_ERRORS, first_line
+from .errors import MalformedCommand
+from .events import dumps
+from .models import Command, CommandRef
+from .queries import query
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class CommandSource(Protocol):
+    def next(self) -> Command | None:
+        """The next command to run; ``None`` means exhausted: drain and exit."""
+        ...
+
+
+class InMemorySource:
+    """A finite source over a list of commands, for tests and demos."""
+
+    def __init__(self, commands: Iterable[Command] = ()) -> None:
+        self._queue: collections.deque[Command] = collections.deque(commands)
+        self._lock = threading.Lock()
+
+    def put(self, command: Command) -> None:
+        with self._lock:
+            self._queue.append(command)
+
+    def next(self) -> Command | None:
+        with self._lock:
+            return self._queue.popleft() if self._queue else None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+
+MalformedHandler = Callable[[CommandRef, str], None]
+
+
+class PgCommandSource:
+    """Claims commands from ``noetl.command`` in batches as large as the free thread slots.
+
+    ``free_slots`` tells how many threads are free *besides* the one the caller of ``next()``
+    already holds; a claim takes at most ``1 + free_slots()`` rows. The claimed rows wait in a
+    small local buffer only until the claim loop hands them to those free threads.
+    """
+
+    def __init__(
+        self,
+        pool: ConnectionPool[Any],
+        *,
+        worker_id: str,
+        tool_kinds: Iterable[str],
+        free_slots: Callable[[], int],
+        wake: threading.Event,
+        stop: threading.Event,
+        poll_interval: float = 2.0,
+        drain: bool = False,
+        on_malformed: MalformedHandler | None = None,
+    ) -> None:
+        self._pool = pool
+        self._worker_id = worker_id
+        self._tool_kinds = sorted(set(tool_kinds))
+        self._free_slots = free_slots
+        self._wake = wake
+        self._stop = stop
+        self._poll_interval = poll_interval
+        self._drain = drain
+        self._on_malformed = on_malformed
+        self._buffer: collections.deque[Command] = collections.deque()
+        self._healthy = True
+        self.claimed_total = 0
+        self.cancelled_total = 0
+
+    def next(self) -> Command | None:
+        backoff = 0.0
+        while True:
+            if self._buffer:
+                return self._buffer.popleft()
+            if self._stop.is_set():
+                return None
+            # Clear before claiming: a NOTIFY that lands during the claim wakes the next wait.
+            self._wake.clear()
+            try:
+                got_rows = self._claim(1 + max(0, self._free_slots()))
+            except (*TRANSIENT_ERRORS, PoolTimeout) as exc:
+                backoff = min(5.0, max(0.1, backoff * 2))
+                if self._healthy:
+                    self._healthy = False
+                    logger.warning(
+                        "claiming paused: database unavailable (%s); retrying with backoff",
+                        first_line(exc),
+                        extra={"action": "claim_paused"},
+                    )
+                self._stop.wait(backoff)
+                continue
+            if not self._healthy:
+                self._healthy = True
+                logger.warning("claiming resumed", extra={"action": "claim_resumed"})
+            backoff = 0.0
+            if got_rows:
+                continue  # claimed, or cancelled/malformed rows: look again at once
+            if self._drain:
+                return None
+            self._wake.wait(self._poll_interval)
+
+    def claim(self, limit: int) -> list[Command]:
+        """Claim up to ``limit`` commands now (no waiting); malformed rows are reported."""
+        self._claim(limit)
+        out = list(self._buffer)
+        self._buffer.clear()
+        return out
+
+    def _claim(self, limit: int) -> bool:
+        """Claim into the buffer; True if any row was claimed or cancelled."""
+        t0 = time.perf_counter()
+        with self._pool.connection(timeout=10) as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                query("claim_commands"),
+                {"limit": limit, "tool_kinds": self._tool_kinds, "worker_id": self._worker_id},
+            )
+            rows = cur.fetchall()
+        cancelled = int(rows[0]["cancelled_count"]) if rows else 0
+        claimed = [r for r in rows if r["command_id"] is not None]
+        if cancelled:
+            self.cancelled_total += cancelled
+            logger.info(
+                "cancelled %d command(s) of executions that already ended",
+                cancelled,
+                extra={"action": "cancelled_ended"},
+            )
+        for row in claimed:
+            try:
+                self._buffer.append(Command.from_row(row))
+            except MalformedCommand as exc:
+                logger.warning(
+                    "command %s: %s",
+                    row["command_id"],
+                    exc.message,
+                    extra={"action": "malformed", "command_id": str(row["command_id"])},
+                )
+                if self._on_malformed is not None:
+                    self._on_malformed(CommandRef.from_row(row), exc.message)
+        self.claimed_total += len(claimed)
+        if claimed:
+            logger.debug(
+                "claimed %d command(s) in %.1f ms",
+                len(claimed),
+                (time.perf_counter() - t0) * 1000,
+                extra={"action": "claimed"},
+            )
+        return bool(claimed) or cancelled > 0
+
+    def release_unstarted(self) -> int:
+        """Put commands claimed but never handed out back to PENDING; returns how many."""
+        if not self._buffer:
+            return 0
+        items = [{"execution_id": c.execution_id, "command_id": int(c.command_id)} for c in self._buffer]
+        with self._pool.connection(timeout=10) as conn, conn.cursor() as cur:
+            cur.execute(
+                query("release_commands"), {"items": dumps(items), "worker_id": self._worker_id}
+            )
+            row = cur.fetchone()
+        self._buffer.clear()
+        return int(row[0]) if row else 0
+
+    def buffered(self) -> int:
+        return len(self._buffer)

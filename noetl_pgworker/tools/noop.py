@@ -1,0 +1,14 @@
+"""``noop``: does nothing, reports the step (NoETL's terminal and join steps use it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..models import Command
+
+
+class NoopTool:
+    kind = "noop"
+
+    def run(self, command: Command) -> dict[str, Any]:
+        return {"status": "noop", "step": command.step}

@@ -1,0 +1,275 @@
+"""The worker's lifecycle: start the parts in order, run the claim loop, stop in order.
+
+Order at start: connection pool → schema check → runtime row → reporter → listener → claim
+loop. Order at stop: stop claiming → put unstarted claims back to PENDING → let running
+commands finish (bounded) → flush outcomes → stop listener and heartbeat → runtime offline.
+Signals are the CLI's business: it calls :meth:`Worker.stop` (graceful) from its handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from . import schema
+from .config import Settings
+from .db import connect_kwargs, redact_dsn, redact_text, wrap_errors
+from .dispatcher import Dispatcher, Slots
+from .errors import ConfigError, DatabaseUnavailable
+from .listener import Listener
+from .models import Command, CommandRef, Outcome
+from .reporter import PgSink, Reporter
+from .runtime import Heartbeat
+from .source import PgCommandSource
+from .tools import ToolRegistry, default_registry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    claimed: int
+    completed: int
+    failed: int
+    cancelled: int
+    fenced: int
+    released: int
+    unwritten: int
+    seconds: float
+
+    @property
+    def clean(self) -> bool:
+        return self.unwritten == 0
+
+
+class Worker:
+    """One worker process's worth of claiming, running and reporting."""
+
+    def __init__(self, settings: Settings, registry: ToolRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or default_registry()
+        kinds = settings.tool_kinds or self.registry.kinds()
+        unknown = [k for k in kinds if k not in self.registry]
+        if unknown:
+            raise ConfigError(
+                f"unknown tool kind(s) {', '.join(unknown)}; available: "
+                + ", ".join(self.registry.kinds())
+            )
+        self.tool_kinds: tuple[str, ...] = tuple(kinds)
+        self.slots = Slots(settings.concurrency)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._ready = threading.Event()
+        self._finished = threading.Event()
+        self._pool: ConnectionPool[Any] | None = None
+        self.reporter: Reporter | None = None
+        self.source: PgCommandSource | None = None
+        self.listener: Listener | None = None
+
+    # -- control from other threads ------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Graceful stop: claim nothing more, finish what runs, write everything, exit."""
+        self._stop.set()
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the worker is claiming (schema checked, listener up)."""
+        return self._ready.wait(timeout)
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        s = self.settings
+        t0 = time.monotonic()
+        app = f"noetl-pgworker:{s.worker_id}"
+        pool: ConnectionPool[Any] = ConnectionPool(
+            s.dsn,
+            min_size=3,
+            max_size=4,
+            kwargs=connect_kwargs(app, s.connect_timeout),
+            name="noetl-pgworker",
+            open=False,
+            timeout=30,
+            reconnect_timeout=0,  # keep trying: the database may be restarting
+        )
+        self._pool = pool
+        try:
+            pool.open(wait=True, timeout=s.connect_timeout + 1)
+        except PoolTimeout as exc:
+            pool.close(timeout=1)
+            probe = _probe_error(s.dsn, s.connect_timeout)
+            raise DatabaseUnavailable(
+                f"cannot connect to {redact_dsn(s.dsn)}: {probe}"
+            ) from exc
+        try:
+            return self._run_with_pool(pool, t0)
+        finally:
+            pool.close(timeout=5)
+
+    def _run_with_pool(self, pool: ConnectionPool[Any], t0: float) -> RunSummary:
+        s = self.settings
+        if s.verify_schema:
+            with wrap_errors(s.dsn, "checking the schema"), pool.connection(timeout=10) as conn:
+                schema.require(conn)
+        heartbeat = Heartbeat(
+            pool,
+            worker_id=s.worker_id,
+            capacity=s.concurrency,
+            tool_kinds=self.tool_kinds,
+            interval=s.heartbeat_interval,
+            stats=lambda: {"in_flight": self.slots.in_use()},
+        )
+        with wrap_errors(s.dsn, "registering the worker"):
+            heartbeat.beat()
+        reporter = self.reporter = Reporter(
+            PgSink(pool, s.worker_id),
+            s.worker_id,
+            flush_interval=s.flush_interval,
+            flush_max=s.flush_max,
+            max_result_bytes=s.max_result_bytes,
+        )
+        source = self.source = PgCommandSource(
+            pool,
+            worker_id=s.worker_id,
+            tool_kinds=self.tool_kinds,
+            free_slots=self.slots.available,
+            wake=self._wake,
+            stop=self._stop,
+            poll_interval=s.poll_interval,
+            drain=s.drain,
+            on_malformed=self._malformed,
+        )
+        listener = self.listener = Listener(
+            s.dsn,
+            self._wake,
+            application_name=f"noetl-pgworker-listener:{s.worker_id}",
+            connect_timeout=s.connect_timeout,
+            check_interval=s.listener_check_interval,
+        )
+        dispatcher = Dispatcher(
+            self.registry, self.slots, on_start=self._started, on_finish=self._finished_cmd
+        )
+        reporter.start()
+        heartbeat.start()
+        listener.start()
+        if not listener.wait_connected(s.connect_timeout):
+            logger.warning(
+                "listener not connected yet; polling every %.1f s meanwhile", s.poll_interval
+            )
+        logger.info(
+            "worker %s started: %d threads, tool kinds %s, database %s%s",
+            s.worker_id,
+            s.concurrency,
+            ",".join(self.tool_kinds),
+            redact_dsn(s.dsn),
+            " (drain mode)" if s.drain else "",
+            extra={"action": "started"},
+        )
+        self._ready.set()
+        released = 0
+        try:
+            self._claim_loop(source, dispatcher)
+        finally:
+            self._stop.set()
+            try:
+                released = source.release_unstarted()
+            except Exception as exc:
+                logger.warning(
+                    "could not put %d unstarted command(s) back to PENDING (%s); they will be"
+                    " recovered after the lease",
+                    source.buffered(),
+                    redact_text(str(exc), s.dsn),
+                )
+            if not dispatcher.shutdown(s.shutdown_timeout):
+                logger.error(
+                    "%d command(s) still running after %.0f s; leaving them for recovery",
+                    self.slots.in_use(),
+                    s.shutdown_timeout,
+                    extra={"action": "shutdown_timeout"},
+                )
+            reporter.close(timeout=max(5.0, s.shutdown_timeout))
+            listener.stop()
+            heartbeat.stop(mark_offline=True)
+        stats = reporter.stats
+        summary = RunSummary(
+            claimed=source.claimed_total,
+            completed=stats.written - stats.failed_outcomes,
+            failed=stats.failed_outcomes,
+            cancelled=source.cancelled_total,
+            fenced=stats.fenced,
+            released=released,
+            unwritten=reporter.pending(),
+            seconds=time.monotonic() - t0,
+        )
+        logger.info(
+            "worker %s stopped: %d claimed, %d completed, %d failed, %d released, %d unwritten",
+            s.worker_id,
+            summary.claimed,
+            summary.completed,
+            summary.failed,
+            summary.released,
+            summary.unwritten,
+            extra={"action": "stopped"},
+        )
+        return summary
+
+    def _claim_loop(self, source: PgCommandSource, dispatcher: Dispatcher) -> None:
+        while not self._stop.is_set():
+            if not self.slots.acquire(timeout=0.5):
+                continue
+            try:
+                command = source.next()
+            except BaseException:
+                self.slots.release()
+                raise
+            if command is None:
+                self.slots.release()
+                break
+            dispatcher.submit(command)
+        if self.settings.drain:
+            # Drained: the queue has nothing left for us; let what runs finish (a signal still
+            # cuts this short, and then the shutdown timeout applies).
+            while not self._stop.is_set() and not self.slots.wait_idle(0.2):
+                pass
+
+    # -- callbacks from the tool threads ---------------------------------------------------------
+
+    def _started(self, command: Command, at: Any) -> None:
+        assert self.reporter is not None
+        self.reporter.started(
+            command.ref, at, loop_event_id=command.loop_event_id, iter_index=command.iter_index
+        )
+
+    def _finished_cmd(self, command: Command, outcome: Outcome) -> None:
+        assert self.reporter is not None
+        self.reporter.finished(
+            command.ref,
+            outcome,
+            loop_event_id=command.loop_event_id,
+            iter_index=command.iter_index,
+        )
+
+    def _malformed(self, ref: CommandRef, reason: str) -> None:
+        assert self.reporter is not None
+        self.reporter.finished(ref, Outcome.failure(reason, error_type="malformed_command"))
+
+
+def _probe_error(dsn: str, timeout: float) -> str:
+    """Why a connection fails, in one line (the pool only says it timed out)."""
+    from .db import connect
+
+    try:
+        connect(dsn, connect_timeout=timeout).close()
+    except DatabaseUnavailable as exc:
+        return exc.message.split(": ", 1)[-1]
+    return "timed out"

@@ -1,0 +1,306 @@
+-- Every statement the worker runs, one per "-- name:" block, bound with named parameters.
+-- Statements that write noetl.command always name execution_id, so that one hash partition
+-- is touched per row.
+
+-- name: claim_commands
+-- Claim up to `limit` PENDING commands of the given tool kinds in one transaction.
+-- The row lock (SKIP LOCKED) keeps other pgworkers away; the advisory lock on the command id is
+-- the one NoETL's server takes in its HTTP claim, so that the two never both win a row.
+-- Commands whose execution already has a terminal event are marked CANCELLED, not run.
+WITH candidate AS MATERIALIZED (
+    SELECT c.execution_id, c.command_id
+    FROM noetl.command AS c
+    WHERE c.status = 'PENDING'
+      AND (c.tool_kind = ANY(%(tool_kinds)s::text[]) OR c.tool_kind IS NULL)
+      AND c.tool_kind IS DISTINCT FROM 'wasm'
+      AND c.step_name <> '__orchestrate__'
+    ORDER BY c.created_at, c.command_id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+),
+locked AS MATERIALIZED (
+    SELECT k.execution_id, k.command_id,
+           (SELECT e.event_type
+              FROM noetl.event AS e
+             WHERE e.execution_id = k.execution_id
+               AND e.event_type IN ('playbook.completed', 'playbook.failed',
+                                    'workflow.completed', 'workflow.failed',
+                                    'execution.cancelled')
+             LIMIT 1) AS ended_by
+    FROM candidate AS k
+    WHERE pg_try_advisory_xact_lock(k.command_id)
+),
+to_claim AS MATERIALIZED (
+    SELECT l.execution_id, l.command_id, noetl.snowflake_id() AS claim_event_id
+    FROM locked AS l
+    WHERE l.ended_by IS NULL
+),
+cancelled AS (
+    UPDATE noetl.command AS c
+    SET status = 'CANCELLED',
+        error = 'not run: execution ' || c.execution_id || ' already ended (' || l.ended_by || ')',
+        completed_at = now(),
+        updated_at = now()
+    FROM locked AS l
+    WHERE l.ended_by IS NOT NULL
+      AND c.execution_id = l.execution_id
+      AND c.command_id = l.command_id
+    RETURNING c.command_id
+),
+claimed AS (
+    UPDATE noetl.command AS c
+    SET status = 'CLAIMED',
+        worker_id = %(worker_id)s,
+        claimed_at = now(),
+        latest_event_id = t.claim_event_id,
+        updated_at = now()
+    FROM to_claim AS t
+    WHERE c.execution_id = t.execution_id
+      AND c.command_id = t.command_id
+    RETURNING c.command_id, c.event_id, c.execution_id, c.catalog_id, c.parent_execution_id,
+              c.parent_command_id, c.step_name, c.tool_kind, c.attempt, c.context, c.meta,
+              c.loop_event_id, c.iter_index, c.created_at, t.claim_event_id
+),
+claim_events AS (
+    INSERT INTO noetl.event (
+        execution_id, catalog_id, event_id, parent_execution_id, created_at, event_type,
+        node_id, node_name, status, result, meta, worker_id, command_id
+    )
+    SELECT m.execution_id, m.catalog_id, m.claim_event_id, m.parent_execution_id, now(),
+           'command.claimed', m.step_name, m.step_name, 'RUNNING',
+           jsonb_build_object('status', 'RUNNING',
+                              'context', jsonb_build_object('command_id', m.command_id)),
+           jsonb_build_object('command_id', COALESCE(m.meta -> 'command_id', to_jsonb(m.command_id)),
+                              'worker_id', %(worker_id)s::text,
+                              'actionable', false,
+                              'informative', true),
+           %(worker_id)s, m.command_id
+    FROM claimed AS m
+)
+-- Always at least one row: the count of cancelled rows, joined to the claimed ones (a row with
+-- a NULL command_id means "nothing claimed").
+SELECT x.cancelled_count, m.*
+FROM (SELECT count(*) AS cancelled_count FROM cancelled) AS x
+LEFT JOIN claimed AS m ON true
+ORDER BY m.created_at, m.command_id;
+
+-- name: write_back
+-- Apply one batch of outcomes: row status and the lifecycle events, in one statement.
+-- Fenced: only rows this worker still holds and that are not terminal change, and events are
+-- written only for those rows. Returns the rows that changed; a missing row means the claim
+-- was lost (taken over, or already terminal) and nothing was written for it.
+WITH item AS (
+    SELECT *
+    FROM jsonb_to_recordset(%(items)s::jsonb) AS i(
+        execution_id bigint, command_id bigint, status text, started_at timestamptz,
+        result jsonb, error text
+    )
+),
+ev AS MATERIALIZED (
+    SELECT e.*, noetl.snowflake_id() AS event_id
+    FROM jsonb_to_recordset(%(events)s::jsonb) AS e(
+        execution_id bigint, command_id bigint, catalog_id bigint, parent_execution_id bigint,
+        event_type text, node_name text, status text, duration double precision,
+        result jsonb, meta jsonb, error text
+    )
+),
+last_event AS (
+    SELECT ev.execution_id, ev.command_id, max(ev.event_id) AS event_id
+    FROM ev
+    GROUP BY ev.execution_id, ev.command_id
+),
+upd AS (
+    UPDATE noetl.command AS c
+    SET status = i.status,
+        started_at = COALESCE(c.started_at, i.started_at),
+        completed_at = CASE WHEN i.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+                            THEN now() ELSE c.completed_at END,
+        result = COALESCE(i.result, c.result),
+        error = COALESCE(i.error, c.error),
+        latest_event_id = COALESCE(le.event_id, c.latest_event_id),
+        updated_at = now()
+    FROM item AS i
+    LEFT JOIN last_event AS le
+           ON le.execution_id = i.execution_id AND le.command_id = i.command_id
+    WHERE c.execution_id = i.execution_id
+      AND c.command_id = i.command_id
+      AND c.worker_id = %(worker_id)s
+      AND c.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')
+    RETURNING c.execution_id, c.command_id
+),
+ins AS (
+    INSERT INTO noetl.event (
+        execution_id, catalog_id, event_id, parent_execution_id, created_at, event_type,
+        node_id, node_name, status, duration, result, meta, error, worker_id, command_id
+    )
+    SELECT ev.execution_id, ev.catalog_id, ev.event_id, ev.parent_execution_id, now(),
+           ev.event_type, ev.node_name, ev.node_name, ev.status, ev.duration, ev.result,
+           ev.meta, ev.error, %(worker_id)s, ev.command_id
+    FROM ev
+    JOIN upd ON upd.execution_id = ev.execution_id AND upd.command_id = ev.command_id
+    RETURNING 1
+)
+SELECT upd.execution_id, upd.command_id, (SELECT count(*) FROM ins) AS events_written
+FROM upd;
+
+-- name: release_commands
+-- Graceful shutdown: commands this worker claimed but never started go back to PENDING, and
+-- the doorbell rings so that another worker picks them up at once.
+WITH released AS (
+    UPDATE noetl.command AS c
+    SET status = 'PENDING',
+        worker_id = NULL,
+        claimed_at = NULL,
+        updated_at = now()
+    FROM jsonb_to_recordset(%(items)s::jsonb) AS i(execution_id bigint, command_id bigint)
+    WHERE c.execution_id = i.execution_id
+      AND c.command_id = i.command_id
+      AND c.worker_id = %(worker_id)s
+      AND c.status = 'CLAIMED'
+    RETURNING c.command_id
+)
+SELECT count(*) AS released, pg_notify('noetl_pgworker_command', '') AS notified
+FROM released;
+
+-- name: runtime_heartbeat
+-- Register this worker (or refresh its heartbeat): kind worker_pool, name = worker id.
+INSERT INTO noetl.runtime (
+    runtime_id, name, kind, uri, status, labels, capabilities, capacity, runtime,
+    heartbeat, created_at, updated_at
+)
+VALUES (
+    noetl.snowflake_id(), %(name)s, 'worker_pool', NULL, 'ready', %(labels)s::jsonb,
+    %(capabilities)s::jsonb, %(capacity)s, %(runtime)s::jsonb, now(), now(), now()
+)
+ON CONFLICT (kind, name) DO UPDATE
+SET status = 'ready',
+    heartbeat = now(),
+    updated_at = now(),
+    labels = EXCLUDED.labels,
+    capabilities = EXCLUDED.capabilities,
+    capacity = EXCLUDED.capacity,
+    runtime = EXCLUDED.runtime;
+
+-- name: runtime_offline
+UPDATE noetl.runtime
+SET status = 'offline', updated_at = now()
+WHERE kind = 'worker_pool' AND name = %(name)s;
+
+-- name: status_counts
+SELECT status, COALESCE(tool_kind, '(none)') AS tool_kind, count(*) AS commands
+FROM noetl.command
+GROUP BY status, COALESCE(tool_kind, '(none)')
+ORDER BY status, tool_kind;
+
+-- name: status_oldest_pending
+SELECT EXTRACT(epoch FROM now() - min(created_at))::double precision AS age_seconds
+FROM noetl.command
+WHERE status = 'PENDING';
+
+-- name: status_workers
+SELECT name, status, capacity,
+       EXTRACT(epoch FROM now() - heartbeat)::double precision AS heartbeat_age_seconds
+FROM noetl.runtime
+WHERE kind = 'worker_pool'
+ORDER BY name;
+
+-- name: ensure_resource
+INSERT INTO noetl.resource (name) VALUES (%(kind)s) ON CONFLICT (name) DO NOTHING;
+
+-- name: find_catalog
+SELECT catalog_id FROM noetl.catalog WHERE path = %(path)s ORDER BY version DESC LIMIT 1;
+
+-- name: insert_catalog
+INSERT INTO noetl.catalog (catalog_id, path, version, kind, content)
+VALUES (noetl.snowflake_id(), %(path)s, 1, %(kind)s, %(content)s)
+RETURNING catalog_id;
+
+-- name: enqueue_commands
+-- Write commands the way NoETL's server does: a command.issued event and a PENDING row each,
+-- spread over `executions` new executions (or one given execution), in one statement.
+WITH ex AS MATERIALIZED (
+    SELECT s AS slot, COALESCE(%(execution_id)s::bigint, noetl.snowflake_id()) AS execution_id
+    FROM generate_series(0, %(executions)s - 1) AS s
+),
+cmd AS MATERIALIZED (
+    SELECT n, ex.execution_id, noetl.snowflake_id() AS command_id,
+           noetl.snowflake_id() AS event_id
+    FROM generate_series(0, %(count)s - 1) AS n
+    JOIN ex ON ex.slot = n %% %(executions)s
+    ORDER BY n
+),
+meta AS (
+    SELECT cmd.*,
+           jsonb_build_object(
+               'step', %(step)s::text, 'attempt', 1, 'tool_kind', %(tool_kind)s::text,
+               'actionable', true, 'catalog_id', %(catalog_id)s::bigint::text,
+               'command_id', cmd.command_id, 'execution_id', cmd.execution_id::text,
+               'max_attempts', %(max_attempts)s::int
+           ) AS meta
+    FROM cmd
+),
+issued AS (
+    INSERT INTO noetl.event (
+        execution_id, catalog_id, event_id, created_at, event_type, node_id, node_name,
+        status, meta, command_id
+    )
+    SELECT meta.execution_id, %(catalog_id)s, meta.event_id, now(), 'command.issued',
+           %(step)s, %(step)s, 'PENDING', meta.meta, meta.command_id
+    FROM meta
+)
+INSERT INTO noetl.command (
+    command_id, event_id, execution_id, catalog_id, step_name, tool_kind, status, attempt,
+    context, meta, latest_event_id, created_at, updated_at
+)
+SELECT meta.command_id, meta.event_id, meta.execution_id, %(catalog_id)s, %(step)s,
+       %(tool_kind)s, 'PENDING', 1, %(context)s::jsonb, meta.meta, meta.event_id, now(), now()
+FROM meta
+ORDER BY meta.n
+RETURNING execution_id, command_id;
+
+-- name: verify_objects
+-- What the worker needs; each row names an object and whether it is present.
+SELECT v.object, v.present
+FROM (VALUES
+    ('schema noetl', to_regnamespace('noetl') IS NOT NULL),
+    ('table noetl.command', to_regclass('noetl.command') IS NOT NULL),
+    ('table noetl.event', to_regclass('noetl.event') IS NOT NULL),
+    ('table noetl.runtime', to_regclass('noetl.runtime') IS NOT NULL),
+    ('function noetl.snowflake_id()', to_regprocedure('noetl.snowflake_id()') IS NOT NULL),
+    ('unique index on noetl.runtime (kind, name)', EXISTS (
+        SELECT 1 FROM pg_index AS i
+        WHERE i.indrelid = to_regclass('noetl.runtime') AND i.indisunique
+          AND (SELECT array_agg(a.attname::text ORDER BY a.attname)
+                 FROM pg_attribute AS a
+                WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey))
+              = ARRAY['kind', 'name'])),
+    ('trigger pgworker_command_notify on noetl.command', EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgrelid = to_regclass('noetl.command') AND tgname = 'pgworker_command_notify')),
+    ('index noetl.pgworker_command_claim_idx', to_regclass('noetl.pgworker_command_claim_idx') IS NOT NULL)
+) AS v(object, present);
+
+-- name: verify_columns
+SELECT 'column noetl.' || v.tbl || '.' || v.col AS object,
+       EXISTS (
+           SELECT 1 FROM information_schema.columns AS c
+           WHERE c.table_schema = 'noetl' AND c.table_name = v.tbl AND c.column_name = v.col
+       ) AS present
+FROM (VALUES
+    ('command', 'command_id'), ('command', 'event_id'), ('command', 'execution_id'),
+    ('command', 'catalog_id'), ('command', 'parent_execution_id'),
+    ('command', 'parent_command_id'), ('command', 'step_name'), ('command', 'tool_kind'),
+    ('command', 'status'), ('command', 'worker_id'), ('command', 'claimed_at'),
+    ('command', 'started_at'), ('command', 'completed_at'), ('command', 'attempt'),
+    ('command', 'context'), ('command', 'loop_event_id'), ('command', 'iter_index'),
+    ('command', 'meta'), ('command', 'result'), ('command', 'error'),
+    ('command', 'latest_event_id'), ('command', 'created_at'), ('command', 'updated_at'),
+    ('event', 'execution_id'), ('event', 'catalog_id'), ('event', 'event_id'),
+    ('event', 'parent_execution_id'), ('event', 'created_at'), ('event', 'event_type'),
+    ('event', 'node_id'), ('event', 'node_name'), ('event', 'status'), ('event', 'duration'),
+    ('event', 'result'), ('event', 'meta'), ('event', 'error'), ('event', 'worker_id'),
+    ('event', 'command_id'),
+    ('runtime', 'runtime_id'), ('runtime', 'name'), ('runtime', 'kind'),
+    ('runtime', 'status'), ('runtime', 'labels'), ('runtime', 'capabilities'),
+    ('runtime', 'capacity'), ('runtime', 'runtime'), ('runtime', 'heartbeat')
+) AS v(tbl, col);

@@ -1,0 +1,38 @@
+-- noetl-pgworker's own additive objects.
+--
+-- Safe to apply to a live NoETL database and to re-apply: nothing of NoETL's is altered or
+-- dropped, and a second run changes nothing. NoETL itself has no trigger on noetl.command;
+-- these are the worker's doorbell and its claim-order index.
+
+-- One NOTIFY per inserting transaction: a statement-level trigger with a constant payload.
+-- PostgreSQL folds identical notifications of one transaction into one, so a transaction that
+-- inserts 10,000 rows in 50 statements still rings once.
+CREATE OR REPLACE FUNCTION noetl.pgworker_notify_command() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_notify('noetl_pgworker_command', '');
+    RETURN NULL;
+END
+$fn$;
+
+DO $do$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgrelid = 'noetl.command'::regclass
+          AND tgname = 'pgworker_command_notify'
+          AND NOT tgisinternal
+    ) THEN
+        CREATE TRIGGER pgworker_command_notify
+            AFTER INSERT ON noetl.command
+            FOR EACH STATEMENT
+            EXECUTE FUNCTION noetl.pgworker_notify_command();
+    END IF;
+END
+$do$;
+
+-- The claim reads PENDING rows oldest first; history (terminal rows) never enters this index,
+-- so the claim does not slow down as the table grows.
+CREATE INDEX IF NOT EXISTS pgworker_command_claim_idx
+    ON noetl.command (created_at, command_id)
+    WHERE status = 'PENDING';
