@@ -1,8 +1,8 @@
 """The dispatcher: a fixed thread pool, slots taken before a claim, tools run by kind.
 
-A slot is reserved by the claim loop *before* it claims, and given back when the command's
-outcome has been handed to the reporter; so the worker never holds a claimed command that no
-thread can start now.
+A slot is reserved by the claim loop *before* it claims, and given back only when the command's
+outcome is written (the reporter says so): a slot stands for a claim the worker holds in the
+database, so the worker never holds more claims than it has threads.
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ class Dispatcher:
         )
 
     def submit(self, command: Command) -> None:
-        """Run ``command``; the caller holds a slot, which is released when it is done."""
+        """Run ``command``. The caller holds a slot for it; ``on_finish`` takes it over (the
+        slot is released once the outcome is written), unless handing over fails."""
         self._executor.submit(self._run, command)
 
     def _run(self, command: Command) -> None:
@@ -133,13 +134,13 @@ class Dispatcher:
             self._on_finish(command, outcome)
         except Exception:
             # Only the callbacks can get here (execute never raises); keep the thread alive.
+            # The claim stays in the database and is recovered after the lease.
+            self._slots.release()
             logger.exception(
                 "could not hand over the outcome of command %s",
                 command.command_id,
                 extra={"action": "dispatch_error", "command_id": command.command_id},
             )
-        finally:
-            self._slots.release()
 
     def shutdown(self, timeout: float) -> bool:
         """Stop taking work and wait up to ``timeout`` for running commands; True if all ended."""

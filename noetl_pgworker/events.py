@@ -57,7 +57,8 @@ def clean_text(text: str | None, limit: int = ERROR_LIMIT) -> str | None:
         return None
     text = text.replace("\x00", "\ufffd")
     if len(text) > limit:
-        text = text[: limit - 15] + "… [truncated]"
+        marker = "… [truncated]"
+        text = text[: limit - len(marker)] + marker
     return text
 
 

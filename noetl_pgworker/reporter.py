@@ -115,6 +115,7 @@ class Reporter:
         flush_max: int = 500,
         max_result_bytes: int = 1024 * 1024,
         on_fenced: Callable[[CommandRef], None] | None = None,
+        on_done: Callable[[CommandRef], None] | None = None,
     ) -> None:
         self._sink = sink
         self._worker_id = worker_id
@@ -122,6 +123,7 @@ class Reporter:
         self._flush_max = flush_max
         self._max_result_bytes = max_result_bytes
         self._on_fenced = on_fenced
+        self._on_done = on_done
         self._entries: dict[Key, _Entry] = {}
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -313,12 +315,12 @@ class Reporter:
                     self._write([pair])
                 return
         self.stats.flushes += 1
+        done: list[CommandRef] = []
         with self._cond:
             for entry, item in batch:
                 key = item.key
                 if key not in written:
                     self.stats.fenced += 1
-                    self._entries.pop(key, None)
                     logger.warning(
                         "claim on command %s was lost (taken over or already terminal);"
                         " its %s write changed nothing",
@@ -328,15 +330,24 @@ class Reporter:
                     )
                     if self._on_fenced is not None:
                         self._on_fenced(item.ref)
+                    if entry.outcome is None:
+                        entry.start_written = True  # nothing more to say until it finishes
+                        continue
+                    self._entries.pop(key, None)
+                    done.append(item.ref)
                     continue
                 if item.status in (CommandStatus.COMPLETED, CommandStatus.FAILED):
                     self.stats.written += 1
                     if item.status == CommandStatus.FAILED:
                         self.stats.failed_outcomes += 1
                     self._entries.pop(key, None)
+                    done.append(item.ref)
                 else:
                     entry.start_written = True
             self._cond.notify_all()
+        if self._on_done is not None:
+            for ref in done:
+                self._on_done(ref)
 
     def _write_poisoned(self, pair: tuple[_Entry, WriteItem], exc: psycopg.Error) -> set[Key]:
         """A single item the database refuses: store a failure that says why instead."""

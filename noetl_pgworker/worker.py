@@ -67,6 +67,9 @@ class Worker:
         self._ready = threading.Event()
         self._finished = threading.Event()
         self._pool: ConnectionPool[Any] | None = None
+        # Commands whose slot is held until their outcome is written.
+        self._holders: set[tuple[int, int]] = set()
+        self._holders_lock = threading.Lock()
         self.reporter: Reporter | None = None
         self.source: PgCommandSource | None = None
         self.listener: Listener | None = None
@@ -137,6 +140,7 @@ class Worker:
             flush_interval=s.flush_interval,
             flush_max=s.flush_max,
             max_result_bytes=s.max_result_bytes,
+            on_done=self._written,
         )
         source = self.source = PgCommandSource(
             pool,
@@ -235,6 +239,8 @@ class Worker:
             if command is None:
                 self.slots.release()
                 break
+            with self._holders_lock:
+                self._holders.add((command.execution_id, int(command.command_id)))
             dispatcher.submit(command)
         if self.settings.drain:
             # Drained: the queue has nothing left for us; let what runs finish (a signal still
@@ -261,7 +267,20 @@ class Worker:
 
     def _malformed(self, ref: CommandRef, reason: str) -> None:
         assert self.reporter is not None
+        # It was claimed within the free slots; hold one until its failure is written.
+        if self.slots.acquire(timeout=0):
+            with self._holders_lock:
+                self._holders.add((ref.execution_id, ref.command_id))
         self.reporter.finished(ref, Outcome.failure(reason, error_type="malformed_command"))
+
+    def _written(self, ref: CommandRef) -> None:
+        """The reporter wrote (or gave up on) a command's outcome: its slot is free again."""
+        with self._holders_lock:
+            key = (ref.execution_id, ref.command_id)
+            if key not in self._holders:
+                return
+            self._holders.discard(key)
+        self.slots.release()
 
 
 def _probe_error(dsn: str, timeout: float) -> str:

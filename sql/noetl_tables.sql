@@ -135,13 +135,15 @@ CREATE TABLE IF NOT EXISTS noetl.event (
     prev_event_id bigint,
     PRIMARY KEY (execution_id, event_id),
     -- NULL, or an object with a string status and nothing but status, reference and context.
+    -- (COALESCE: a CHECK that yields NULL passes, so every unknown must count as false.)
     CONSTRAINT event_result_shape CHECK (
-        result IS NULL OR (
+        result IS NULL OR COALESCE(
             jsonb_typeof(result) = 'object'
             AND jsonb_typeof(result -> 'status') = 'string'
             AND (result - 'status' - 'reference' - 'context') = '{}'::jsonb
             AND (NOT (result ? 'reference') OR jsonb_typeof(result -> 'reference') = 'object')
-            AND (NOT (result ? 'context') OR jsonb_typeof(result -> 'context') = 'object')
+            AND (NOT (result ? 'context') OR jsonb_typeof(result -> 'context') = 'object'),
+            false
         )
     )
 ) PARTITION BY RANGE (execution_id);

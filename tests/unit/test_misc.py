@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+import noetl_pgworker
+from noetl_pgworker.cli import main
+from noetl_pgworker.config import Settings
+from noetl_pgworker.db import redact_dsn, redact_text
+from noetl_pgworker.queries import all_queries, parse_queries
+
+pytestmark = pytest.mark.unit
+
+
+def test_public_api_is_sorted_and_complete() -> None:
+    assert noetl_pgworker.__all__ == sorted(noetl_pgworker.__all__)
+    for name in noetl_pgworker.__all__:
+        assert hasattr(noetl_pgworker, name), name
+    public = {n for n in dir(noetl_pgworker) if not n.startswith("_") and n[0].isupper()}
+    assert public <= set(noetl_pgworker.__all__)
+
+
+def test_every_query_is_loaded_once_and_named() -> None:
+    names = set(all_queries())
+    assert {"claim_commands", "write_back", "release_commands", "runtime_heartbeat",
+            "enqueue_commands", "verify_objects"} <= names
+    with pytest.raises(ValueError, match="defined twice"):
+        parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;\n")
+    with pytest.raises(ValueError, match="empty"):
+        parse_queries("-- name: a\n-- only a comment\n")
+
+
+@pytest.mark.parametrize(
+    ("dsn", "secret"),
+    [
+        ("host=db user=u password=hunter2 dbname=x", "hunter2"),
+        ("postgresql://u:hunter2@db:5432/x", "hunter2"),
+        ("postgresql://u@db/x?password=hunter2", "hunter2"),
+        ("host=db password='hun ter2'", "hun ter2"),
+    ],
+)
+def test_dsn_passwords_never_show(dsn: str, secret: str) -> None:
+    assert secret not in redact_dsn(dsn)
+    assert "***" in redact_dsn(dsn)
+
+
+def test_redact_text_removes_the_password_from_driver_messages() -> None:
+    dsn = "host=db user=u password=hunter2"
+    assert "hunter2" not in redact_text("connection to db failed for hunter2", dsn)
+
+
+def test_settings_split_tool_kinds_and_reject_nonsense() -> None:
+    assert Settings(tool_kinds="noop, python,noop").tool_kinds == ("noop", "python")
+    assert Settings(tool_kinds="").tool_kinds is None
+    with pytest.raises(ValueError):
+        Settings(concurrency=0)
+
+
+def test_help_shows_environment_variables() -> None:
+    result = CliRunner().invoke(main, ["start", "--help"])
+    assert result.exit_code == 0
+    for env in ("NOETL_PGWORKER_DSN", "NOETL_PGWORKER_CONCURRENCY", "NOETL_PGWORKER_TOOL_KINDS",
+                "NOETL_PGWORKER_POLL_INTERVAL", "NOETL_PGWORKER_DRAIN", "NOETL_PGWORKER_LOG_FORMAT"):
+        assert env in result.output
+
+
+def test_unknown_tool_kind_is_a_one_line_error() -> None:
+    result = CliRunner().invoke(main, ["start", "--tool-kinds", "noop,teleport"])
+    assert result.exit_code == 1
+    assert "unknown tool kind(s) teleport" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_json_option_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["enqueue", "--config", "{nope"])
+    assert result.exit_code == 2
+    assert "not valid JSON" in result.output
+
+
+def test_schema_sql_prints_the_ddl() -> None:
+    result = CliRunner().invoke(main, ["schema", "sql", "--with-noetl-tables"])
+    assert result.exit_code == 0
+    assert "CREATE TABLE IF NOT EXISTS noetl.command" in result.output
+    assert "pgworker_command_notify" in result.output
