@@ -81,8 +81,11 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = bool(kwargs.get("verbose"))
-        logs.configure(kwargs.get("log_level") or "info", kwargs.get("log_format") or "text",
-                       kwargs.get("worker_id"))
+        logs.configure(
+            kwargs.get("log_level") or "info",
+            kwargs.get("log_format") or "text",
+            kwargs.get("worker_id"),
+        )
         try:
             return func(*args, **kwargs)
         except PgWorkerError as exc:
@@ -107,33 +110,90 @@ def main() -> None:
 
 @main.command()
 @dsn_option
-@click.option("--worker-id", envvar=_env("WORKER_ID"), show_envvar=True, default=None,
-              help="Name of this worker in noetl.runtime and noetl.command.worker_id."
-              "  [default: <host>-<pid>]")
-@click.option("--concurrency", envvar=_env("CONCURRENCY"), show_envvar=True, type=click.IntRange(1, 1024),
-              default=8, show_default=True, help="Threads, i.e. commands run at once.")
-@click.option("--tool-kinds", envvar=_env("TOOL_KINDS"), show_envvar=True, default="",
-              help="Comma-separated tool kinds to claim; nothing else is claimed."
-              "  [default: every kind this worker has]")
-@click.option("--poll-interval", envvar=_env("POLL_INTERVAL"), show_envvar=True,
-              type=click.FloatRange(0.01, 3600), default=2.0, show_default=True,
-              help="Seconds between claims when no NOTIFY arrives (the fallback).")
-@click.option("--drain", envvar=_env("DRAIN"), show_envvar=True, is_flag=True,
-              help="Exit 0 once the queue has nothing left for this worker.")
-@click.option("--heartbeat-interval", envvar=_env("HEARTBEAT_INTERVAL"), show_envvar=True,
-              type=click.FloatRange(0.1, 15), default=5.0, show_default=True,
-              help="Seconds between noetl.runtime heartbeats.")
-@click.option("--shutdown-timeout", envvar=_env("SHUTDOWN_TIMEOUT"), show_envvar=True,
-              type=click.FloatRange(0), default=30.0, show_default=True,
-              help="On SIGTERM/SIGINT, seconds to let running commands finish.")
-@click.option("--connect-timeout", envvar=_env("CONNECT_TIMEOUT"), show_envvar=True,
-              type=click.FloatRange(1), default=10.0, show_default=True,
-              help="Seconds to wait for a database connection.")
-@click.option("--max-result-bytes", envvar=_env("MAX_RESULT_BYTES"), show_envvar=True,
-              type=click.IntRange(1024), default=1024 * 1024, show_default=True,
-              help="Tool output larger than this is stored as a summary, not inline.")
-@click.option("--skip-schema-check", envvar=_env("SKIP_SCHEMA_CHECK"), show_envvar=True,
-              is_flag=True, help="Do not verify the schema before starting.")
+@click.option(
+    "--worker-id",
+    envvar=_env("WORKER_ID"),
+    show_envvar=True,
+    default=None,
+    help="Name of this worker in noetl.runtime and noetl.command.worker_id."
+    "  [default: <host>-<pid>]",
+)
+@click.option(
+    "--concurrency",
+    envvar=_env("CONCURRENCY"),
+    show_envvar=True,
+    type=click.IntRange(1, 1024),
+    default=8,
+    show_default=True,
+    help="Threads, i.e. commands run at once.",
+)
+@click.option(
+    "--tool-kinds",
+    envvar=_env("TOOL_KINDS"),
+    show_envvar=True,
+    default="",
+    help="Comma-separated tool kinds to claim; nothing else is claimed."
+    "  [default: every kind this worker has]",
+)
+@click.option(
+    "--poll-interval",
+    envvar=_env("POLL_INTERVAL"),
+    show_envvar=True,
+    type=click.FloatRange(0.01, 3600),
+    default=2.0,
+    show_default=True,
+    help="Seconds between claims when no NOTIFY arrives (the fallback).",
+)
+@click.option(
+    "--drain",
+    envvar=_env("DRAIN"),
+    show_envvar=True,
+    is_flag=True,
+    help="Exit 0 once the queue has nothing left for this worker.",
+)
+@click.option(
+    "--heartbeat-interval",
+    envvar=_env("HEARTBEAT_INTERVAL"),
+    show_envvar=True,
+    type=click.FloatRange(0.1, 15),
+    default=5.0,
+    show_default=True,
+    help="Seconds between noetl.runtime heartbeats.",
+)
+@click.option(
+    "--shutdown-timeout",
+    envvar=_env("SHUTDOWN_TIMEOUT"),
+    show_envvar=True,
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM/SIGINT, seconds to let running commands finish.",
+)
+@click.option(
+    "--connect-timeout",
+    envvar=_env("CONNECT_TIMEOUT"),
+    show_envvar=True,
+    type=click.FloatRange(1),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for a database connection.",
+)
+@click.option(
+    "--max-result-bytes",
+    envvar=_env("MAX_RESULT_BYTES"),
+    show_envvar=True,
+    type=click.IntRange(1024),
+    default=1024 * 1024,
+    show_default=True,
+    help="Tool output larger than this is stored as a summary, not inline.",
+)
+@click.option(
+    "--skip-schema-check",
+    envvar=_env("SKIP_SCHEMA_CHECK"),
+    show_envvar=True,
+    is_flag=True,
+    help="Do not verify the schema before starting.",
+)
 @log_options
 @handle_errors
 def start(
@@ -272,18 +332,38 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
 @dsn_option
 @click.option("--tool-kind", default="noop", show_default=True, help="Tool kind of the commands.")
 @click.option("--step", default="step", show_default=True, help="Step name of the commands.")
-@click.option("--config", "tool_config", callback=_json_object,
-              help='Tool configuration as a JSON object (context.tool_config), e.g. \'{"code": "result = 1"}\'.')
-@click.option("--input", "args", callback=_json_object,
-              help="Step inputs as a JSON object (context.input).")
-@click.option("--count", type=click.IntRange(1), default=1, show_default=True,
-              help="How many commands.")
-@click.option("--executions", type=click.IntRange(1), default=1, show_default=True,
-              help="Spread the commands over this many new executions.")
-@click.option("--execution-id", type=int, default=None,
-              help="Add the commands to this existing execution instead.")
-@click.option("--catalog-path", default=enqueue_mod.DEFAULT_CATALOG_PATH, show_default=True,
-              help="Playbook path in noetl.catalog (created when missing).")
+@click.option(
+    "--config",
+    "tool_config",
+    callback=_json_object,
+    help="Tool configuration as a JSON object (context.tool_config),"
+    ' e.g. \'{"code": "result = 1"}\'.',
+)
+@click.option(
+    "--input", "args", callback=_json_object, help="Step inputs as a JSON object (context.input)."
+)
+@click.option(
+    "--count", type=click.IntRange(1), default=1, show_default=True, help="How many commands."
+)
+@click.option(
+    "--executions",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Spread the commands over this many new executions.",
+)
+@click.option(
+    "--execution-id",
+    type=int,
+    default=None,
+    help="Add the commands to this existing execution instead.",
+)
+@click.option(
+    "--catalog-path",
+    default=enqueue_mod.DEFAULT_CATALOG_PATH,
+    show_default=True,
+    help="Playbook path in noetl.catalog (created when missing).",
+)
 @log_options
 @handle_errors
 def enqueue_cmd(

@@ -9,12 +9,15 @@ from typing import Any
 
 import psycopg
 from psycopg import conninfo
+from psycopg_pool import PoolTimeout
 
 from .errors import DatabaseUnavailable, PgWorkerError
 
 # libpq keywords whose values are secrets.
 _SECRET_KEYS = {"password", "sslpassword"}
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)", re.I)
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)", re.I
+)
 
 #: Exceptions that mean "the database is not there right now" rather than "the SQL is wrong".
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -23,6 +26,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.errors.CannotConnectNow,
     psycopg.errors.ConnectionFailure,
 )
+#: Transient errors, and a pool that could not hand out a connection in time.
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, PoolTimeout)
 
 
 def redact_dsn(dsn: str) -> str:
@@ -92,7 +97,8 @@ def wrap_errors(dsn: str, doing: str) -> Iterator[None]:
         raise
     except TRANSIENT_ERRORS as exc:
         raise DatabaseUnavailable(
-            f"{doing}: database unavailable ({redact_dsn(dsn)}): {redact_text(first_line(exc), dsn)}"
+            f"{doing}: database unavailable ({redact_dsn(dsn)}):"
+            f" {redact_text(first_line(exc), dsn)}"
         ) from exc
     except psycopg.Error as exc:
         raise PgWorkerError(f"{doing}: {redact_text(first_line(exc), dsn)}") from exc

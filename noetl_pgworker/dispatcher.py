@@ -78,14 +78,16 @@ def execute(command: Command, registry: ToolRegistry) -> Outcome:
         )
     except NotSerialisable as exc:
         return Outcome.failure(
-            str(exc), error_type="serialisation", duration=time.perf_counter() - t0,
+            str(exc),
+            error_type="serialisation",
+            duration=time.perf_counter() - t0,
             started_at=started_at,
         )
     except PgWorkerError as exc:
         return Outcome.failure(
             exc.message, duration=time.perf_counter() - t0, started_at=started_at
         )
-    except BaseException as exc:  # noqa: BLE001 - user code may raise anything, SystemExit too
+    except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
         return Outcome.failure(

@@ -135,9 +135,7 @@ def started_event(ref: CommandRef, worker_id: str) -> dict[str, Any]:
     return _event(
         ref,
         "command.started",
-        result=envelope(
-            "RUNNING", {"worker_id": worker_id, "command_id": ref.wire_command_id}
-        ),
+        result=envelope("RUNNING", {"worker_id": worker_id, "command_id": ref.wire_command_id}),
         meta=_meta(ref, worker_id, actionable=False),
     )
 

@@ -129,8 +129,7 @@ class Command(BaseModel):
             value = context.get(key)
             if value is not None and not isinstance(value, dict):
                 raise MalformedCommand(
-                    f"malformed command: context.{key} is a JSON {_json_kind(value)},"
-                    " not an object"
+                    f"malformed command: context.{key} is a JSON {_json_kind(value)}, not an object"
                 )
         meta = row.get("meta")
         if meta is None:
@@ -190,7 +189,9 @@ class Outcome:
     started_at: datetime | None = None
 
     @classmethod
-    def success(cls, data: Any, *, duration: float = 0.0, started_at: datetime | None = None) -> Outcome:
+    def success(
+        cls, data: Any, *, duration: float = 0.0, started_at: datetime | None = None
+    ) -> Outcome:
         return cls(ok=True, data=data, duration=duration, started_at=started_at)
 
     @classmethod

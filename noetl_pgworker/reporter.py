@@ -19,10 +19,10 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
 from . import events
-from .db import TRANSIENT_ERRORS, first_line
+from .db import RETRYABLE_ERRORS, first_line
 from .events import dumps
 from .models import CommandRef, CommandStatus, Outcome
 from .queries import query
@@ -239,9 +239,7 @@ class Reporter:
                 continue
             if not self._healthy:
                 self._healthy = True
-                logger.warning(
-                    "writing outcomes again", extra={"action": "write_resumed"}
-                )
+                logger.warning("writing outcomes again", extra={"action": "write_resumed"})
             backoff = 0.0
 
     def _writable(self) -> bool:
@@ -298,7 +296,7 @@ class Reporter:
         items = [item for _, item in batch]
         try:
             written = self._sink.write(items)
-        except (*TRANSIENT_ERRORS, PoolTimeout):
+        except RETRYABLE_ERRORS:
             raise
         except psycopg.Error as exc:
             if len(batch) == 1:

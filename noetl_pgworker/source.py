@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
-from .db import TRANSIENT_ERRORS, first_line
+from .db import RETRYABLE_ERRORS, first_line
 from .errors import MalformedCommand
 from .events import dumps
 from .models import Command, CommandRef
@@ -103,7 +103,7 @@ class PgCommandSource:
             self._wake.clear()
             try:
                 got_rows = self._claim(1 + max(0, self._free_slots()))
-            except (*TRANSIENT_ERRORS, PoolTimeout) as exc:
+            except RETRYABLE_ERRORS as exc:
                 backoff = min(5.0, max(0.1, backoff * 2))
                 if self._healthy:
                     self._healthy = False
@@ -175,7 +175,9 @@ class PgCommandSource:
         """Put commands claimed but never handed out back to PENDING; returns how many."""
         if not self._buffer:
             return 0
-        items = [{"execution_id": c.execution_id, "command_id": int(c.command_id)} for c in self._buffer]
+        items = [
+            {"execution_id": c.execution_id, "command_id": int(c.command_id)} for c in self._buffer
+        ]
         with self._pool.connection(timeout=10) as conn, conn.cursor() as cur:
             cur.execute(
                 query("release_commands"), {"items": dumps(items), "worker_id": self._worker_id}

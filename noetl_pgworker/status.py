@@ -71,7 +71,12 @@ def format_status(st: QueueStatus) -> str:
     if len(lines) == 1:
         lines.append("(no commands)")
     oldest = "-" if st.oldest_pending_seconds is None else f"{st.oldest_pending_seconds:.1f}s"
-    lines += ["", f"oldest pending: {oldest}", "", "WORKER                          STATUS   CAPACITY  HEARTBEAT_AGE"]
+    lines += [
+        "",
+        f"oldest pending: {oldest}",
+        "",
+        "WORKER                          STATUS   CAPACITY  HEARTBEAT_AGE",
+    ]
     for w in st.workers:
         lines.append(
             f"{w.name:<31} {w.status:<8} {w.capacity if w.capacity is not None else '-':>8}"

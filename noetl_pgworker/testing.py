@@ -82,14 +82,23 @@ class LocalCluster:
         if proc.returncode != 0:
             log = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
             raise NoPostgres(
-                f"{args[0]} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
-                + (f"\n{log}" if log else "")
+                f"{args[0]} failed ({proc.returncode}):"
+                f" {proc.stderr.strip() or proc.stdout.strip()}" + (f"\n{log}" if log else "")
             )
 
     def init(self) -> None:
         self._run(
-            "initdb", "-D", str(self.datadir), "-U", "postgres", "-A", "trust",
-            "-E", "UTF8", "--locale=C", "--no-sync",
+            "initdb",
+            "-D",
+            str(self.datadir),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
         )
 
     def start(self) -> None:
@@ -106,8 +115,19 @@ class LocalCluster:
                 "-c shared_buffers=128MB",
             ]
         )
-        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-w",
-                  "-t", "60", "-o", options, "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.logfile),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop")
@@ -127,7 +147,9 @@ def _unprivileged_user() -> str:
         with contextlib.suppress(KeyError):
             pwd.getpwnam(name)
             return name
-    raise NoPostgres("running as root and no unprivileged user (postgres, nobody) to run PostgreSQL")
+    raise NoPostgres(
+        "running as root and no unprivileged user (postgres, nobody) to run PostgreSQL"
+    )
 
 
 @contextlib.contextmanager

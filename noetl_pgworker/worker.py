@@ -111,9 +111,7 @@ class Worker:
         except PoolTimeout as exc:
             pool.close(timeout=1)
             probe = _probe_error(s.dsn, s.connect_timeout)
-            raise DatabaseUnavailable(
-                f"cannot connect to {redact_dsn(s.dsn)}: {probe}"
-            ) from exc
+            raise DatabaseUnavailable(f"cannot connect to {redact_dsn(s.dsn)}: {probe}") from exc
         try:
             return self._run_with_pool(pool, t0)
         finally:

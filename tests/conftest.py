@@ -87,7 +87,9 @@ def fresh_database(server: PgServer, template: str | None) -> Iterator[str]:
         yield with_dbname(server.dsn, name)
     finally:
         with server.admin() as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 @pytest.fixture

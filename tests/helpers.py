@@ -11,7 +11,9 @@ import psycopg
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02
+) -> None:
     """Poll ``predicate`` (a database condition) until it holds; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -26,7 +28,9 @@ def scalar(conn: psycopg.Connection[Any], query: str, params: Any = None) -> Any
 
 
 def count_status(conn: psycopg.Connection[Any], *statuses: str) -> int:
-    return int(scalar(conn, "SELECT count(*) FROM noetl.command WHERE status = ANY(%s)", (list(statuses),)))
+    return int(
+        scalar(conn, "SELECT count(*) FROM noetl.command WHERE status = ANY(%s)", (list(statuses),))
+    )
 
 
 def all_terminal(conn: psycopg.Connection[Any]) -> bool:

@@ -54,7 +54,9 @@ def _source(config: dict[str, Any]) -> str:
         try:
             code = base64.b64decode(encoded, validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError) as exc:
-            raise ToolError(f"python: tool_config.code_b64 is not base64 UTF-8 text: {exc}") from exc
+            raise ToolError(
+                f"python: tool_config.code_b64 is not base64 UTF-8 text: {exc}"
+            ) from exc
     if not isinstance(code, str) or not code.strip():
         raise ToolError("python: tool_config.code (or code_b64) is required")
     return code

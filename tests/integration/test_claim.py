@@ -29,11 +29,17 @@ def pool(dsn: str) -> Iterator[ConnectionPool[Any]]:
         yield p
 
 
-def make_source(pool: ConnectionPool[Any], worker_id: str = "w1", kinds=("noop", "python"),
-                **kw: Any) -> PgCommandSource:
+def make_source(
+    pool: ConnectionPool[Any], worker_id: str = "w1", kinds=("noop", "python"), **kw: Any
+) -> PgCommandSource:
     return PgCommandSource(
-        pool, worker_id=worker_id, tool_kinds=kinds, free_slots=lambda: 0,
-        wake=threading.Event(), stop=threading.Event(), **kw,
+        pool,
+        worker_id=worker_id,
+        tool_kinds=kinds,
+        free_slots=lambda: 0,
+        wake=threading.Event(),
+        stop=threading.Event(),
+        **kw,
     )
 
 
@@ -62,8 +68,12 @@ def test_claim_marks_rows_and_writes_claimed_events(
     for _eid, cid, status, result, meta in events:
         assert status == "RUNNING"
         assert result == {"status": "RUNNING", "context": {"command_id": cid}}
-        assert meta == {"command_id": cid, "worker_id": "w1", "actionable": False,
-                        "informative": True}
+        assert meta == {
+            "command_id": cid,
+            "worker_id": "w1",
+            "actionable": False,
+            "informative": True,
+        }
     assert scalar(conn, "SELECT count(*) FROM noetl.command WHERE status = 'PENDING'") == 6
 
 
@@ -107,8 +117,9 @@ def test_commands_of_ended_executions_are_cancelled_not_run(
     assert source.cancelled_total == 2
 
 
-def test_respects_noetls_advisory_lock(pool: ConnectionPool[Any], conn: psycopg.Connection[Any],
-                                      dsn: str) -> None:
+def test_respects_noetls_advisory_lock(
+    pool: ConnectionPool[Any], conn: psycopg.Connection[Any], dsn: str
+) -> None:
     first, second = enqueue(conn, tool_kind="noop", count=2).command_ids
     with psycopg.connect(dsn) as other:
         # A NoETL server claiming `first` over HTTP holds this lock in its transaction.
@@ -177,8 +188,14 @@ def test_a_write_by_a_worker_that_lost_its_claim_changes_nothing(
     before_events = scalar(conn, "SELECT count(*) FROM noetl.event")
     ref = cmd.ref
     out = Outcome.success({"stale": True})
-    item = WriteItem(ref, "COMPLETED", None, events.row_result(ref, out, "zombie", 1 << 20), None,
-                     events.finished_events(ref, out, "zombie", row_limit=1 << 20))
+    item = WriteItem(
+        ref,
+        "COMPLETED",
+        None,
+        events.row_result(ref, out, "zombie", 1 << 20),
+        None,
+        events.finished_events(ref, out, "zombie", row_limit=1 << 20),
+    )
     assert PgSink(pool, "zombie").write([item]) == set()
     assert conn.execute("SELECT * FROM noetl.command").fetchall() == before_row
     assert scalar(conn, "SELECT count(*) FROM noetl.event") == before_events
@@ -201,7 +218,8 @@ def test_claim_query_uses_the_partial_index_with_100k_rows_of_history(
     claim_indexes = {
         r[0]
         for r in conn.execute(
-            "SELECT relid::regclass::text FROM pg_partition_tree('noetl.pgworker_command_claim_idx')"
+            "SELECT relid::regclass::text"
+            " FROM pg_partition_tree('noetl.pgworker_command_claim_idx')"
         )
     }
 

@@ -71,8 +71,15 @@ def test_the_event_result_check_rejects_bad_envelopes(conn: psycopg.Connection[A
         " VALUES (1, 1, %s, 'x', %s::jsonb)"
     )
     conn.execute(insert, (1, '{"status": "OK", "context": {"a": 1}, "reference": {}}'))
-    for i, bad in enumerate(['{"context": {}}', '{"status": "OK", "data": 1}',
-                             '{"status": 1}', '[1]', '{"status": "OK", "context": 5}']):
+    for i, bad in enumerate(
+        [
+            '{"context": {}}',
+            '{"status": "OK", "data": 1}',
+            '{"status": 1}',
+            "[1]",
+            '{"status": "OK", "context": 5}',
+        ]
+    ):
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute(insert, (10 + i, bad))
 
@@ -83,7 +90,7 @@ def test_verify_names_what_is_missing_and_apply_refuses_without_noetl(empty_dsn:
         assert "table noetl.command" in missing
         assert "trigger pgworker_command_notify on noetl.command" in missing
         assert not any(m.startswith("column noetl.command.") for m in missing)
-        with pytest.raises(SchemaMissing, match="table noetl.command"):
+        with pytest.raises(SchemaMissing, match=r"table noetl\.command"):
             schema.apply(conn)
 
 

@@ -25,8 +25,14 @@ def test_drains_a_mixed_queue_with_the_full_event_trail(
     start_worker: Start, conn: psycopg.Connection[Any]
 ) -> None:
     enqueue(conn, tool_kind="noop", count=300, executions=5)
-    enqueue(conn, tool_kind="python", step="double",
-            tool_config={"code": "def main(x):\n    return {'y': x * 2}\n"}, args={"x": 21}, count=20)
+    enqueue(
+        conn,
+        tool_kind="python",
+        step="double",
+        tool_config={"code": "def main(x):\n    return {'y': x * 2}\n"},
+        args={"x": 21},
+        count=20,
+    )
     enqueue(conn, tool_kind="python", step="bad", tool_config={"code": "result = 1/0"}, count=5)
     summary = start_worker(drain=True, concurrency=4).join(60)
     assert summary.claimed == 325 and summary.completed == 320 and summary.failed == 5
@@ -42,7 +48,9 @@ def test_drains_a_mixed_queue_with_the_full_event_trail(
             "SELECT event_type FROM noetl.event WHERE event_id = %s", (latest,)
         ).fetchone()
         assert last == ("command.completed",)
-    failed = conn.execute("SELECT DISTINCT error FROM noetl.command WHERE status = 'FAILED'").fetchall()
+    failed = conn.execute(
+        "SELECT DISTINCT error FROM noetl.command WHERE status = 'FAILED'"
+    ).fetchall()
     assert failed == [("ZeroDivisionError: division by zero",)]
     trail = conn.execute(
         "SELECT c.command_id, array_agg(e.event_type ORDER BY e.event_id)"
@@ -52,8 +60,10 @@ def test_drains_a_mixed_queue_with_the_full_event_trail(
     assert len(trail) == 325
     for _cid, types in trail:
         assert types[:3] == ["command.issued", "command.claimed", "command.started"]
-        assert types[3:] in (["call.done", "step.exit", "command.completed"],
-                             ["call.error", "step.exit", "command.failed"])
+        assert types[3:] in (
+            ["call.done", "step.exit", "command.completed"],
+            ["call.error", "step.exit", "command.failed"],
+        )
 
 
 def test_four_workers_race_over_2000_commands_and_each_is_claimed_once(
@@ -92,9 +102,7 @@ def test_notify_starts_a_new_command_long_before_the_poll_interval(
     t0 = time.monotonic()
     wait_until(lambda: count_status(conn, "COMPLETED") == 1, timeout=10)
     assert time.monotonic() - t0 < 5  # the poll timer alone would take 60 s
-    delay = scalar(
-        conn, "SELECT EXTRACT(epoch FROM started_at - created_at) FROM noetl.command"
-    )
+    delay = scalar(conn, "SELECT EXTRACT(epoch FROM started_at - created_at) FROM noetl.command")
     assert delay < 5
 
 
@@ -118,9 +126,15 @@ def test_never_holds_more_claims_than_free_threads(
     def sample() -> None:
         with psycopg.connect(dsn, autocommit=True) as c:
             while not stop.is_set():
-                held.append(int(scalar(
-                    c, "SELECT count(*) FROM noetl.command WHERE status IN ('CLAIMED', 'RUNNING')"
-                )))
+                held.append(
+                    int(
+                        scalar(
+                            c,
+                            "SELECT count(*) FROM noetl.command"
+                            " WHERE status IN ('CLAIMED', 'RUNNING')",
+                        )
+                    )
+                )
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -138,23 +152,29 @@ def test_malformed_rows_and_failing_code_fail_readably_and_the_worker_goes_on(
     start_worker: Start, conn: psycopg.Connection[Any]
 ) -> None:
     bad = {
-        insert_raw_command(conn, tool_kind="python", context="[1, 2]")[1]:
-            "malformed command: context is a JSON array, not an object",
-        insert_raw_command(conn, tool_kind=None, context="{}")[1]:
-            "malformed command: tool_kind is empty",
-        insert_raw_command(conn, tool_kind="noop", context='{"tool_config": 5}')[1]:
-            "malformed command: context.tool_config is a JSON number, not an object",
-        insert_raw_command(conn, tool_kind="python", context='{"tool_config": {}}')[1]:
-            "python: tool_config.code (or code_b64) is required",
-        insert_raw_command(conn, tool_kind="python",
-                           context='{"tool_config": {"code": "result = object()"}}')[1]:
-            "result is not JSON-serialisable",
-        insert_raw_command(conn, tool_kind="python",
-                           context='{"tool_config": {"code": "import sys; sys.exit(2)"}}')[1]:
-            "SystemExit: 2",
-        insert_raw_command(conn, tool_kind="python",
-                           context='{"tool_config": {"code": "result = \\"a\\\\u0000b\\""}}')[1]:
-            None,  # a NUL in the output is stored (replaced), not a crash
+        insert_raw_command(conn, tool_kind="python", context="[1, 2]")[
+            1
+        ]: "malformed command: context is a JSON array, not an object",
+        insert_raw_command(conn, tool_kind=None, context="{}")[
+            1
+        ]: "malformed command: tool_kind is empty",
+        insert_raw_command(conn, tool_kind="noop", context='{"tool_config": 5}')[
+            1
+        ]: "malformed command: context.tool_config is a JSON number, not an object",
+        insert_raw_command(conn, tool_kind="python", context='{"tool_config": {}}')[
+            1
+        ]: "python: tool_config.code (or code_b64) is required",
+        insert_raw_command(
+            conn, tool_kind="python", context='{"tool_config": {"code": "result = object()"}}'
+        )[1]: "result is not JSON-serialisable",
+        insert_raw_command(
+            conn, tool_kind="python", context='{"tool_config": {"code": "import sys; sys.exit(2)"}}'
+        )[1]: "SystemExit: 2",
+        insert_raw_command(
+            conn,
+            tool_kind="python",
+            context='{"tool_config": {"code": "result = \\"a\\\\u0000b\\""}}',
+        )[1]: None,  # a NUL in the output is stored (replaced), not a crash
     }
     running = start_worker(concurrency=2)
     enqueue(conn, tool_kind="noop", count=5)
@@ -181,8 +201,13 @@ def test_malformed_rows_and_failing_code_fail_readably_and_the_worker_goes_on(
 def test_every_event_row_passes_the_result_check(
     start_worker: Start, conn: psycopg.Connection[Any]
 ) -> None:
-    for code in ("result = [1, 2]", "result = None", "result = 'x' * 300000",
-                 "result = {'nested': {'a': [1, {'b': 2}]}}", "raise KeyError('k')"):
+    for code in (
+        "result = [1, 2]",
+        "result = None",
+        "result = 'x' * 300000",
+        "result = {'nested': {'a': [1, {'b': 2}]}}",
+        "raise KeyError('k')",
+    ):
         enqueue(conn, tool_kind="python", tool_config={"code": code}, count=1)
     start_worker(drain=True).join(30)
     assert all_terminal(conn)
@@ -208,7 +233,9 @@ def test_runtime_row_is_ready_while_running_and_offline_after(
     ).fetchone()
     assert row == ("ready", "worker_pool", 8, {"tool_kinds": ["noop", "python"]})
     first = scalar(conn, "SELECT heartbeat FROM noetl.runtime WHERE name = 'beating'")
-    wait_until(lambda: scalar(conn, "SELECT heartbeat FROM noetl.runtime WHERE name = 'beating'") > first)
+    wait_until(
+        lambda: scalar(conn, "SELECT heartbeat FROM noetl.runtime WHERE name = 'beating'") > first
+    )
     running.stop()
     assert scalar(conn, "SELECT status FROM noetl.runtime WHERE name = 'beating'") == "offline"
 
@@ -222,9 +249,9 @@ def test_graceful_stop_finishes_running_commands_and_releases_nothing_claimed(
     wait_until(lambda: count_status(conn, "RUNNING") == 2, timeout=10)
     summary = running.stop()
     assert summary.unwritten == 0
-    statuses = dict(conn.execute(
-        "SELECT status, count(*) FROM noetl.command GROUP BY status"
-    ).fetchall())
+    statuses = dict(
+        conn.execute("SELECT status, count(*) FROM noetl.command GROUP BY status").fetchall()
+    )
     assert statuses.get("CLAIMED", 0) == 0 and statuses.get("RUNNING", 0) == 0
     assert statuses["COMPLETED"] >= 2
     assert statuses["COMPLETED"] + statuses.get("PENDING", 0) == 10
@@ -240,12 +267,21 @@ def test_real_noetl_rows_run_to_noetls_own_results(
             "INSERT INTO noetl.command (command_id, event_id, execution_id, catalog_id, step_name,"
             " tool_kind, status, context, meta, attempt) VALUES"
             " (%s, %s, %s, %s, %s, %s, 'PENDING', %s::jsonb, %s::jsonb, %s)",
-            (row["command_id"], row["event_id"], row["execution_id"], catalog_id,
-             row["step_name"], row["tool_kind"], json.dumps(row["context"]),
-             json.dumps(row["meta"]), row["attempt"]),
+            (
+                row["command_id"],
+                row["event_id"],
+                row["execution_id"],
+                catalog_id,
+                row["step_name"],
+                row["tool_kind"],
+                json.dumps(row["context"]),
+                json.dumps(row["meta"]),
+                row["attempt"],
+            ),
         )
     start_worker(drain=True, worker_id="probe-1").join(30)
     for row in rows:
-        got = scalar(conn, "SELECT result FROM noetl.command WHERE command_id = %s",
-                     (row["command_id"],))
+        got = scalar(
+            conn, "SELECT result FROM noetl.command WHERE command_id = %s", (row["command_id"],)
+        )
         assert got == row["result"], row["step_name"]

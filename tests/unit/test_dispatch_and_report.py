@@ -51,17 +51,25 @@ class MemorySink:
 
 
 def make_cmd(i: int, kind: str = "noop", code: str | None = None) -> Command:
-    return Command(command_id=str(i), execution_id=100 + i % 3, step=f"s{i}", tool_kind=kind,
-                   catalog_id=1, input={"tool_config": {"code": code} if code else {}})
+    return Command(
+        command_id=str(i),
+        execution_id=100 + i % 3,
+        step=f"s{i}",
+        tool_kind=kind,
+        catalog_id=1,
+        input={"tool_config": {"code": code} if code else {}},
+    )
 
 
 def run_all(source: InMemorySource, sink: MemorySink, concurrency: int = 4) -> Reporter:
     slots = Slots(concurrency)
-    reporter = Reporter(sink, "w1", flush_interval=0.001, flush_max=50,
-                        on_done=lambda ref: slots.release())
+    reporter = Reporter(
+        sink, "w1", flush_interval=0.001, flush_max=50, on_done=lambda ref: slots.release()
+    )
     reporter.start()
     dispatcher = Dispatcher(
-        default_registry(), slots,
+        default_registry(),
+        slots,
         on_start=lambda c, at: reporter.started(c.ref, at),
         on_finish=lambda c, o: reporter.finished(c.ref, o),
     )
@@ -143,7 +151,10 @@ def test_start_and_finish_fold_into_one_write() -> None:
     assert reporter.close(5)
     assert sink.calls == 1
     assert [e["event_type"] for e in sink.events] == [
-        "command.started", "call.done", "step.exit", "command.completed"
+        "command.started",
+        "call.done",
+        "step.exit",
+        "command.completed",
     ]
 
 

@@ -11,8 +11,9 @@ from ..conftest import SAMPLES
 
 pytestmark = pytest.mark.unit
 
-REF = CommandRef(execution_id=1, command_id=2, catalog_id=3, step="start", tool_kind="python",
-                 meta_command_id=2)
+REF = CommandRef(
+    execution_id=1, command_id=2, catalog_id=3, step="start", tool_kind="python", meta_command_id=2
+)
 
 
 def envelope_ok(result: object) -> bool:
@@ -31,9 +32,13 @@ def envelope_ok(result: object) -> bool:
 @pytest.mark.parametrize(
     ("name", "status"),
     [
-        ("call.done", "COMPLETED"), ("call.error", "FAILED"), ("step.exit", "COMPLETED"),
-        ("command.completed", "COMPLETED"), ("command.failed", "FAILED"),
-        ("command.started", "RUNNING"), ("command.claimed", "RUNNING"),
+        ("call.done", "COMPLETED"),
+        ("call.error", "FAILED"),
+        ("step.exit", "COMPLETED"),
+        ("command.completed", "COMPLETED"),
+        ("command.failed", "FAILED"),
+        ("command.started", "RUNNING"),
+        ("command.claimed", "RUNNING"),
     ],
 )
 def test_event_status_follows_noetls_name_rule(name: str, status: str) -> None:
@@ -54,7 +59,10 @@ def test_success_events_match_noetls_shapes() -> None:
         assert ev["meta"]["actionable"] == want["meta"]["actionable"]
         assert envelope_ok(ev["result"])
     started = events.started_event(REF, "probe-1")
-    assert started["result"] == {"status": "RUNNING", "context": {"worker_id": "probe-1", "command_id": 2}}
+    assert started["result"] == {
+        "status": "RUNNING",
+        "context": {"worker_id": "probe-1", "command_id": 2},
+    }
 
 
 def test_failure_events_carry_the_error() -> None:

@@ -22,8 +22,14 @@ def test_public_api_is_sorted_and_complete() -> None:
 
 def test_every_query_is_loaded_once_and_named() -> None:
     names = set(all_queries())
-    assert {"claim_commands", "write_back", "release_commands", "runtime_heartbeat",
-            "enqueue_commands", "verify_objects"} <= names
+    assert {
+        "claim_commands",
+        "write_back",
+        "release_commands",
+        "runtime_heartbeat",
+        "enqueue_commands",
+        "verify_objects",
+    } <= names
     with pytest.raises(ValueError, match="defined twice"):
         parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;\n")
     with pytest.raises(ValueError, match="empty"):
@@ -59,8 +65,14 @@ def test_settings_split_tool_kinds_and_reject_nonsense() -> None:
 def test_help_shows_environment_variables() -> None:
     result = CliRunner().invoke(main, ["start", "--help"])
     assert result.exit_code == 0
-    for env in ("NOETL_PGWORKER_DSN", "NOETL_PGWORKER_CONCURRENCY", "NOETL_PGWORKER_TOOL_KINDS",
-                "NOETL_PGWORKER_POLL_INTERVAL", "NOETL_PGWORKER_DRAIN", "NOETL_PGWORKER_LOG_FORMAT"):
+    for env in (
+        "NOETL_PGWORKER_DSN",
+        "NOETL_PGWORKER_CONCURRENCY",
+        "NOETL_PGWORKER_TOOL_KINDS",
+        "NOETL_PGWORKER_POLL_INTERVAL",
+        "NOETL_PGWORKER_DRAIN",
+        "NOETL_PGWORKER_LOG_FORMAT",
+    ):
         assert env in result.output
 
 

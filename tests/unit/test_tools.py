@@ -15,7 +15,11 @@ pytestmark = pytest.mark.unit
 
 def cmd(kind: str = "python", config: dict | None = None, args: dict | None = None) -> Command:
     return Command(
-        command_id="1", execution_id=2, step="s", tool_kind=kind, catalog_id=3,
+        command_id="1",
+        execution_id=2,
+        step="s",
+        tool_kind=kind,
+        catalog_id=3,
         input={"tool_config": config or {}, "input": args or {}},
     )
 
@@ -36,8 +40,9 @@ def test_python_args_override_input_and_kwargs_take_everything() -> None:
 
 
 def test_python_result_variable_sees_arguments_as_globals() -> None:
-    out = PythonTool().run(cmd(config={"code": "result = [x * 2 for x in items]"},
-                               args={"items": [1, 2]}))
+    out = PythonTool().run(
+        cmd(config={"code": "result = [x * 2 for x in items]"}, args={"items": [1, 2]})
+    )
     assert out == [2, 4]
 
 

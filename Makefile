@@ -1,0 +1,46 @@
+# The README's commands. CI (.ci/run) calls the same targets.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help install test unit integration acceptance demo lint clean
+
+help:
+	@echo "make demo   - run the worker on a throwaway database with a mixed workload"
+	@echo "make test   - install (if needed) and run the whole test suite"
+	@echo "make lint   - ruff and mypy"
+
+# Install only when pyproject.toml changed: a second run is fast and needs no network.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "noetl-pgworker needs Python 3.11 or newer ($(PYTHON) is older)" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+acceptance: $(STAMP)
+	$(PY) -m pytest -m acceptance $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -1,0 +1,164 @@
+"""The real ``noetl-pgworker`` command in a subprocess: what a user or systemd runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+import pytest
+
+from ..helpers import count_status, scalar, wait_until
+
+pytestmark = pytest.mark.acceptance
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "noetl_pgworker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "noetl_pgworker", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_apply_enqueue_start_sigterm(empty_dsn: str) -> None:
+    r = cli("schema", "apply", "--with-noetl-tables", "--dsn", empty_dsn)
+    assert r.returncode == 0, r.stderr
+    r = cli("schema", "verify", "--dsn", empty_dsn)
+    assert r.returncode == 0 and "schema ok" in r.stderr
+    r = cli("enqueue", "--dsn", empty_dsn, "--count", "50", "--executions", "5")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.split()) == 5  # the execution ids
+    r = cli(
+        "enqueue",
+        "--dsn",
+        empty_dsn,
+        "--tool-kind",
+        "python",
+        "--step",
+        "calc",
+        "--config",
+        '{"code": "def main(a, b):\\n    return {\\"sum\\": a + b}\\n"}',
+        "--input",
+        '{"a": 2, "b": 3}',
+    )
+    assert r.returncode == 0, r.stderr
+    worker = spawn(
+        "start",
+        "--worker-id",
+        "acc-1",
+        "--log-format",
+        "json",
+        env={"NOETL_PGWORKER_DSN": empty_dsn, "NOETL_PGWORKER_CONCURRENCY": "4"},
+    )
+    try:
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            wait_until(lambda: count_status(conn, "COMPLETED") == 51, timeout=30)
+            assert (
+                scalar(
+                    conn,
+                    "SELECT result -> 'context' ->> 'sum' FROM noetl.command"
+                    " WHERE step_name = 'calc'",
+                )
+                == "5"
+            )
+            assert scalar(conn, "SELECT capacity FROM noetl.runtime WHERE name = 'acc-1'") == 4
+            worker.send_signal(signal.SIGTERM)
+            _out, err = worker.communicate(timeout=30)
+            assert worker.returncode == 0, err
+            assert (
+                scalar(conn, "SELECT status FROM noetl.runtime WHERE name = 'acc-1'") == "offline"
+            )
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert lines and all(line["worker_id"] == "acc-1" for line in lines)
+    assert any(line.get("action") == "stopped" for line in lines)
+
+
+def test_drain_exits_zero_when_the_queue_is_empty(dsn: str) -> None:
+    assert cli("enqueue", "--dsn", dsn, "--count", "20").returncode == 0
+    r = cli("start", "--dsn", dsn, "--drain")
+    assert r.returncode == 0, r.stderr
+    assert "20 claimed, 20 completed" in r.stderr
+    st = cli("status", "--dsn", dsn, "--json")
+    assert st.returncode == 0
+    data = json.loads(st.stdout)
+    assert data["totals"] == {"COMPLETED": 20}
+    assert data["workers"][0]["status"] == "offline"
+    table = cli("status", "--dsn", dsn)
+    assert "COMPLETED" in table.stdout and "noop" in table.stdout
+
+
+def test_a_database_that_is_not_there_is_one_clear_line(pg_server: Any) -> None:
+    bad = "host=127.0.0.1 port=1 user=u password=s3cr3t-pw dbname=x connect_timeout=2"
+    for args in (
+        ["start", "--dsn", bad, "--connect-timeout", "2"],
+        ["status", "--dsn", bad],
+        ["schema", "verify", "--dsn", bad],
+    ):
+        r = cli(*args)
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.startswith("noetl-pgworker: error:"), r.stderr
+        assert "Traceback" not in r.stderr
+        assert "s3cr3t-pw" not in r.stderr + r.stdout
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_start_refuses_a_database_without_the_schema(empty_dsn: str) -> None:
+    r = cli("start", "--dsn", empty_dsn)
+    assert r.returncode == 1
+    assert "lacks what the worker needs" in r.stderr and "table noetl.command" in r.stderr
+    assert "schema apply" in r.stderr
+    assert "Traceback" not in r.stderr
+    v = cli("schema", "verify", "--dsn", empty_dsn)
+    assert v.returncode == 1 and "missing: table noetl.command" in v.stdout
+
+
+def test_dsn_from_libpq_environment(dsn: str) -> None:
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    env = {
+        "PGHOST": str(params["host"]),
+        "PGPORT": str(params["port"]),
+        "PGUSER": str(params["user"]),
+        "PGDATABASE": str(params["dbname"]),
+        "NOETL_PGWORKER_DSN": "",
+    }
+    r = cli("schema", "verify", env=env)
+    assert r.returncode == 0, r.stderr
+
+
+def test_second_signal_stops_at_once(dsn: str) -> None:
+    code = '{"code": "import time\\ntime.sleep(30)\\nresult = 1"}'
+    assert cli("enqueue", "--dsn", dsn, "--tool-kind", "python", "--config", code).returncode == 0
+    worker = spawn("start", "--dsn", dsn, "--shutdown-timeout", "60")
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            wait_until(lambda: count_status(conn, "RUNNING") == 1, timeout=30)
+        worker.send_signal(signal.SIGTERM)
+        worker.send_signal(signal.SIGINT)
+        worker.communicate(timeout=10)
+        assert worker.returncode == 130
+    finally:
+        if worker.poll() is None:
+            worker.kill()
