@@ -45,6 +45,7 @@ class Listener:
             target=self._run, name="noetl-pgworker-listener", daemon=True
         )
         self.reconnects = 0
+        self._ever_connected = False
         self.notifications = 0
 
     @property
@@ -65,7 +66,6 @@ class Listener:
 
     def _run(self) -> None:
         backoff = 0.0
-        first = True
         while not self._stop.is_set():
             try:
                 self._listen()
@@ -81,9 +81,6 @@ class Listener:
                 self._stop.wait(backoff)
             finally:
                 self._close()
-            if not first:
-                self.reconnects += 1
-            first = False
 
     def _listen(self) -> None:
         conn = self._conn = connect(
@@ -94,6 +91,10 @@ class Listener:
         )
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
         self._connected.set()
+        if self._ever_connected:
+            self.reconnects += 1
+            logger.warning("listener reconnected", extra={"action": "listener_back"})
+        self._ever_connected = True
         # Anything inserted while we were not listening must not wait for the poll timer.
         self._wake.set()
         logger.debug("listening on %s", self._channel, extra={"action": "listening"})

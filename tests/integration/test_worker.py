@@ -285,3 +285,21 @@ def test_real_noetl_rows_run_to_noetls_own_results(
             conn, "SELECT result FROM noetl.command WHERE command_id = %s", (row["command_id"],)
         )
         assert got == row["result"], row["step_name"]
+
+
+def test_a_killed_listener_connection_is_replaced(
+    start_worker: Start, conn: psycopg.Connection[Any]
+) -> None:
+    running = start_worker(poll_interval=60, worker_id="deaf")
+    listener = running.worker.listener
+    assert listener is not None and listener.wait_connected(10)
+    killed = scalar(
+        conn,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE application_name = 'noetl-pgworker-listener:deaf'",
+    )
+    assert killed == 1
+    wait_until(lambda: listener.reconnects >= 1 and listener.connected, timeout=15)
+    time.sleep(0.3)  # let the catch-up claim after reconnecting pass
+    enqueue(conn, tool_kind="noop", count=1)
+    wait_until(lambda: count_status(conn, "COMPLETED") == 1, timeout=10)  # NOTIFY, not the timer
