@@ -188,6 +188,33 @@ def main() -> None:
     help="Tool output larger than this is stored as a summary, not inline.",
 )
 @click.option(
+    "--lease",
+    envvar=_env("LEASE"),
+    show_envvar=True,
+    type=click.FloatRange(0.1),
+    default=120.0,
+    show_default=True,
+    help="Seconds after which a dead worker's claim may be taken back (NoETL uses 120).",
+)
+@click.option(
+    "--stale-after",
+    envvar=_env("STALE_AFTER"),
+    show_envvar=True,
+    type=click.FloatRange(0.1),
+    default=30.0,
+    show_default=True,
+    help="A worker whose noetl.runtime heartbeat is older than this many seconds is dead.",
+)
+@click.option(
+    "--max-attempts",
+    envvar=_env("MAX_ATTEMPTS"),
+    show_envvar=True,
+    type=click.IntRange(1, 1000),
+    default=3,
+    show_default=True,
+    help="A command abandoned by this many workers (crashes) ends FAILED instead of rerunning.",
+)
+@click.option(
     "--skip-schema-check",
     envvar=_env("SKIP_SCHEMA_CHECK"),
     show_envvar=True,
@@ -207,6 +234,9 @@ def start(
     shutdown_timeout: float,
     connect_timeout: float,
     max_result_bytes: int,
+    lease: float,
+    stale_after: float,
+    max_attempts: int,
     skip_schema_check: bool,
     log_level: str,
     log_format: str,
@@ -225,6 +255,9 @@ def start(
         "shutdown_timeout": shutdown_timeout,
         "connect_timeout": connect_timeout,
         "max_result_bytes": max_result_bytes,
+        "lease": lease,
+        "stale_after": stale_after,
+        "max_attempts": max_attempts,
         "verify_schema": not skip_schema_check,
     }
     if worker_id:

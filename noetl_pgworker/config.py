@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "NOETL_PGWORKER_"
 NOTIFY_CHANNEL = "noetl_pgworker_command"
@@ -46,7 +46,23 @@ class Settings(BaseModel):
     flush_max: int = Field(default=500, ge=1, le=10_000)
     listener_check_interval: float = Field(default=30.0, gt=0)
     max_result_bytes: int = Field(default=1024 * 1024, ge=1024)
+    lease: float = Field(
+        default=120.0, gt=0, description="a dead worker's claim is taken back after this age"
+    )
+    stale_after: float = Field(
+        default=30.0, gt=0, description="a worker whose heartbeat is older than this is dead"
+    )
+    max_attempts: int = Field(default=3, ge=1, le=1000)
     verify_schema: bool = True
+
+    @model_validator(mode="after")
+    def _liveness_is_consistent(self) -> Settings:
+        if self.stale_after <= self.heartbeat_interval:
+            raise ValueError(
+                f"stale_after ({self.stale_after} s) must be longer than heartbeat_interval"
+                f" ({self.heartbeat_interval} s), or live workers would look dead"
+            )
+        return self
 
     @field_validator("tool_kinds", mode="before")
     @classmethod

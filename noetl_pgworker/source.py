@@ -77,6 +77,10 @@ class PgCommandSource:
         poll_interval: float = 2.0,
         drain: bool = False,
         on_malformed: MalformedHandler | None = None,
+        lease: float = 120.0,
+        stale_after: float = 30.0,
+        max_attempts: int = 3,
+        reclaim_every: float | None = None,
     ) -> None:
         self._pool = pool
         self._worker_id = worker_id
@@ -87,10 +91,22 @@ class PgCommandSource:
         self._poll_interval = poll_interval
         self._drain = drain
         self._on_malformed = on_malformed
+        self._lease = lease
+        self._stale_after = stale_after
+        self._max_attempts = max_attempts
+        # Recovery runs inside the claim transaction, but only this often: it reads claims, not
+        # the PENDING index, and the hot path should not pay for it on every claim.
+        self._reclaim_every = (
+            reclaim_every if reclaim_every is not None else max(0.1, min(lease, stale_after) / 4)
+        )
+        self._next_reclaim = 0.0  # the first claim also recovers this worker's own old claims
+        self._include_own = True
         self._buffer: collections.deque[Command] = collections.deque()
         self._healthy = True
         self.claimed_total = 0
         self.cancelled_total = 0
+        self.reclaimed_total = 0
+        self.poisoned_total = 0
 
     def next(self) -> Command | None:
         backoff = 0.0
@@ -132,16 +148,42 @@ class PgCommandSource:
         return out
 
     def _claim(self, limit: int) -> bool:
-        """Claim into the buffer; True if any row was claimed or cancelled."""
+        """Claim into the buffer; True if any row was claimed, reclaimed or cancelled."""
         t0 = time.perf_counter()
+        reclaimed: list[dict[str, Any]] = []
+        poisoned = 0
+        rows: list[dict[str, Any]] = []
         with self._pool.connection(timeout=10) as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(
-                query("claim_commands"),
-                {"limit": limit, "tool_kinds": self._tool_kinds, "worker_id": self._worker_id},
-            )
-            rows = cur.fetchall()
+            if time.monotonic() >= self._next_reclaim:
+                cur.execute(
+                    query("reclaim_commands"),
+                    {
+                        "limit": limit,
+                        "tool_kinds": self._tool_kinds,
+                        "worker_id": self._worker_id,
+                        "include_own": self._include_own,
+                        "lease": self._lease,
+                        "stale_after": self._stale_after,
+                        "max_attempts": self._max_attempts,
+                    },
+                )
+                found = cur.fetchall()
+                poisoned = int(found[0]["poisoned_count"]) if found else 0
+                reclaimed = [r for r in found if r["command_id"] is not None]
+                limit -= len(reclaimed)
+            if limit > 0:
+                cur.execute(
+                    query("claim_commands"),
+                    {"limit": limit, "tool_kinds": self._tool_kinds, "worker_id": self._worker_id},
+                )
+                rows = cur.fetchall()
+        if time.monotonic() >= self._next_reclaim:
+            self._include_own = False
+            self._next_reclaim = time.monotonic() + self._reclaim_every
+        if reclaimed or poisoned:
+            self._log_recovery(reclaimed, poisoned)
         cancelled = int(rows[0]["cancelled_count"]) if rows else 0
-        claimed = [r for r in rows if r["command_id"] is not None]
+        claimed = reclaimed + [r for r in rows if r["command_id"] is not None]
         if cancelled:
             self.cancelled_total += cancelled
             logger.info(
@@ -169,7 +211,29 @@ class PgCommandSource:
                 (time.perf_counter() - t0) * 1000,
                 extra={"action": "claimed"},
             )
-        return bool(claimed) or cancelled > 0
+        return bool(claimed) or cancelled > 0 or poisoned > 0
+
+    def _log_recovery(self, reclaimed: list[dict[str, Any]], poisoned: int) -> None:
+        self.reclaimed_total += len(reclaimed)
+        self.poisoned_total += poisoned
+        by_worker: dict[str, int] = {}
+        for row in reclaimed:
+            key = f"{row['old_worker']} ({row['reason']})"
+            by_worker[key] = by_worker.get(key, 0) + 1
+        if reclaimed:
+            logger.warning(
+                "took back %d command(s) from %s",
+                len(reclaimed),
+                ", ".join(f"{w}: {n}" for w, n in sorted(by_worker.items())),
+                extra={"action": "reclaimed", "count": len(reclaimed)},
+            )
+        if poisoned:
+            logger.warning(
+                "failed %d command(s) abandoned by %d workers in a row (poison)",
+                poisoned,
+                self._max_attempts,
+                extra={"action": "poisoned", "count": poisoned},
+            )
 
     def release_unstarted(self) -> int:
         """Put commands claimed but never handed out back to PENDING; returns how many."""

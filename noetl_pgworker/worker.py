@@ -37,6 +37,8 @@ class RunSummary:
     completed: int
     failed: int
     cancelled: int
+    reclaimed: int
+    poisoned: int
     fenced: int
     released: int
     unwritten: int
@@ -103,7 +105,6 @@ class Worker:
             name="noetl-pgworker",
             open=False,
             timeout=30,
-            reconnect_timeout=0,  # keep trying: the database may be restarting
         )
         self._pool = pool
         try:
@@ -150,6 +151,9 @@ class Worker:
             poll_interval=s.poll_interval,
             drain=s.drain,
             on_malformed=self._malformed,
+            lease=s.lease,
+            stale_after=s.stale_after,
+            max_attempts=s.max_attempts,
         )
         listener = self.listener = Listener(
             s.dsn,
@@ -208,6 +212,8 @@ class Worker:
             completed=stats.written - stats.failed_outcomes,
             failed=stats.failed_outcomes,
             cancelled=source.cancelled_total,
+            reclaimed=source.reclaimed_total,
+            poisoned=source.poisoned_total,
             fenced=stats.fenced,
             released=released,
             unwritten=reporter.pending(),

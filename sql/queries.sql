@@ -84,6 +84,120 @@ FROM (SELECT count(*) AS cancelled_count FROM cancelled) AS x
 LEFT JOIN claimed AS m ON true
 ORDER BY m.created_at, m.command_id;
 
+-- name: reclaim_commands
+-- Take back commands whose worker died: claimed or running for longer than the lease, by a
+-- worker whose noetl.runtime row is missing, not ready, or has a heartbeat older than
+-- stale_after seconds. Never touches a command whose worker is alive. At start-up
+-- (include_own) the worker also takes back its own claims from a previous life.
+-- A command that was already run max_attempts times ends FAILED instead ("poison").
+WITH candidate AS MATERIALIZED (
+    SELECT c.execution_id, c.command_id, c.worker_id AS old_worker, c.attempt,
+           CASE
+               WHEN c.worker_id = %(worker_id)s THEN 'restarted'
+               WHEN r.name IS NULL THEN 'worker not registered'
+               WHEN r.status <> 'ready' THEN 'worker ' || r.status
+               ELSE 'heartbeat stale'
+           END AS reason
+    FROM noetl.command AS c
+    LEFT JOIN noetl.runtime AS r ON r.kind = 'worker_pool' AND r.name = c.worker_id
+    WHERE c.status IN ('CLAIMED', 'RUNNING')
+      AND (c.tool_kind = ANY(%(tool_kinds)s::text[]) OR c.tool_kind IS NULL)
+      AND c.tool_kind IS DISTINCT FROM 'wasm'
+      AND c.step_name <> '__orchestrate__'
+      AND (
+          (%(include_own)s AND c.worker_id = %(worker_id)s)
+          OR (
+              c.worker_id IS DISTINCT FROM %(worker_id)s
+              AND c.claimed_at < now() - make_interval(secs => %(lease)s)
+              AND (r.name IS NULL
+                   OR r.status <> 'ready'
+                   OR r.heartbeat < now() - make_interval(secs => %(stale_after)s))
+          )
+      )
+    ORDER BY c.claimed_at
+    LIMIT %(limit)s
+    FOR UPDATE OF c SKIP LOCKED
+),
+locked AS MATERIALIZED (
+    SELECT k.*, noetl.snowflake_id() AS event_id, k.attempt >= %(max_attempts)s AS poisoned
+    FROM candidate AS k
+    WHERE pg_try_advisory_xact_lock(k.command_id)
+),
+poisoned AS (
+    UPDATE noetl.command AS c
+    SET status = 'FAILED',
+        error = 'abandoned by ' || l.attempt || ' worker(s) (last: ' || COALESCE(l.old_worker, '?')
+                || ', ' || l.reason || '); not retried after ' || %(max_attempts)s || ' attempts',
+        result = jsonb_build_object(
+            'status', 'FAILED',
+            'context', jsonb_build_object(
+                'error', 'abandoned by ' || l.attempt || ' worker(s)',
+                'error_type', 'abandoned',
+                'command_id', COALESCE(c.meta -> 'command_id', to_jsonb(c.command_id)),
+                'worker_id', %(worker_id)s::text)),
+        worker_id = %(worker_id)s,
+        completed_at = now(),
+        latest_event_id = l.event_id,
+        updated_at = now()
+    FROM locked AS l
+    WHERE l.poisoned AND c.execution_id = l.execution_id AND c.command_id = l.command_id
+    RETURNING c.execution_id, c.catalog_id, c.parent_execution_id, c.step_name, c.command_id,
+              c.meta, c.error, c.result, l.event_id
+),
+poison_events AS (
+    INSERT INTO noetl.event (
+        execution_id, catalog_id, event_id, parent_execution_id, created_at, event_type,
+        node_id, node_name, status, result, meta, error, worker_id, command_id
+    )
+    SELECT p.execution_id, p.catalog_id, p.event_id, p.parent_execution_id, now(),
+           'command.failed', p.step_name, p.step_name, 'FAILED', p.result,
+           jsonb_build_object('command_id', COALESCE(p.meta -> 'command_id', to_jsonb(p.command_id)),
+                              'worker_id', %(worker_id)s::text, 'actionable', false,
+                              'informative', true, 'error_type', 'abandoned'),
+           p.error, %(worker_id)s, p.command_id
+    FROM poisoned AS p
+),
+reclaimed AS (
+    UPDATE noetl.command AS c
+    SET status = 'CLAIMED',
+        worker_id = %(worker_id)s,
+        claimed_at = now(),
+        attempt = c.attempt + 1,
+        latest_event_id = l.event_id,
+        updated_at = now()
+    FROM locked AS l
+    WHERE NOT l.poisoned AND c.execution_id = l.execution_id AND c.command_id = l.command_id
+    RETURNING c.command_id, c.event_id, c.execution_id, c.catalog_id, c.parent_execution_id,
+              c.parent_command_id, c.step_name, c.tool_kind, c.attempt, c.context, c.meta,
+              c.loop_event_id, c.iter_index, c.created_at, l.event_id AS claim_event_id,
+              l.old_worker, l.reason
+),
+reclaim_events AS (
+    INSERT INTO noetl.event (
+        execution_id, catalog_id, event_id, parent_execution_id, created_at, event_type,
+        node_id, node_name, status, result, meta, worker_id, command_id
+    )
+    SELECT m.execution_id, m.catalog_id, m.claim_event_id, m.parent_execution_id, now(),
+           'command.claimed', m.step_name, m.step_name, 'RUNNING',
+           jsonb_build_object('status', 'RUNNING',
+                              'context', jsonb_build_object('command_id', m.command_id)),
+           jsonb_build_object('command_id', COALESCE(m.meta -> 'command_id', to_jsonb(m.command_id)),
+                              'worker_id', %(worker_id)s::text,
+                              'actionable', false,
+                              'informative', true,
+                              'reclaimed', true,
+                              'reclaimed_from_worker', m.old_worker,
+                              'reason', m.reason,
+                              'attempt', m.attempt),
+           %(worker_id)s, m.command_id
+    FROM reclaimed AS m
+)
+-- Always at least one row: the count of poisoned commands, joined to the reclaimed ones.
+SELECT x.poisoned_count, m.*
+FROM (SELECT count(*) AS poisoned_count FROM poisoned) AS x
+LEFT JOIN reclaimed AS m ON true
+ORDER BY m.created_at, m.command_id;
+
 -- name: write_back
 -- Apply one batch of outcomes: row status and the lifecycle events, in one statement.
 -- Fenced: only rows this worker still holds and that are not terminal change, and events are
@@ -277,7 +391,8 @@ FROM (VALUES
     ('trigger pgworker_command_notify on noetl.command', EXISTS (
         SELECT 1 FROM pg_trigger
         WHERE tgrelid = to_regclass('noetl.command') AND tgname = 'pgworker_command_notify')),
-    ('index noetl.pgworker_command_claim_idx', to_regclass('noetl.pgworker_command_claim_idx') IS NOT NULL)
+    ('index noetl.pgworker_command_claim_idx', to_regclass('noetl.pgworker_command_claim_idx') IS NOT NULL),
+    ('index noetl.pgworker_command_inflight_idx', to_regclass('noetl.pgworker_command_inflight_idx') IS NOT NULL)
 ) AS v(object, present);
 
 -- name: verify_columns

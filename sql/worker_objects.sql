@@ -36,3 +36,9 @@ $do$;
 CREATE INDEX IF NOT EXISTS pgworker_command_claim_idx
     ON noetl.command (created_at, command_id)
     WHERE status = 'PENDING';
+
+-- Recovery looks for claims older than the lease; this keeps that look cheap however large
+-- the table's history grows.
+CREATE INDEX IF NOT EXISTS pgworker_command_inflight_idx
+    ON noetl.command (claimed_at)
+    WHERE status IN ('CLAIMED', 'RUNNING');

@@ -127,7 +127,7 @@ def test_respects_noetls_advisory_lock(
         got = make_source(pool).claim(10)
         assert [int(c.command_id) for c in got] == [second]
         other.execute("SELECT pg_advisory_unlock(%s)", (first,))
-    assert [int(c.command_id) for c in make_source(pool).claim(10)] == [first]
+    assert [int(c.command_id) for c in make_source(pool, "w2").claim(10)] == [first]
 
 
 def test_skip_locked_hands_each_row_to_one_claimer(
