@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test unit integration acceptance demo lint clean
+.PHONY: help install test unit integration acceptance chaos demo lint clean
 
 help:
 	@echo "make demo   - run the worker on a throwaway database with a mixed workload"
@@ -33,6 +33,9 @@ integration: $(STAMP)
 
 acceptance: $(STAMP)
 	$(PY) -m pytest -m acceptance $(PYTEST_ARGS)
+
+chaos: $(STAMP)
+	$(PY) -m pytest -m chaos $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -175,6 +175,10 @@ class Reporter:
         with self._cond:
             return len(self._entries)
 
+    def pending_ids(self) -> list[int]:
+        with self._cond:
+            return [cid for _, cid in self._entries]
+
     def flush(self, timeout: float) -> bool:
         """Wait until everything handed over is written; False on timeout."""
         deadline = time.monotonic() + timeout

@@ -81,6 +81,7 @@ class PgCommandSource:
         stale_after: float = 30.0,
         max_attempts: int = 3,
         reclaim_every: float | None = None,
+        held: Callable[[], Iterable[int]] = tuple,
     ) -> None:
         self._pool = pool
         self._worker_id = worker_id
@@ -100,7 +101,7 @@ class PgCommandSource:
             reclaim_every if reclaim_every is not None else max(0.1, min(lease, stale_after) / 4)
         )
         self._next_reclaim = 0.0  # the first claim also recovers this worker's own old claims
-        self._include_own = True
+        self._held = held
         self._buffer: collections.deque[Command] = collections.deque()
         self._healthy = True
         self.claimed_total = 0
@@ -161,7 +162,9 @@ class PgCommandSource:
                         "limit": limit,
                         "tool_kinds": self._tool_kinds,
                         "worker_id": self._worker_id,
-                        "include_own": self._include_own,
+                        "known": sorted(
+                            {*self._held(), *(int(c.command_id) for c in self._buffer)}
+                        ),
                         "lease": self._lease,
                         "stale_after": self._stale_after,
                         "max_attempts": self._max_attempts,
@@ -178,7 +181,6 @@ class PgCommandSource:
                 )
                 rows = cur.fetchall()
         if time.monotonic() >= self._next_reclaim:
-            self._include_own = False
             self._next_reclaim = time.monotonic() + self._reclaim_every
         if reclaimed or poisoned:
             self._log_recovery(reclaimed, poisoned)
@@ -249,6 +251,10 @@ class PgCommandSource:
             row = cur.fetchone()
         self._buffer.clear()
         return int(row[0]) if row else 0
+
+    def unread(self, command: Command) -> None:
+        """Give back a command ``next()`` returned but the caller could not start."""
+        self._buffer.appendleft(command)
 
     def buffered(self) -> int:
         return len(self._buffer)

@@ -69,8 +69,8 @@ class Worker:
         self._ready = threading.Event()
         self._finished = threading.Event()
         self._pool: ConnectionPool[Any] | None = None
-        # Commands whose slot is held until their outcome is written.
-        self._holders: set[tuple[int, int]] = set()
+        # Commands holding slots (how many) until their outcome is written.
+        self._holders: dict[tuple[int, int], int] = {}
         self._holders_lock = threading.Lock()
         self.reporter: Reporter | None = None
         self.source: PgCommandSource | None = None
@@ -154,6 +154,7 @@ class Worker:
             lease=s.lease,
             stale_after=s.stale_after,
             max_attempts=s.max_attempts,
+            held=self._held_ids,
         )
         listener = self.listener = Listener(
             s.dsn,
@@ -243,14 +244,36 @@ class Worker:
             if command is None:
                 self.slots.release()
                 break
+            slots = 1
+            if command.attempt > 1 and self.slots.total > 1:
+                # Taken back from a worker that died: it may be what killed it. Run it alone,
+                # so that if it kills this worker too, no innocent command is abandoned with it.
+                extra = self._take_all_slots()
+                if extra is None:
+                    source.unread(command)
+                    self.slots.release()
+                    break
+                slots += extra
             with self._holders_lock:
-                self._holders.add((command.execution_id, int(command.command_id)))
+                self._holders[(command.execution_id, int(command.command_id))] = slots
             dispatcher.submit(command)
         if self.settings.drain:
             # Drained: the queue has nothing left for us; let what runs finish (a signal still
             # cuts this short, and then the shutdown timeout applies).
             while not self._stop.is_set() and not self.slots.wait_idle(0.2):
                 pass
+
+    def _take_all_slots(self) -> int | None:
+        """Acquire every other slot (waiting for running commands); None if stopped meanwhile."""
+        taken = 0
+        while taken < self.slots.total - 1:
+            if self._stop.is_set():
+                for _ in range(taken):
+                    self.slots.release()
+                return None
+            if self.slots.acquire(timeout=0.2):
+                taken += 1
+        return taken
 
     # -- callbacks from the tool threads ---------------------------------------------------------
 
@@ -274,17 +297,23 @@ class Worker:
         # It was claimed within the free slots; hold one until its failure is written.
         if self.slots.acquire(timeout=0):
             with self._holders_lock:
-                self._holders.add((ref.execution_id, ref.command_id))
+                self._holders[(ref.execution_id, ref.command_id)] = 1
         self.reporter.finished(ref, Outcome.failure(reason, error_type="malformed_command"))
+
+    def _held_ids(self) -> list[int]:
+        """Command ids this process holds: running, or waiting for their outcome to be written."""
+        with self._holders_lock:
+            held = [cid for _, cid in self._holders]
+        if self.reporter is not None:
+            held += self.reporter.pending_ids()
+        return held
 
     def _written(self, ref: CommandRef) -> None:
         """The reporter wrote (or gave up on) a command's outcome: its slot is free again."""
         with self._holders_lock:
-            key = (ref.execution_id, ref.command_id)
-            if key not in self._holders:
-                return
-            self._holders.discard(key)
-        self.slots.release()
+            slots = self._holders.pop((ref.execution_id, ref.command_id), 0)
+        for _ in range(slots):
+            self.slots.release()
 
 
 def _probe_error(dsn: str, timeout: float) -> str:

@@ -87,13 +87,14 @@ ORDER BY m.created_at, m.command_id;
 -- name: reclaim_commands
 -- Take back commands whose worker died: claimed or running for longer than the lease, by a
 -- worker whose noetl.runtime row is missing, not ready, or has a heartbeat older than
--- stale_after seconds. Never touches a command whose worker is alive. At start-up
--- (include_own) the worker also takes back its own claims from a previous life.
+-- stale_after seconds. Never touches a command whose worker is alive. The worker also takes
+-- back claims in its own name that it does not hold (`known` lists those it holds): left by a
+-- previous life under the same worker id, or by a claim whose reply was lost in an outage.
 -- A command that was already run max_attempts times ends FAILED instead ("poison").
 WITH candidate AS MATERIALIZED (
     SELECT c.execution_id, c.command_id, c.worker_id AS old_worker, c.attempt,
            CASE
-               WHEN c.worker_id = %(worker_id)s THEN 'restarted'
+               WHEN c.worker_id = %(worker_id)s THEN 'orphaned'
                WHEN r.name IS NULL THEN 'worker not registered'
                WHEN r.status <> 'ready' THEN 'worker ' || r.status
                ELSE 'heartbeat stale'
@@ -105,7 +106,7 @@ WITH candidate AS MATERIALIZED (
       AND c.tool_kind IS DISTINCT FROM 'wasm'
       AND c.step_name <> '__orchestrate__'
       AND (
-          (%(include_own)s AND c.worker_id = %(worker_id)s)
+          (c.worker_id = %(worker_id)s AND NOT (c.command_id = ANY(%(known)s::bigint[])))
           OR (
               c.worker_id IS DISTINCT FROM %(worker_id)s
               AND c.claimed_at < now() - make_interval(secs => %(lease)s)

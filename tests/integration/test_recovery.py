@@ -86,7 +86,8 @@ def test_a_dead_workers_claim_is_taken_back(
     assert row == ("CLAIMED", "rescuer", 2)
     meta = scalar(
         conn,
-        "SELECT meta FROM noetl.event WHERE event_type = 'command.claimed' ORDER BY event_id DESC LIMIT 1",
+        "SELECT meta FROM noetl.event WHERE event_type = 'command.claimed'"
+        " ORDER BY event_id DESC LIMIT 1",
     )
     assert meta["reclaimed"] is True
     assert meta["reclaimed_from_worker"] == "dead-1"
@@ -147,7 +148,17 @@ def test_own_claims_from_a_previous_life_are_taken_back_at_start(
     reasons = conn.execute(
         "SELECT meta ->> 'reason' FROM noetl.event WHERE meta ? 'reclaimed'"
     ).fetchall()
-    assert reasons == [("restarted",), ("restarted",)]
+    assert reasons == [("orphaned",), ("orphaned",)]
+
+
+def test_own_claims_that_this_process_holds_are_left_alone(
+    pool: ConnectionPool[Any], conn: psycopg.Connection[Any]
+) -> None:
+    first, second = enqueue(conn, tool_kind="noop", count=2).command_ids
+    claim_as(conn, "me", age_s=600)
+    register(conn, "me", "ready", 0)
+    got = source(pool, worker_id="me", held=lambda: [first]).claim(5)
+    assert [int(c.command_id) for c in got] == [second]
 
 
 def test_recovery_ignores_kinds_this_worker_does_not_run(

@@ -1,0 +1,149 @@
+"""The chaos suite runs on a PostgreSQL of its own, because it restarts the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from noetl_pgworker import schema
+from noetl_pgworker.testing import LocalCluster, NoPostgres, find_pg_bindir
+
+from ..conftest import PgServer, fresh_database
+
+REPORT: list[dict[str, Any]] = []
+FAST = [
+    "--heartbeat-interval", "0.5", "--stale-after", "2", "--lease", "2",
+    "--poll-interval", "0.2", "--connect-timeout", "3",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def chaos_cluster() -> Iterator[LocalCluster]:
+    bindir = find_pg_bindir()
+    if bindir is None:
+        raise NoPostgres("the chaos suite needs local PostgreSQL server binaries (initdb, pg_ctl)")
+    cluster = LocalCluster(bindir)
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def chaos_dsn(chaos_cluster: LocalCluster) -> Iterator[str]:
+    server = PgServer(chaos_cluster.dsn, chaos_cluster)
+    with fresh_database(server, None) as dsn:
+        with psycopg.connect(dsn) as conn:
+            schema.apply(conn, with_noetl_tables=True)
+        yield dsn
+
+
+class WorkerProcess:
+    def __init__(self, dsn: str, worker_id: str | None, log: Path, *extra: str) -> None:
+        args = [sys.executable, "-m", "noetl_pgworker", "start", "--dsn", dsn, *FAST, *extra]
+        if worker_id:
+            args += ["--worker-id", worker_id]
+        self.log = log
+        self._out = log.open("w")
+        self.proc = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._out.close()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def text(self) -> str:
+        if not self._out.closed:
+            self._out.flush()
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait(10)
+
+
+def spawn(
+    started: list[WorkerProcess], dsn: str, tmp_path: Path, worker_id: str | None, *extra: str
+) -> WorkerProcess:
+    log = tmp_path / f"worker-{worker_id or len(started)}-{time.monotonic_ns()}.log"
+    w = WorkerProcess(dsn, worker_id, log, *extra)
+    started.append(w)
+    return w
+
+
+def table_check(conn: psycopg.Connection[Any], expected: int) -> dict[str, int]:
+    """The end-of-test verdict: every command terminal exactly once, nothing lost or stuck."""
+    total = conn.execute("SELECT count(*) FROM noetl.command").fetchone()
+    assert total == (expected,), f"commands lost or added: {total}"
+    stuck = conn.execute(
+        "SELECT count(*) FROM noetl.command"
+        " WHERE status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')"
+    ).fetchone()
+    assert stuck == (0,), f"{stuck} commands not terminal"
+    finals = conn.execute(
+        "SELECT c.command_id, count(e.event_id) FROM noetl.command c"
+        " LEFT JOIN noetl.event e ON e.execution_id = c.execution_id"
+        "  AND e.command_id = c.command_id"
+        "  AND e.event_type IN ('command.completed', 'command.failed')"
+        " GROUP BY c.command_id"
+    ).fetchall()
+    bad = [(cid, n) for cid, n in finals if n != 1]
+    assert not bad, f"commands without exactly one terminal event: {bad[:10]} ({len(bad)})"
+    started = conn.execute(
+        "SELECT count(*) FILTER (WHERE n > 1), coalesce(sum(n - 1) FILTER (WHERE n > 1), 0)"
+        " FROM (SELECT command_id, count(*) AS n FROM noetl.event"
+        "       WHERE event_type = 'command.started' GROUP BY command_id) s"
+    ).fetchone()
+    reclaimed = conn.execute(
+        "SELECT count(*) FROM noetl.event"
+        " WHERE event_type = 'command.claimed' AND meta ? 'reclaimed'"
+    ).fetchone()
+    assert started is not None and reclaimed is not None
+    return {
+        "commands": expected,
+        "recovered": int(reclaimed[0]),
+        "duplicates_executed": int(started[1]),
+        "duplicates_completed": sum(max(0, n - 1) for _, n in finals),
+    }
+
+
+def report(name: str, **figures: Any) -> None:
+    REPORT.append({"test": name, **figures})
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not REPORT:
+        return
+    terminalreporter.section("chaos figures")
+    for row in REPORT:
+        terminalreporter.write_line(json.dumps(row, sort_keys=True))
+    out = os.environ.get("NOETL_PGWORKER_CHAOS_REPORT")
+    if out:
+        Path(out).write_text(json.dumps(REPORT, indent=2))

@@ -1,0 +1,226 @@
+"""Kill, restart, cut off and pause workers and the database mid-drain; then read the table.
+
+Every test ends with :func:`table_check`: each command terminal, exactly one
+``command.completed|command.failed`` event per command, none left CLAIMED/RUNNING, none lost.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from noetl_pgworker.enqueue import enqueue
+
+from ..helpers import count_status, scalar, wait_until
+from .conftest import WorkerProcess, report, spawn, table_check
+
+pytestmark = pytest.mark.chaos
+
+SLEEPY = "import time\ndef main(s=1.0):\n    time.sleep(s)\n    return {'slept': s}\n"
+
+
+def done(conn: psycopg.Connection[Any]) -> int:
+    return count_status(conn, "COMPLETED", "FAILED", "CANCELLED")
+
+
+def test_kill_9_one_of_two_workers_mid_drain(
+    chaos_dsn: str, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    n = 5000
+    with psycopg.connect(chaos_dsn, autocommit=True) as conn:
+        enqueue(conn, tool_kind="noop", count=n, executions=50)
+        victim = spawn(workers, chaos_dsn, tmp_path, "victim", "--concurrency", "8")
+        survivor = spawn(workers, chaos_dsn, tmp_path, "survivor", "--concurrency", "8")
+        wait_until(lambda: done(conn) >= 1000, timeout=60)
+        victim.proc.kill()
+        killed_at = time.monotonic()
+        victim.wait()
+        orphaned = scalar(
+            conn,
+            "SELECT count(*) FROM noetl.command WHERE worker_id = 'victim'"
+            " AND status IN ('CLAIMED', 'RUNNING')",
+        )
+        wait_until(lambda: done(conn) == n, timeout=120)
+        recovered_in = time.monotonic() - killed_at
+        assert survivor.stop() == 0, survivor.text()
+        figures = table_check(conn, n)
+    assert figures["duplicates_completed"] == 0
+    assert figures["recovered"] == orphaned
+    report(
+        "kill -9 one of two workers",
+        kills=1,
+        orphaned_claims=orphaned,
+        time_to_recover_s=round(recovered_in, 2),
+        **figures,
+    )
+
+
+def test_postgres_restart_mid_drain(
+    chaos_dsn: str, chaos_cluster: Any, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    n = 3000
+    with psycopg.connect(chaos_dsn, autocommit=True) as conn:
+        enqueue(conn, tool_kind="noop", count=n, executions=30)
+    a = spawn(workers, chaos_dsn, tmp_path, "restart-a", "--concurrency", "8")
+    b = spawn(workers, chaos_dsn, tmp_path, "restart-b", "--concurrency", "8")
+    with psycopg.connect(chaos_dsn, autocommit=True) as conn:
+        wait_until(lambda: done(conn) >= 600, timeout=60)
+    t0 = time.monotonic()
+    chaos_cluster.restart()
+    with psycopg.connect(chaos_dsn, autocommit=True) as conn:
+        wait_until(lambda: done(conn) == n, timeout=120)
+        recovered_in = time.monotonic() - t0
+        assert a.proc.poll() is None and b.proc.poll() is None, "a worker died with the database"
+        assert a.stop() == 0, a.text()
+        assert b.stop() == 0, b.text()
+        figures = table_check(conn, n)
+    assert figures["duplicates_completed"] == 0
+    log = a.text() + b.text()
+    assert "Traceback" not in log
+    assert (
+        "database unavailable" in log or "cannot write outcomes" in log or "claiming paused" in log
+    )
+    report(
+        "postgres restart mid-drain",
+        restarts=1,
+        time_to_recover_s=round(recovered_in, 2),
+        **figures,
+    )
+
+
+def test_every_worker_connection_terminated_mid_drain(
+    chaos_dsn: str, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    n = 3000
+    with psycopg.connect(chaos_dsn, autocommit=True) as conn:
+        enqueue(conn, tool_kind="noop", count=n, executions=30)
+        w = spawn(
+            workers, chaos_dsn, tmp_path, "cut-off", "--concurrency", "8", "--poll-interval", "60"
+        )
+        wait_until(lambda: done(conn) >= 500, timeout=60)
+        killed = 0
+        for _ in range(3):
+            killed += scalar(
+                conn,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name LIKE 'noetl-pgworker%%'",
+            )
+            time.sleep(0.3)
+        t0 = time.monotonic()
+        wait_until(lambda: done(conn) == n, timeout=120)
+        recovered_in = time.monotonic() - t0
+        # The listener came back: a new command starts without waiting for the 60 s poll.
+        enqueue(conn, tool_kind="noop", count=1)
+        wait_until(lambda: done(conn) == n + 1, timeout=20)
+        assert w.stop() == 0, w.text()
+        figures = table_check(conn, n + 1)
+    assert killed >= 3  # pool connections and the listener
+    assert figures["duplicates_completed"] == 0
+    assert "listener reconnected" in w.text()
+    report(
+        "pg_terminate_backend of all worker connections",
+        terminated_backends=killed,
+        time_to_recover_s=round(recovered_in, 2),
+        **figures,
+    )
+
+
+def test_sigterm_mid_drain_then_a_second_worker_finishes(
+    chaos_dsn: str, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    n = 40
+    with psycopg.connect(chaos_dsn, autocommit=True) as conn:
+        enqueue(conn, tool_kind="python", tool_config={"code": SLEEPY}, args={"s": 0.5}, count=n)
+        first = spawn(workers, chaos_dsn, tmp_path, "first", "--concurrency", "4")
+        wait_until(lambda: count_status(conn, "COMPLETED") >= 4, timeout=30)
+        first.signal(signal.SIGTERM)
+        assert first.wait(30) == 0, first.text()
+        after_stop = dict(
+            conn.execute("SELECT status, count(*) FROM noetl.command GROUP BY status").fetchall()
+        )
+        assert after_stop.get("CLAIMED", 0) == 0 and after_stop.get("RUNNING", 0) == 0
+        assert after_stop["COMPLETED"] + after_stop.get("PENDING", 0) == n
+        assert after_stop.get("PENDING", 0) > 0
+        assert scalar(conn, "SELECT status FROM noetl.runtime WHERE name = 'first'") == "offline"
+        second = spawn(workers, chaos_dsn, tmp_path, "second", "--concurrency", "8", "--drain")
+        assert second.wait(60) == 0, second.text()
+        figures = table_check(conn, n)
+    assert figures["duplicates_executed"] == 0 and figures["recovered"] == 0
+    report(
+        "SIGTERM mid-drain",
+        completed_by_first=after_stop["COMPLETED"],
+        left_pending=after_stop.get("PENDING", 0),
+        **figures,
+    )
+
+
+def test_a_command_that_kills_its_worker_ends_failed_after_max_attempts(
+    chaos_dsn: str, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    n = 30
+    with psycopg.connect(chaos_dsn, autocommit=True) as conn:
+        enqueue(conn, tool_kind="noop", count=n - 1)
+        enqueue(
+            conn,
+            tool_kind="python",
+            step="poison",
+            tool_config={"code": "import os\nos._exit(7)"},
+            count=1,
+        )
+        crashes = 0
+        deadline = time.monotonic() + 120
+        # A supervisor, as systemd's Restart=on-failure would be.
+        while done(conn) < n:
+            assert time.monotonic() < deadline, "queue never drained"
+            w = spawn(workers, chaos_dsn, tmp_path, None, "--concurrency", "2", "--drain")
+            code = w.wait(60)
+            if code != 0:
+                assert code == 7, w.text()
+                crashes += 1
+        status, error = conn.execute(
+            "SELECT status, error FROM noetl.command WHERE step_name = 'poison'"
+        ).fetchone()  # type: ignore[misc]
+        figures = table_check(conn, n)
+    assert status == "FAILED" and "abandoned by 3 worker(s)" in error, error
+    assert crashes == 3
+    assert count_status_after(chaos_dsn, "COMPLETED") == n - 1
+    report("poison command kills its worker", kills=crashes, **figures)
+
+
+def count_status_after(dsn: str, status: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        return count_status(conn, status)
+
+
+def test_a_paused_worker_cannot_overwrite_the_new_owners_result(
+    chaos_dsn: str, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    n = 4
+    with psycopg.connect(chaos_dsn, autocommit=True) as conn:
+        enqueue(conn, tool_kind="python", tool_config={"code": SLEEPY}, args={"s": 2.0}, count=n)
+        paused = spawn(workers, chaos_dsn, tmp_path, "paused", "--concurrency", "4")
+        wait_until(lambda: count_status(conn, "RUNNING") == n, timeout=30)
+        paused.signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        owner = spawn(workers, chaos_dsn, tmp_path, "new-owner", "--concurrency", "4")
+        wait_until(lambda: count_status(conn, "COMPLETED") == n, timeout=60)
+        taken_in = time.monotonic() - stopped_at
+        paused.signal(signal.SIGCONT)
+        # The paused worker's sleeps are over: it tries to write, and the fence refuses.
+        wait_until(lambda: "was lost" in paused.text(), timeout=30)
+        assert paused.stop() == 0, paused.text()
+        assert owner.stop() == 0, owner.text()
+        winners = conn.execute("SELECT DISTINCT worker_id FROM noetl.command").fetchall()
+        completers = conn.execute(
+            "SELECT DISTINCT worker_id FROM noetl.event WHERE event_type = 'command.completed'"
+        ).fetchall()
+        figures = table_check(conn, n)
+    assert winners == [("new-owner",)] and completers == [("new-owner",)]
+    assert figures["duplicates_completed"] == 0
+    assert figures["duplicates_executed"] == n  # at-least-once: both ran them
+    report("SIGSTOP past the lease, then SIGCONT", paused_s=round(taken_in, 2), **figures)
