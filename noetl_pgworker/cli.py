@@ -215,6 +215,34 @@ def main() -> None:
     help="A command abandoned by this many workers (crashes) ends FAILED instead of rerunning.",
 )
 @click.option(
+    "--command-timeout",
+    envvar=_env("COMMAND_TIMEOUT"),
+    show_envvar=True,
+    type=click.FloatRange(0.001),
+    default=300.0,
+    show_default=True,
+    help="Seconds a command may run; tool_config.timeout_seconds|timeout overrides it.",
+)
+@click.option(
+    "--python-mode",
+    envvar=_env("PYTHON_MODE"),
+    show_envvar=True,
+    type=click.Choice(["process", "inline"]),
+    default="process",
+    show_default=True,
+    help="Run python commands in a child process (safe), or inline on a worker thread"
+    " (faster; a crash or endless loop in the code takes the worker down).",
+)
+@click.option(
+    "--python-memory-mb",
+    envvar=_env("PYTHON_MEMORY_MB"),
+    show_envvar=True,
+    type=click.IntRange(16),
+    default=2048,
+    show_default=True,
+    help="Address-space cap of a python command's process (process mode).",
+)
+@click.option(
     "--skip-schema-check",
     envvar=_env("SKIP_SCHEMA_CHECK"),
     show_envvar=True,
@@ -237,6 +265,9 @@ def start(
     lease: float,
     stale_after: float,
     max_attempts: int,
+    command_timeout: float,
+    python_mode: str,
+    python_memory_mb: int,
     skip_schema_check: bool,
     log_level: str,
     log_format: str,
@@ -258,6 +289,9 @@ def start(
         "lease": lease,
         "stale_after": stale_after,
         "max_attempts": max_attempts,
+        "command_timeout": command_timeout,
+        "python_mode": python_mode,
+        "python_memory_mb": python_memory_mb,
         "verify_schema": not skip_schema_check,
     }
     if worker_id:
@@ -269,7 +303,7 @@ def start(
         raise ConfigError(f"invalid settings: {problems}") from exc
     if not worker_id:
         logs.configure(log_level, log_format, settings.worker_id)
-    worker = Worker(settings, default_registry())
+    worker = Worker(settings)
     _install_signal_handlers(worker.stop)
     summary = worker.run()
     if not summary.clean:

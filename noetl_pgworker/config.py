@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -53,6 +54,11 @@ class Settings(BaseModel):
         default=30.0, gt=0, description="a worker whose heartbeat is older than this is dead"
     )
     max_attempts: int = Field(default=3, ge=1, le=1000)
+    command_timeout: float = Field(
+        default=300.0, gt=0, description="default time a command may run (tool_config overrides)"
+    )
+    python_mode: Literal["process", "inline"] = "process"
+    python_memory_mb: int = Field(default=2048, ge=16)
     verify_schema: bool = True
 
     @model_validator(mode="after")

@@ -13,11 +13,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Any
 
+from .credentials import CredentialProvider, EnvCredentials
 from .errors import PgWorkerError, ToolError
 from .events import NotSerialisable, dumps
-from .models import Command, Outcome
-from .tools import ToolRegistry
+from .models import Command, Outcome, ToolOutput
+from .tools import DEFAULT_COMMAND_TIMEOUT, ToolContext, ToolRegistry, command_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -61,42 +63,59 @@ class Slots:
             return self._cond.wait_for(lambda: self._free == self.total, timeout=timeout)
 
 
-def execute(command: Command, registry: ToolRegistry) -> Outcome:
-    """Run one command's tool; never raises (every failure becomes a failed Outcome)."""
+def execute(
+    command: Command,
+    registry: ToolRegistry,
+    *,
+    timeout: float = DEFAULT_COMMAND_TIMEOUT,
+    credentials: CredentialProvider | None = None,
+) -> Outcome:
+    """Run one command's tool; never raises (every failure becomes a failed Outcome).
+
+    ``timeout`` is the worker's default; ``tool_config.timeout_seconds|timeout`` overrides it.
+    """
     started_at = datetime.now(UTC)
     t0 = time.perf_counter()
+
+    def took() -> float:
+        return time.perf_counter() - t0
+
     try:
         tool = registry.get(command.tool_kind)
-        data = tool.run(command)
+        ctx = ToolContext(
+            timeout=command_timeout(command, timeout),
+            credentials=credentials or EnvCredentials(),
+        )
+        data = tool.run(command, ctx)
+        extra: dict[str, Any] | None = None
+        if isinstance(data, ToolOutput):
+            data, extra = data.data, (data.extra or None)
         dumps(data)  # fail here, with a clear error, rather than in the writer
     except ToolError as exc:
         return Outcome.failure(
             exc.message,
             error_type=exc.error_type,
-            duration=time.perf_counter() - t0,
+            data=exc.data,
+            extra=exc.extra or None,
+            duration=took(),
             started_at=started_at,
         )
     except NotSerialisable as exc:
         return Outcome.failure(
-            str(exc),
-            error_type="serialisation",
-            duration=time.perf_counter() - t0,
-            started_at=started_at,
+            str(exc), error_type="serialisation", duration=took(), started_at=started_at
         )
     except PgWorkerError as exc:
-        return Outcome.failure(
-            exc.message, duration=time.perf_counter() - t0, started_at=started_at
-        )
-    except BaseException as exc:
+        return Outcome.failure(exc.message, duration=took(), started_at=started_at)
+    except BaseException as exc:  # user code may raise anything, SystemExit too
         if isinstance(exc, KeyboardInterrupt):
             raise
         return Outcome.failure(
             f"{type(exc).__name__}: {exc}",
             error_type="exception",
-            duration=time.perf_counter() - t0,
+            duration=took(),
             started_at=started_at,
         )
-    return Outcome.success(data, duration=time.perf_counter() - t0, started_at=started_at)
+    return Outcome.success(data, duration=took(), started_at=started_at, extra=extra)
 
 
 class Dispatcher:
@@ -109,8 +128,12 @@ class Dispatcher:
         *,
         on_start: Callable[[Command, datetime], None],
         on_finish: Callable[[Command, Outcome], None],
+        timeout: float = DEFAULT_COMMAND_TIMEOUT,
+        credentials: CredentialProvider | None = None,
     ) -> None:
         self._registry = registry
+        self._timeout = timeout
+        self._credentials = credentials or EnvCredentials()
         self._slots = slots
         self._on_start = on_start
         self._on_finish = on_finish
@@ -126,7 +149,9 @@ class Dispatcher:
     def _run(self, command: Command) -> None:
         try:
             self._on_start(command, datetime.now(UTC))
-            outcome = execute(command, self._registry)
+            outcome = execute(
+                command, self._registry, timeout=self._timeout, credentials=self._credentials
+            )
             if not outcome.ok:
                 logger.debug(
                     "command failed: %s",

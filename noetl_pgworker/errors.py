@@ -48,8 +48,33 @@ class ToolError(PgWorkerError):
 
     error_type = "tool_error"
 
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        data: Any = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        #: What the tool got before it failed (an HTTP response, a process's output).
+        self.data = data
+        #: Worker-added context (captured output), merged into the result envelope.
+        self.extra = extra or {}
+
 
 class UnknownTool(ToolError):
     """No tool is registered for this tool kind."""
 
     error_type = "unknown_tool"
+
+
+class ToolTimeout(ToolError):
+    """The command ran out of time."""
+
+    error_type = "timeout"
+
+
+class CredentialError(ToolError):
+    """A credential alias cannot be resolved."""
+
+    error_type = "credentials"

@@ -72,25 +72,42 @@ def event_status(name: str) -> str:
 
 
 def data_context(outcome: Outcome, limit: int) -> dict[str, Any]:
-    """The ``context`` object of a result envelope, at most ``limit`` bytes of tool data."""
+    """The ``context`` object of a result envelope, at most about ``limit`` bytes of data."""
+    context: dict[str, Any]
     if not outcome.ok:
-        context: dict[str, Any] = {"error": clean_text(outcome.error)}
+        context = {"error": clean_text(outcome.error)}
         if outcome.error_type:
             context["error_type"] = outcome.error_type
-        return context
-    data = outcome.data
-    text = dumps(data)
-    size = len(text.encode("utf-8"))
-    if size > limit:
-        return {
-            "truncated": True,
-            "original_bytes": size,
-            "limit_bytes": limit,
-            "preview": text[:_PREVIEW_CHARS],
-        }
-    if isinstance(data, dict):
-        return dict(data)
-    return {"data": data}
+        if outcome.data is not None:
+            context["response"] = _bounded(outcome.data, limit // 2)
+    else:
+        data = outcome.data
+        text = dumps(data)
+        if len(text.encode("utf-8")) > limit:
+            context = _summary(text, limit)
+        else:
+            context = dict(data) if isinstance(data, dict) else {"data": data}
+    if outcome.extra:
+        for key, value in outcome.extra.items():
+            context[key] = _bounded(value, max(1024, limit // 8))
+    return context
+
+
+def _summary(text: str, limit: int) -> dict[str, Any]:
+    return {
+        "truncated": True,
+        "original_bytes": len(text.encode("utf-8")),
+        "limit_bytes": limit,
+        "preview": text[:_PREVIEW_CHARS],
+    }
+
+
+def _bounded(value: Any, limit: int) -> Any:
+    """``value`` itself when its JSON fits in ``limit`` bytes, else a summary saying so."""
+    text = dumps(value)
+    if len(text.encode("utf-8")) > limit:
+        return _summary(text, limit)
+    return value
 
 
 def envelope(status: str, context: dict[str, Any]) -> dict[str, Any]:

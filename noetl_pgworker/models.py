@@ -178,6 +178,14 @@ def _json_kind(value: object) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolOutput:
+    """A tool's data plus worker-added context (captured output), when it has some."""
+
+    data: Any
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What running a command produced."""
 
@@ -187,12 +195,19 @@ class Outcome:
     error_type: str | None = None
     duration: float = 0.0
     started_at: datetime | None = None
+    #: Worker-added context beside the data (``_stdout``, ``_stderr``, ``_traceback``).
+    extra: dict[str, Any] | None = None
 
     @classmethod
     def success(
-        cls, data: Any, *, duration: float = 0.0, started_at: datetime | None = None
+        cls,
+        data: Any,
+        *,
+        duration: float = 0.0,
+        started_at: datetime | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Outcome:
-        return cls(ok=True, data=data, duration=duration, started_at=started_at)
+        return cls(ok=True, data=data, duration=duration, started_at=started_at, extra=extra)
 
     @classmethod
     def failure(
@@ -203,6 +218,7 @@ class Outcome:
         data: Any = None,
         duration: float = 0.0,
         started_at: datetime | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Outcome:
         return cls(
             ok=False,
@@ -211,4 +227,5 @@ class Outcome:
             error_type=error_type,
             duration=duration,
             started_at=started_at,
+            extra=extra,
         )

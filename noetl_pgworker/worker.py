@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import schema
 from .config import Settings
+from .credentials import EnvCredentials
 from .db import connect_kwargs, redact_dsn, redact_text, wrap_errors
 from .dispatcher import Dispatcher, Slots
 from .errors import ConfigError, DatabaseUnavailable
@@ -54,7 +55,11 @@ class Worker:
 
     def __init__(self, settings: Settings, registry: ToolRegistry | None = None) -> None:
         self.settings = settings
-        self.registry = registry or default_registry()
+        self.registry = registry or default_registry(
+            python_mode=settings.python_mode, python_memory_mb=settings.python_memory_mb
+        )
+        self.credentials = EnvCredentials()
+        self.credentials.check()
         kinds = settings.tool_kinds or self.registry.kinds()
         unknown = [k for k in kinds if k not in self.registry]
         if unknown:
@@ -164,7 +169,12 @@ class Worker:
             check_interval=s.listener_check_interval,
         )
         dispatcher = Dispatcher(
-            self.registry, self.slots, on_start=self._started, on_finish=self._finished_cmd
+            self.registry,
+            self.slots,
+            on_start=self._started,
+            on_finish=self._finished_cmd,
+            timeout=s.command_timeout,
+            credentials=self.credentials,
         )
         reporter.start()
         heartbeat.start()
@@ -207,6 +217,7 @@ class Worker:
             reporter.close(timeout=max(5.0, s.shutdown_timeout))
             listener.stop()
             heartbeat.stop(mark_offline=True)
+            self.registry.close()
         stats = reporter.stats
         summary = RunSummary(
             claimed=source.claimed_total,

@@ -1,25 +1,56 @@
 """The tool registry: one tool per ``tool_kind``.
 
-A tool is anything with a ``kind`` and a ``run(command)`` that returns JSON-ready data or
-raises. Tools run on the dispatcher's threads; they must not keep per-command state.
+A tool is anything with a ``kind`` and a ``run(command, ctx)`` that returns JSON-ready data or
+raises (a :class:`~noetl_pgworker.errors.ToolError` for expected failures). Tools run on the
+dispatcher's threads and must honour ``ctx.timeout``; they must not keep per-command state.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import UnknownTool
+from ..credentials import CredentialProvider, EnvCredentials
+from ..errors import ToolError, UnknownTool
 from ..models import Command
+
+DEFAULT_COMMAND_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class ToolContext:
+    """What a tool may use besides the command."""
+
+    timeout: float = DEFAULT_COMMAND_TIMEOUT
+    credentials: CredentialProvider = field(default_factory=EnvCredentials)
+    started: float = field(default_factory=time.monotonic)
+
+    def remaining(self) -> float:
+        """Seconds left of the command's time (never below a millisecond)."""
+        return max(0.001, self.timeout - (time.monotonic() - self.started))
 
 
 @runtime_checkable
 class Tool(Protocol):
     kind: str
 
-    def run(self, command: Command) -> Any:
-        """Execute ``command``; return its output, or raise to fail it."""
+    def run(self, command: Command, ctx: ToolContext) -> Any:
+        """Execute ``command`` within ``ctx.timeout``; return its output, or raise to fail it."""
         ...
+
+
+def command_timeout(command: Command, default: float) -> float:
+    """``tool_config.timeout_seconds`` or ``tool_config.timeout``, else the worker's default."""
+    for key in ("timeout_seconds", "timeout"):
+        value = command.tool_config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ToolError(f"tool_config.{key} must be a positive number of seconds")
+        return float(value)
+    return default
 
 
 class ToolRegistry:
@@ -46,16 +77,36 @@ class ToolRegistry:
     def kinds(self) -> tuple[str, ...]:
         return tuple(sorted(self._tools))
 
+    def close(self) -> None:
+        """Release what tools keep open (HTTP connection pools)."""
+        for tool in self._tools.values():
+            close = getattr(tool, "close", None)
+            if callable(close):
+                close()
+
     def __contains__(self, kind: object) -> bool:
         return kind in self._tools
 
 
-def default_registry() -> ToolRegistry:
+def default_registry(*, python_mode: str = "process", python_memory_mb: int = 2048) -> ToolRegistry:
     """Every tool that ships with noetl-pgworker."""
+    from .duckdb import DuckdbTool
+    from .http import HttpTool
     from .noop import NoopTool
+    from .postgres import PostgresTool
     from .python import PythonTool
+    from .shell import ShellTool
 
-    return ToolRegistry([NoopTool(), PythonTool()])
+    return ToolRegistry(
+        [
+            NoopTool(),
+            PythonTool(mode=python_mode, memory_mb=python_memory_mb),
+            HttpTool(),
+            PostgresTool(),
+            ShellTool(),
+            DuckdbTool(),
+        ]
+    )
 
 
-__all__ = ["Tool", "ToolRegistry", "default_registry"]
+__all__ = ["Tool", "ToolContext", "ToolRegistry", "command_timeout", "default_registry"]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..models import Command
+from . import ToolContext
 
 
 class NoopTool:
     kind = "noop"
 
-    def run(self, command: Command) -> dict[str, Any]:
+    def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
         return {"status": "noop", "step": command.step}

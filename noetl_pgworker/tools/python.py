@@ -6,43 +6,107 @@ called with the arguments its signature names (all of them when it takes ``**kwa
 otherwise the module-level variable ``result`` is the output. The arguments are also visible
 as module globals. An exception fails the command with ``<ExceptionType>: <message>``.
 
-The code runs in the worker process, on a dispatcher thread: it can read and do anything the
-worker can. Enable this kind only on workers whose ``noetl.command`` writers you trust.
+By default each command runs in a fresh interpreter (``mode="process"``): a crash,
+``os._exit``, an endless loop or a memory blow-up ends that process, not the worker; it is
+killed at the command's timeout, its address space is capped (``memory_mb``), it does not
+inherit the worker's environment (which may hold the database password), and what it prints
+is captured (bounded) and returned beside the result as ``_stdout``/``_stderr``.
+``mode="inline"`` runs the code on the worker's thread: faster, and unsafe — the code can
+crash or hang the worker, and the timeout cannot stop it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import builtins
-import inspect
-from collections.abc import Callable
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
-from ..errors import ToolError
-from ..models import Command
+from ..errors import ToolError, ToolTimeout
+from ..models import Command, ToolOutput
+from . import ToolContext, process
+from .pyrunner import NoEntryPoint, run_code
+
+RUNNER = Path(__file__).with_name("pyrunner.py")
+OUTPUT_LIMIT = 64 * 1024
 
 
 class PythonTool:
     kind = "python"
 
-    def run(self, command: Command) -> Any:
+    def __init__(self, mode: str = "process", memory_mb: int = 2048) -> None:
+        if mode not in ("process", "inline"):
+            raise ValueError("python mode must be 'process' or 'inline'")
+        self.mode = mode
+        self.memory_mb = memory_mb
+
+    def run(self, command: Command, ctx: ToolContext) -> Any:
         config = command.tool_config
         code = _source(config)
         extra = config.get("args")
         if extra is not None and not isinstance(extra, dict):
             raise ToolError("python: tool_config.args must be an object")
         args: dict[str, Any] = {**command.args, **(extra or {})}
-        compiled = compile(code, f"<step {command.step}>", "exec")
-        namespace: dict[str, Any] = {"__name__": "__noetl_step__", "__builtins__": builtins}
-        namespace.update({k: v for k, v in args.items() if k.isidentifier()})
-        exec(compiled, namespace)
-        main = namespace.get("main")
-        if callable(main):
-            return call_with_matching_args(main, args)
-        if "result" in namespace:
-            return namespace["result"]
-        raise ToolError("python: the code defines neither main() nor a `result` variable")
+        if self.mode == "inline":
+            try:
+                return run_code(code, args, command.step)
+            except NoEntryPoint as exc:
+                raise ToolError(str(exc)) from None
+        return self._run_process(code, args, command, ctx)
+
+    def _run_process(
+        self, code: str, args: dict[str, Any], command: Command, ctx: ToolContext
+    ) -> ToolOutput:
+        memory = config_int(command.tool_config, "memory_mb", self.memory_mb)
+        try:
+            spec = json.dumps(
+                {"code": code, "args": args, "step": command.step, "memory_mb": memory}
+            ).encode()
+        except (TypeError, ValueError) as exc:
+            raise ToolError(f"python: the arguments are not JSON: {exc}") from exc
+        with process.workdir("noetl-pgworker-py-") as tmp:
+            result_path = Path(tmp) / "result.json"
+            try:
+                done = process.run(
+                    [sys.executable, "-I", str(RUNNER), str(result_path)],
+                    stdin=spec,
+                    timeout=ctx.remaining(),
+                    workdir=Path(tmp),
+                    output_limit=OUTPUT_LIMIT,
+                )
+            except process.TimedOut:
+                raise ToolTimeout(
+                    f"python: timed out after {ctx.timeout:g} s (process killed)"
+                ) from None
+            logs = {"_stdout": done.stdout, "_stderr": done.stderr}
+            logs = {k: v for k, v in logs.items() if v}
+            if not result_path.exists():
+                raise ToolError(_died(done.returncode), extra=logs)
+            result = json.loads(result_path.read_text(encoding="utf-8"))
+        if not result.get("ok"):
+            if result.get("traceback"):
+                logs["_traceback"] = result["traceback"]
+            failure = ToolError(str(result.get("error")), extra=logs)
+            failure.error_type = str(result.get("error_type") or "exception")
+            raise failure
+        return ToolOutput(result.get("result"), logs)
+
+
+def _died(returncode: int) -> str:
+    if returncode < 0:
+        name = process.signal_name(returncode)
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"python: the process was killed by {name}{hint} before it returned a result"
+    return f"python: the process exited with code {returncode} before it returned a result"
+
+
+def config_int(config: dict[str, Any], key: str, default: int) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ToolError(f"python: tool_config.{key} must be a positive integer")
+    return value
 
 
 def _source(config: dict[str, Any]) -> str:
@@ -60,20 +124,3 @@ def _source(config: dict[str, Any]) -> str:
     if not isinstance(code, str) or not code.strip():
         raise ToolError("python: tool_config.code (or code_b64) is required")
     return code
-
-
-def call_with_matching_args(func: Callable[..., Any], args: dict[str, Any]) -> Any:
-    """Call ``func`` with the entries of ``args`` that its signature accepts."""
-    try:
-        signature = inspect.signature(func)
-    except (TypeError, ValueError):
-        return func(**args)
-    params = signature.parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return func(**args)
-    names = {
-        p.name
-        for p in params
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
-    return func(**{k: v for k, v in args.items() if k in names})

@@ -162,3 +162,73 @@ def test_second_signal_stops_at_once(dsn: str) -> None:
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+def test_a_noetl_style_pipeline_http_python_postgres(dsn: str) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Api(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            body = json.dumps({"items": [{"id": 1, "qty": 2}, {"id": 2, "qty": 5}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/items"
+    steps = [
+        ("fetch", "http", {"url": url}, {}),
+        (
+            "total",
+            "python",
+            {"code": "def main(items):\n    return {'total': sum(i['qty'] for i in items)}\n"},
+            {"items": [{"id": 1, "qty": 2}, {"id": 2, "qty": 5}]},
+        ),
+        (
+            "store",
+            "postgres",
+            {
+                "dsn": dsn,
+                "query": "CREATE TABLE totals (total int); INSERT INTO totals VALUES (7);"
+                " SELECT total FROM totals",
+            },
+            {},
+        ),
+    ]
+    try:
+        for step, kind, config, args in steps:
+            r = cli(
+                "enqueue",
+                "--dsn",
+                dsn,
+                "--tool-kind",
+                kind,
+                "--step",
+                step,
+                "--config",
+                json.dumps(config),
+                "--input",
+                json.dumps(args),
+            )
+            assert r.returncode == 0, r.stderr
+        r = cli("start", "--dsn", dsn, "--drain")
+        assert r.returncode == 0, r.stderr
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    with psycopg.connect(dsn) as conn:
+        results = dict(conn.execute("SELECT step_name, result FROM noetl.command").fetchall())
+        assert conn.execute(
+            "SELECT count(*) FROM noetl.command WHERE status = 'COMPLETED'"
+        ).fetchone() == (3,)
+    assert results["fetch"]["context"]["data"]["items"][1]["qty"] == 5
+    assert results["fetch"]["context"]["status_code"] == 200
+    assert results["total"]["context"]["total"] == 7
+    assert results["store"]["context"]["results"][-1]["rows"] == [{"total": 7}]

@@ -36,7 +36,17 @@ def test_kill_9_one_of_two_workers_mid_drain(
         enqueue(conn, tool_kind="noop", count=n, executions=50)
         victim = spawn(workers, chaos_dsn, tmp_path, "victim", "--concurrency", "8")
         survivor = spawn(workers, chaos_dsn, tmp_path, "survivor", "--concurrency", "8")
-        wait_until(lambda: done(conn) >= 1000, timeout=60)
+        wait_until(
+            lambda: (
+                scalar(
+                    conn,
+                    "SELECT count(*) FROM noetl.command WHERE worker_id = 'victim'"
+                    " AND status = 'COMPLETED'",
+                )
+                >= 500
+            ),
+            timeout=60,
+        )
         victim.proc.kill()
         killed_at = time.monotonic()
         victim.wait()
@@ -50,7 +60,8 @@ def test_kill_9_one_of_two_workers_mid_drain(
         assert survivor.stop() == 0, survivor.text()
         figures = table_check(conn, n)
     assert figures["duplicates_completed"] == 0
-    assert figures["recovered"] == orphaned
+    assert orphaned > 0  # it died holding claims...
+    assert figures["recovered"] == orphaned  # ...and every one was taken back
     report(
         "kill -9 one of two workers",
         kills=1,
@@ -177,7 +188,17 @@ def test_a_command_that_kills_its_worker_ends_failed_after_max_attempts(
         # A supervisor, as systemd's Restart=on-failure would be.
         while done(conn) < n:
             assert time.monotonic() < deadline, "queue never drained"
-            w = spawn(workers, chaos_dsn, tmp_path, None, "--concurrency", "2", "--drain")
+            w = spawn(
+                workers,
+                chaos_dsn,
+                tmp_path,
+                None,
+                "--concurrency",
+                "2",
+                "--drain",
+                "--python-mode",
+                "inline",
+            )  # in-process: the code kills the worker
             code = w.wait(60)
             if code != 0:
                 assert code == 7, w.text()

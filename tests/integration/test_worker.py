@@ -231,7 +231,8 @@ def test_runtime_row_is_ready_while_running_and_offline_after(
     row = conn.execute(
         "SELECT status, kind, capacity, capabilities FROM noetl.runtime WHERE name = 'beating'"
     ).fetchone()
-    assert row == ("ready", "worker_pool", 8, {"tool_kinds": ["noop", "python"]})
+    kinds = ["duckdb", "http", "noop", "postgres", "python", "shell"]
+    assert row == ("ready", "worker_pool", 8, {"tool_kinds": kinds})
     first = scalar(conn, "SELECT heartbeat FROM noetl.runtime WHERE name = 'beating'")
     wait_until(
         lambda: scalar(conn, "SELECT heartbeat FROM noetl.runtime WHERE name = 'beating'") > first
@@ -303,3 +304,39 @@ def test_a_killed_listener_connection_is_replaced(
     time.sleep(0.3)  # let the catch-up claim after reconnecting pass
     enqueue(conn, tool_kind="noop", count=1)
     wait_until(lambda: count_status(conn, "COMPLETED") == 1, timeout=10)  # NOTIFY, not the timer
+
+
+def test_a_command_over_its_time_fails_and_frees_its_slot(
+    start_worker: Start, conn: psycopg.Connection[Any]
+) -> None:
+    enqueue(
+        conn,
+        tool_kind="python",
+        step="endless",
+        tool_config={"code": "while True:\n    pass\n", "timeout_seconds": 0.5},
+        count=1,
+    )
+    enqueue(conn, tool_kind="shell", step="sleeper", tool_config={"command": "sleep 30"}, count=1)
+    enqueue(conn, tool_kind="noop", count=3)
+    start_worker(concurrency=1, command_timeout=1.0)
+    wait_until(lambda: all_terminal(conn), timeout=30)
+    rows = dict(
+        conn.execute(
+            "SELECT step_name, result -> 'context' ->> 'error_type' FROM noetl.command"
+            " WHERE status = 'FAILED'"
+        ).fetchall()
+    )
+    assert rows == {"endless": "timeout", "sleeper": "timeout"}
+    assert count_status(conn, "COMPLETED") == 3
+
+
+def test_results_over_the_limit_are_summarised_and_say_so(
+    start_worker: Start, conn: psycopg.Connection[Any]
+) -> None:
+    enqueue(conn, tool_kind="python", tool_config={"code": "result = 'y' * 50000"}, count=1)
+    start_worker(drain=True, max_result_bytes=4096).join(30)
+    result = scalar(conn, "SELECT result FROM noetl.command")
+    assert result["status"] == "COMPLETED"
+    ctx = result["context"]
+    assert ctx["truncated"] is True and ctx["original_bytes"] == 50002
+    assert ctx["limit_bytes"] == 4096 and ctx["preview"].startswith('"yyy')

@@ -1,16 +1,22 @@
 from __future__ import annotations
 
 import base64
+import json
+import sys
+import time
 
 import pytest
 
 from noetl_pgworker.dispatcher import execute
 from noetl_pgworker.errors import ToolError, UnknownTool
 from noetl_pgworker.models import Command
-from noetl_pgworker.tools import ToolRegistry, default_registry
+from noetl_pgworker.tools import ToolContext, ToolRegistry, command_timeout, default_registry
 from noetl_pgworker.tools.python import PythonTool
 
 pytestmark = pytest.mark.unit
+
+CTX = ToolContext(timeout=30)
+MODES = ["inline", "process"]
 
 
 def cmd(kind: str = "python", config: dict | None = None, args: dict | None = None) -> Command:
@@ -24,33 +30,44 @@ def cmd(kind: str = "python", config: dict | None = None, args: dict | None = No
     )
 
 
+def run_python(mode: str, config: dict, args: dict | None = None, timeout: float = 30):
+    """The outcome of one python command, through the dispatcher's execute()."""
+    registry = ToolRegistry([PythonTool(mode=mode, memory_mb=512)])
+    return execute(cmd(config=config, args=args), registry, timeout=timeout)
+
+
 def test_noop_reports_the_step() -> None:
-    assert default_registry().get("noop").run(cmd("noop")) == {"status": "noop", "step": "s"}
+    assert default_registry().get("noop").run(cmd("noop"), CTX) == {"status": "noop", "step": "s"}
 
 
-def test_python_main_gets_the_arguments_its_signature_names() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_python_main_gets_the_arguments_its_signature_names(mode: str) -> None:
     code = "def main(a, b=2):\n    return {'sum': a + b}\n"
-    assert PythonTool().run(cmd(config={"code": code}, args={"a": 1, "unused": 9})) == {"sum": 3}
+    out = run_python(mode, {"code": code}, {"a": 1, "unused": 9})
+    assert out.ok and out.data == {"sum": 3}
 
 
-def test_python_args_override_input_and_kwargs_take_everything() -> None:
-    code = "def main(**kw):\n    return kw\n"
-    out = PythonTool().run(cmd(config={"code": code, "args": {"a": 10}}, args={"a": 1, "b": 2}))
-    assert out == {"a": 10, "b": 2}
-
-
-def test_python_result_variable_sees_arguments_as_globals() -> None:
-    out = PythonTool().run(
-        cmd(config={"code": "result = [x * 2 for x in items]"}, args={"items": [1, 2]})
+@pytest.mark.parametrize("mode", MODES)
+def test_python_args_override_input_and_kwargs_take_everything(mode: str) -> None:
+    out = run_python(
+        mode, {"code": "def main(**kw):\n    return kw\n", "args": {"a": 10}}, {"a": 1, "b": 2}
     )
-    assert out == [2, 4]
+    assert out.data == {"a": 10, "b": 2}
 
 
-def test_python_code_b64() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_python_result_variable_sees_arguments_as_globals(mode: str) -> None:
+    out = run_python(mode, {"code": "result = [x * 2 for x in items]"}, {"items": [1, 2]})
+    assert out.data == [2, 4]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_python_code_b64(mode: str) -> None:
     code = base64.b64encode(b"result = 'decoded'").decode()
-    assert PythonTool().run(cmd(config={"code_b64": code})) == "decoded"
+    assert run_python(mode, {"code_b64": code}).data == "decoded"
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     ("config", "message"),
     [
@@ -60,11 +77,12 @@ def test_python_code_b64() -> None:
         ({"code": "result = 1", "args": [1]}, "args must be an object"),
     ],
 )
-def test_python_configuration_errors(config: dict, message: str) -> None:
-    with pytest.raises(ToolError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        PythonTool().run(cmd(config=config))
+def test_python_configuration_errors(mode: str, config: dict, message: str) -> None:
+    out = run_python(mode, config)
+    assert not out.ok and message in (out.error or "")
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     ("code", "error"),
     [
@@ -74,13 +92,67 @@ def test_python_configuration_errors(config: dict, message: str) -> None:
         ("def main(needed):\n    return needed\n", "TypeError"),
         ("import sys\nsys.exit(3)", "SystemExit: 3"),
         ("result = object()", "result is not JSON-serialisable"),
+        ("result = float('nan')", "result is not JSON-serialisable"),
     ],
 )
-def test_failures_become_failed_outcomes(code: str, error: str) -> None:
-    outcome = execute(cmd(config={"code": code}), default_registry())
+def test_failures_become_failed_outcomes(mode: str, code: str, error: str) -> None:
+    outcome = run_python(mode, {"code": code})
     assert not outcome.ok
-    assert outcome.error is not None and error in outcome.error
+    assert outcome.error is not None and error in outcome.error, outcome.error
     assert outcome.duration >= 0 and outcome.started_at is not None
+
+
+def test_process_mode_captures_output_and_the_traceback() -> None:
+    code = "import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\nresult = 7"
+    out = run_python("process", {"code": code})
+    assert out.ok and out.data == 7
+    assert out.extra == {"_stdout": "to stdout\n", "_stderr": "to stderr\n"}
+    failed = run_python("process", {"code": "def main():\n    raise KeyError('k')\n"})
+    assert failed.error == "KeyError: 'k'"
+    assert failed.extra is not None and "Traceback" in failed.extra["_traceback"]
+
+
+def test_process_mode_bounds_what_it_keeps_of_the_output() -> None:
+    out = run_python("process", {"code": "print('x' * 500000)\nresult = 1"})
+    assert out.ok
+    assert out.extra is not None
+    assert len(out.extra["_stdout"]) < 70_000 and "more bytes not kept" in out.extra["_stdout"]
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        ("import os\nos._exit(9)", "exited with code 9 before it returned a result"),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", "killed by SIGSEGV"),
+        ("x = bytearray(2 * 1024 ** 3)\nresult = 1", "MemoryError"),
+    ],
+)
+def test_process_mode_survives_code_that_kills_its_process(code: str, error: str) -> None:
+    out = run_python("process", {"code": code})
+    assert not out.ok and error in (out.error or ""), out.error
+
+
+def test_process_mode_kills_an_endless_loop_at_the_timeout() -> None:
+    t0 = time.monotonic()
+    out = run_python("process", {"code": "while True:\n    pass\n", "timeout_seconds": 1})
+    assert time.monotonic() - t0 < 10
+    assert not out.ok and out.error_type == "timeout"
+    assert "timed out after 1 s" in (out.error or "")
+
+
+def test_process_mode_does_not_inherit_the_workers_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOETL_PGWORKER_DSN", "postgresql://u:topsecret@db/x")
+    out = run_python("process", {"code": "import os\nresult = dict(os.environ)"})
+    assert out.ok and "NOETL_PGWORKER_DSN" not in out.data
+    assert "topsecret" not in json.dumps(out.data)
+
+
+def test_command_timeout_comes_from_tool_config() -> None:
+    assert command_timeout(cmd(config={"timeout_seconds": 5}), 300) == 5
+    assert command_timeout(cmd(config={"timeout": 2.5}), 300) == 2.5
+    assert command_timeout(cmd(config={}), 300) == 300
+    with pytest.raises(ToolError, match="positive number"):
+        command_timeout(cmd(config={"timeout": "soon"}), 300)
 
 
 def test_unknown_kind_fails_with_a_clear_error() -> None:
@@ -93,5 +165,76 @@ def test_unknown_kind_fails_with_a_clear_error() -> None:
 
 
 def test_registry_lists_kinds_sorted() -> None:
-    assert default_registry().kinds() == ("noop", "python")
+    assert default_registry().kinds() == ("duckdb", "http", "noop", "postgres", "python", "shell")
     assert "python" in default_registry()
+
+
+@pytest.mark.parametrize(
+    ("config", "check"),
+    [
+        ({"command": "echo hi; echo oops >&2"}, lambda o: o.data["stdout"] == "hi\n"),
+        ({"command": ["printf", "%s", "a b"]}, lambda o: o.data["stdout"] == "a b"),
+        (
+            {"command": "echo $GREETING", "env": {"GREETING": "hey"}},
+            lambda o: o.data["stdout"] == "hey\n",
+        ),
+        ({"command": "pwd", "cwd": "/"}, lambda o: o.data["stdout"] == "/\n"),
+        ({"command": "echo $NOETL_PGWORKER_DSN"}, lambda o: o.data["stdout"] == "\n"),
+    ],
+)
+def test_shell_runs_commands(monkeypatch: pytest.MonkeyPatch, config: dict, check) -> None:
+    monkeypatch.setenv("NOETL_PGWORKER_DSN", "postgresql://u:topsecret@db/x")
+    out = execute(cmd("shell", config), default_registry())
+    assert out.ok, out.error
+    assert out.data["returncode"] == 0
+    assert check(out)
+
+
+def test_shell_failures_carry_the_output() -> None:
+    out = execute(
+        cmd("shell", {"command": "echo partial; echo bad thing >&2; exit 4"}), default_registry()
+    )
+    assert not out.ok and out.error == "shell: exit code 4: bad thing"
+    assert out.data == {"returncode": 4, "stdout": "partial\n", "stderr": "bad thing\n"}
+    missing = execute(cmd("shell", {"command": ["/no/such/binary"]}), default_registry())
+    assert not missing.ok and "cannot run '/no/such/binary'" in (missing.error or "")
+    bad = execute(cmd("shell", {"command": 5}), default_registry())
+    assert not bad.ok and "must be a string or a list" in (bad.error or "")
+
+
+def test_shell_is_killed_at_the_timeout_with_its_children() -> None:
+    t0 = time.monotonic()
+    out = execute(
+        cmd("shell", {"command": "sleep 30 & sleep 30; wait", "timeout_seconds": 0.5}),
+        default_registry(),
+    )
+    assert time.monotonic() - t0 < 10
+    assert not out.ok and out.error_type == "timeout"
+
+
+def test_duckdb_runs_sql_with_params_and_several_statements() -> None:
+    import duckdb  # the duckdb extra is part of the test install; missing it is a failure
+
+    assert duckdb.__version__
+    out = execute(
+        cmd(
+            "duckdb",
+            {
+                "query": "CREATE TABLE t (a INT, b TEXT); INSERT INTO t VALUES (1, 'x');"
+                " SELECT a, b, 1.5::DECIMAL(4,2) AS d FROM t"
+            },
+        ),
+        default_registry(),
+    )
+    assert out.ok, out.error
+    assert out.data["results"][-1]["rows"] == [{"a": 1, "b": "x", "d": "1.50"}]
+    one = execute(cmd("duckdb", {"query": "SELECT ? + 1 AS n", "params": [41]}), default_registry())
+    assert one.data == {"columns": ["n"], "rows": [{"n": 42}], "row_count": 1}
+    bad = execute(cmd("duckdb", {"query": "SELEC 1"}), default_registry())
+    assert not bad.ok and bad.error and bad.error.startswith("duckdb: ParserException")
+
+
+def test_duckdb_without_the_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "duckdb", None)  # as if it were not installed
+    out = execute(cmd("duckdb", {"query": "SELECT 1"}), default_registry())
+    assert not out.ok and "pip install 'noetl-pgworker[duckdb]'" in (out.error or "")

@@ -1,0 +1,126 @@
+"""Credentials for tools: ``auth`` aliases resolved to DSNs, headers or tokens.
+
+A provider maps an alias to a :class:`Credential`. The one that ships reads a JSON file named
+by ``NOETL_PGWORKER_CREDENTIALS`` (``{"alias": {"dsn": …} | {"headers": {…}} | {"token": …}}``)
+and, for single aliases, ``NOETL_PGWORKER_CREDENTIAL_<ALIAS>`` variables holding the same JSON
+or a bare DSN. Values never reach logs, errors or event payloads: tools use them and report
+only the alias.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import ConfigError, CredentialError
+
+_ENV_FILE = "NOETL_PGWORKER_CREDENTIALS"
+_ENV_PREFIX = "NOETL_PGWORKER_CREDENTIAL_"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Credential:
+    alias: str
+    dsn: str | None = None
+    token: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    username: str | None = None
+    password: str | None = None
+
+    def __repr__(self) -> str:  # never print the secret parts
+        return f"Credential(alias={self.alias!r})"
+
+    def secrets(self) -> list[str]:
+        values = [self.dsn, self.token, self.password, *self.headers.values()]
+        return [v for v in values if v]
+
+    @classmethod
+    def parse(cls, alias: str, value: Any) -> Credential:
+        if isinstance(value, str):
+            return cls(alias=alias, dsn=value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"credential {alias!r} must be a JSON object or a DSN string")
+        headers = value.get("headers") or {}
+        if not isinstance(headers, dict):
+            raise ConfigError(f"credential {alias!r}: headers must be an object")
+        dsn = value.get("dsn") or value.get("connection_string")
+        return cls(
+            alias=alias,
+            dsn=str(dsn) if dsn else None,
+            token=str(value["token"]) if value.get("token") else None,
+            headers={str(k): str(v) for k, v in headers.items()},
+            username=value.get("username"),
+            password=value.get("password"),
+        )
+
+
+class CredentialProvider(Protocol):
+    def get(self, alias: str) -> Credential:
+        """The credential for ``alias``; raise :class:`CredentialError` when there is none."""
+        ...
+
+
+class EnvCredentials:
+    """Aliases from ``NOETL_PGWORKER_CREDENTIALS`` (a JSON file) and ``…_CREDENTIAL_<ALIAS>``."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+        self._file: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def _from_file(self) -> dict[str, Any]:
+        with self._lock:
+            if self._file is None:
+                path = self._environ.get(_ENV_FILE)
+                if not path:
+                    self._file = {}
+                else:
+                    try:
+                        data = json.loads(Path(path).read_text(encoding="utf-8"))
+                    except (OSError, json.JSONDecodeError) as exc:
+                        raise ConfigError(f"cannot read credentials file {path}: {exc}") from exc
+                    if not isinstance(data, dict):
+                        raise ConfigError(f"credentials file {path} must hold a JSON object")
+                    self._file = data
+            return self._file
+
+    def check(self) -> None:
+        """Fail early (at start-up) on an unreadable credentials file."""
+        self._from_file()
+
+    def get(self, alias: str) -> Credential:
+        env_name = _ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", alias).upper()
+        raw = self._environ.get(env_name)
+        if raw is not None:
+            try:
+                value: Any = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw  # a bare DSN
+            return Credential.parse(alias, value)
+        data = self._from_file()
+        if alias in data:
+            return Credential.parse(alias, data[alias])
+        raise CredentialError(
+            f"unknown credential alias {alias!r} (define it in the {_ENV_FILE} file or in"
+            f" {env_name})"
+        )
+
+
+def auth_alias(config: Mapping[str, Any]) -> str | None:
+    """The alias named by a tool's ``auth`` key (a string, or ``{"alias"|"key"|"name": …}``)."""
+    auth = config.get("auth")
+    if auth is None:
+        return None
+    if isinstance(auth, str):
+        return auth
+    if isinstance(auth, dict):
+        for key in ("alias", "key", "name", "credential"):
+            if isinstance(auth.get(key), str):
+                return str(auth[key])
+    raise CredentialError("auth must be an alias name or an object with an `alias`")

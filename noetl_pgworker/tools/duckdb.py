@@ -1,0 +1,73 @@
+"""``duckdb``: run SQL on DuckDB (optional: ``pip install 'noetl-pgworker[duckdb]'``).
+
+Input: ``query`` | ``command`` | ``sql`` (string, several statements allowed, or a list),
+``params`` (a list or an object, used with a single statement), ``db_path`` (default: an
+in-memory database). Output as for ``postgres``. Interrupted at the command's timeout.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..errors import ToolError, ToolTimeout
+from ..models import Command
+from . import ToolContext
+from .postgres import shape, statements_of
+from .values import rows_to_dicts
+
+INSTALL_HINT = "duckdb is not installed on this worker: pip install 'noetl-pgworker[duckdb]'"
+
+
+class DuckdbTool:
+    kind = "duckdb"
+
+    def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
+        try:
+            import duckdb
+        except ImportError:
+            raise ToolError(f"duckdb: {INSTALL_HINT}") from None
+        cfg = {**command.args, **command.tool_config}
+        texts = statements_of(cfg, "duckdb")
+        params = cfg.get("params")
+        if params is not None and not isinstance(params, dict | list):
+            raise ToolError("duckdb: tool_config.params must be an object or a list")
+        db_path = cfg.get("db_path") or ":memory:"
+        if not isinstance(db_path, str):
+            raise ToolError("duckdb: tool_config.db_path must be a string")
+        try:
+            con = duckdb.connect(db_path)
+        except duckdb.Error as exc:
+            raise ToolError(f"duckdb: cannot open {db_path}: {exc}") from None
+        timer = threading.Timer(ctx.remaining(), con.interrupt)
+        timer.daemon = True
+        timer.start()
+        results: list[dict[str, Any]] = []
+        try:
+            for text in texts:
+                statements = duckdb.extract_statements(text)
+                for stmt in statements:
+                    if params and len(statements) == 1:
+                        rel = con.execute(stmt, params)
+                    else:
+                        rel = con.execute(stmt)
+                    if rel.description:
+                        columns = [d[0] for d in rel.description]
+                        rows = rel.fetchall()
+                        results.append(
+                            {
+                                "columns": columns,
+                                "rows": rows_to_dicts(columns, rows),
+                                "row_count": len(rows),
+                            }
+                        )
+                    else:
+                        results.append({"affected_rows": -1})
+        except duckdb.InterruptException:
+            raise ToolTimeout(f"duckdb: interrupted after {ctx.timeout:g} s") from None
+        except duckdb.Error as exc:
+            raise ToolError(f"duckdb: {type(exc).__name__}: {exc}") from None
+        finally:
+            timer.cancel()
+            con.close()
+        return shape(results)

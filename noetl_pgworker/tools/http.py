@@ -1,0 +1,151 @@
+"""``http``: call an HTTP API.
+
+Input: ``method`` (GET), ``url`` or ``endpoint``, ``headers``, ``params``, ``payload`` |
+``body`` | ``json`` (a JSON body), ``data`` (a form, or raw text), ``verify_ssl`` (true),
+``follow_redirects`` (true), ``auth`` (a credential alias: its ``headers``, ``token`` as a
+bearer token, or ``username``/``password`` for basic auth). Output ``{status_code, headers,
+url, elapsed, data}``, ``data`` parsed when the response is JSON. A non-2xx status fails the
+command with ``HTTP <code>: <reason>`` and still carries the response. One pooled client per
+worker; responses over 32 MiB are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from ..credentials import auth_alias
+from ..errors import ToolError, ToolTimeout
+from ..models import Command
+from . import ToolContext
+
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+
+
+def redact_url(url: str) -> str:
+    """The URL without user information (a password may be in it)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<invalid url>"
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+class HttpTool:
+    kind = "http"
+
+    def __init__(self) -> None:
+        self._clients: dict[bool, httpx.Client] = {}
+        self._lock = threading.Lock()
+
+    def _client(self, verify: bool) -> httpx.Client:
+        with self._lock:
+            client = self._clients.get(verify)
+            if client is None:
+                client = self._clients[verify] = httpx.Client(
+                    verify=verify,
+                    limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+                    headers={"User-Agent": "noetl-pgworker"},
+                )
+            return client
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+    def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
+        cfg = {**command.args, **command.tool_config}
+        url = cfg.get("url") or cfg.get("endpoint")
+        if not isinstance(url, str) or not url:
+            raise ToolError("http: tool_config.url (or endpoint) is required")
+        method = str(cfg.get("method") or "GET").upper()
+        headers = _str_map(cfg.get("headers"), "headers")
+        params = cfg.get("params")
+        if params is not None and not isinstance(params, dict):
+            raise ToolError("http: tool_config.params must be an object")
+        auth: tuple[str, str] | None = None
+        alias = auth_alias(cfg)
+        if alias:
+            cred = ctx.credentials.get(alias)
+            headers.update(cred.headers)
+            if cred.token:
+                headers.setdefault("Authorization", f"Bearer {cred.token}")
+            if cred.username is not None and cred.password is not None:
+                auth = (cred.username, cred.password)
+        body: dict[str, Any] = {}
+        for key in ("payload", "body", "json"):
+            if cfg.get(key) is not None:
+                body["json"] = cfg[key]
+                break
+        else:
+            form = cfg.get("data")
+            if isinstance(form, dict):
+                body["data"] = form
+            elif isinstance(form, str):
+                body["content"] = form
+        shown = redact_url(url)
+        try:
+            with self._client(bool(cfg.get("verify_ssl", True))).stream(
+                method,
+                url,
+                headers=headers,
+                params=params,
+                auth=auth,
+                timeout=ctx.remaining(),
+                follow_redirects=bool(cfg.get("follow_redirects", True)),
+                **body,
+            ) as response:
+                content = bytearray()
+                for chunk in response.iter_bytes():
+                    content += chunk
+                    if len(content) > MAX_RESPONSE_BYTES:
+                        raise ToolError(
+                            f"http: response from {shown} is larger than"
+                            f" {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB"
+                        )
+        except httpx.TimeoutException:
+            raise ToolTimeout(f"http: {method} {shown} timed out after {ctx.timeout:g} s") from None
+        except httpx.ConnectError as exc:
+            raise ToolError(f"http: cannot connect to {shown}: {exc}") from None
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            raise ToolError(f"http: invalid url {shown}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise ToolError(f"http: {method} {shown} failed: {type(exc).__name__}: {exc}") from None
+        out = {
+            "status_code": response.status_code,
+            "headers": dict(response.headers),
+            "url": redact_url(str(response.url)),
+            "elapsed": response.elapsed.total_seconds(),
+            "data": _decode(bytes(content), response),
+        }
+        if not response.is_success:
+            raise ToolError(f"HTTP {response.status_code}: {response.reason_phrase}", data=out)
+        return out
+
+
+def _decode(content: bytes, response: httpx.Response) -> Any:
+    ctype = response.headers.get("content-type", "")
+    text = content.decode(response.encoding or "utf-8", errors="replace")
+    if "json" in ctype:
+        try:
+            return json.loads(text) if text.strip() else None
+        except json.JSONDecodeError:
+            return text
+    return text
+
+
+def _str_map(value: Any, name: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ToolError(f"http: tool_config.{name} must be an object")
+    return {str(k): str(v) for k, v in value.items()}
