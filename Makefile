@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test unit integration acceptance chaos demo lint clean
+.PHONY: help install test unit integration acceptance chaos demo bench lint clean
 
 help:
 	@echo "make demo   - run the worker on a throwaway database with a mixed workload"
 	@echo "make test   - install (if needed) and run the whole test suite"
 	@echo "make lint   - ruff and mypy"
+	@echo "make bench  - the benchmark (docs/benchmarks.md)"
 
 # Install only when pyproject.toml changed: a second run is fast and needs no network.
 $(STAMP): pyproject.toml
@@ -39,6 +40,10 @@ chaos: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+# Benchmarks (not tests): a throwaway PostgreSQL, or NOETL_PGWORKER_DSN's server. See docs/benchmarks.md.
+bench: $(STAMP)
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -42,9 +42,15 @@ class Settings(BaseModel):
     shutdown_timeout: float = Field(default=30.0, ge=0)
     connect_timeout: float = Field(default=10.0, gt=0)
     flush_interval: float = Field(
-        default=0.005, ge=0, le=1, description="how long the writer gathers outcomes"
+        default=0.0, ge=0, le=1, description="how long the writer gathers outcomes"
     )
     flush_max: int = Field(default=500, ge=1, le=10_000)
+    max_pending_writes: int | None = Field(
+        default=None,
+        ge=0,
+        description="finished commands whose outcome may await its write while the worker"
+        " claims more (default: concurrency); claims held <= concurrency + this",
+    )
     listener_check_interval: float = Field(default=30.0, gt=0)
     max_result_bytes: int = Field(default=1024 * 1024, ge=1024)
     lease: float = Field(

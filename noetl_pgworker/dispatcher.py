@@ -1,8 +1,9 @@
 """The dispatcher: a fixed thread pool, slots taken before a claim, tools run by kind.
 
-A slot is reserved by the claim loop *before* it claims, and given back only when the command's
-outcome is written (the reporter says so): a slot stands for a claim the worker holds in the
-database, so the worker never holds more claims than it has threads.
+A slot is a thread. The claim loop reserves one *before* it claims, and claims at most as
+many commands as there are free slots, so every claimed command starts at once. The slot is
+given back when the tool is done and its outcome handed to the reporter (``on_finish``): the
+thread can take the next command while the outcome is being written.
 """
 
 from __future__ import annotations
@@ -142,8 +143,8 @@ class Dispatcher:
         )
 
     def submit(self, command: Command) -> None:
-        """Run ``command``. The caller holds a slot for it; ``on_finish`` takes it over (the
-        slot is released once the outcome is written), unless handing over fails."""
+        """Run ``command``. The caller holds a slot for it; ``on_finish`` must release it
+        (the dispatcher does, if handing over fails)."""
         self._executor.submit(self._run, command)
 
     def _run(self, command: Command) -> None:

@@ -68,13 +68,21 @@ class Worker:
                 + ", ".join(self.registry.kinds())
             )
         self.tool_kinds: tuple[str, ...] = tuple(kinds)
+        #: One per thread: taken before a claim, given back when the tool is done.
         self.slots = Slots(settings.concurrency)
+        pending = settings.max_pending_writes
+        #: One per claim held in the database: given back when its outcome is written. The
+        #: threads can run the next commands while a write is in flight, within this bound.
+        self.claims = Slots(
+            settings.concurrency + (settings.concurrency if pending is None else pending)
+        )
+        self._claim_holders: set[tuple[int, int]] = set()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._ready = threading.Event()
         self._finished = threading.Event()
         self._pool: ConnectionPool[Any] | None = None
-        # Commands holding slots (how many) until their outcome is written.
+        # Commands running on a thread, and how many thread slots each holds.
         self._holders: dict[tuple[int, int], int] = {}
         self._holders_lock = threading.Lock()
         self.reporter: Reporter | None = None
@@ -150,7 +158,7 @@ class Worker:
             pool,
             worker_id=s.worker_id,
             tool_kinds=self.tool_kinds,
-            free_slots=self.slots.available,
+            free_slots=lambda: min(self.slots.available(), self.claims.available()),
             wake=self._wake,
             stop=self._stop,
             poll_interval=s.poll_interval,
@@ -245,15 +253,22 @@ class Worker:
 
     def _claim_loop(self, source: PgCommandSource, dispatcher: Dispatcher) -> None:
         while not self._stop.is_set():
+            # A claim budget (outcomes not yet written count against it: while the database is
+            # slow or away they pile up, and claiming stops), then a free thread.
+            if not self.claims.acquire(timeout=0.5):
+                continue
             if not self.slots.acquire(timeout=0.5):
+                self.claims.release()
                 continue
             try:
                 command = source.next()
             except BaseException:
                 self.slots.release()
+                self.claims.release()
                 raise
             if command is None:
                 self.slots.release()
+                self.claims.release()
                 break
             slots = 1
             if command.attempt > 1 and self.slots.total > 1:
@@ -263,10 +278,13 @@ class Worker:
                 if extra is None:
                     source.unread(command)
                     self.slots.release()
+                    self.claims.release()
                     break
                 slots += extra
+            key = (command.execution_id, int(command.command_id))
             with self._holders_lock:
-                self._holders[(command.execution_id, int(command.command_id))] = slots
+                self._holders[key] = slots
+                self._claim_holders.add(key)
             dispatcher.submit(command)
         if self.settings.drain:
             # Drained: the queue has nothing left for us; let what runs finish (a signal still
@@ -295,6 +313,7 @@ class Worker:
         )
 
     def _finished_cmd(self, command: Command, outcome: Outcome) -> None:
+        """The tool is done: hand the outcome to the writer, then free the thread(s)."""
         assert self.reporter is not None
         self.reporter.finished(
             command.ref,
@@ -302,14 +321,27 @@ class Worker:
             loop_event_id=command.loop_event_id,
             iter_index=command.iter_index,
         )
+        with self._holders_lock:
+            slots = self._holders.pop((command.execution_id, int(command.command_id)), 0)
+        for _ in range(slots):
+            self.slots.release()
 
     def _malformed(self, ref: CommandRef, reason: str) -> None:
         assert self.reporter is not None
-        # It was claimed within the free slots; hold one until its failure is written.
-        if self.slots.acquire(timeout=0):
+        # It was claimed within the free budget; hold a claim until its failure is written.
+        if self.claims.acquire(timeout=0):
             with self._holders_lock:
-                self._holders[(ref.execution_id, ref.command_id)] = 1
+                self._claim_holders.add((ref.execution_id, ref.command_id))
         self.reporter.finished(ref, Outcome.failure(reason, error_type="malformed_command"))
+
+    def _written(self, ref: CommandRef) -> None:
+        """An outcome is written (or refused by the fence): its claim is no longer held."""
+        key = (ref.execution_id, ref.command_id)
+        with self._holders_lock:
+            if key not in self._claim_holders:
+                return
+            self._claim_holders.discard(key)
+        self.claims.release()
 
     def _held_ids(self) -> list[int]:
         """Command ids this process holds: running, or waiting for their outcome to be written."""
@@ -318,13 +350,6 @@ class Worker:
         if self.reporter is not None:
             held += self.reporter.pending_ids()
         return held
-
-    def _written(self, ref: CommandRef) -> None:
-        """The reporter wrote (or gave up on) a command's outcome: its slot is free again."""
-        with self._holders_lock:
-            slots = self._holders.pop((ref.execution_id, ref.command_id), 0)
-        for _ in range(slots):
-            self.slots.release()
 
 
 def _probe_error(dsn: str, timeout: float) -> str:

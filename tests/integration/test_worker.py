@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -115,37 +116,64 @@ def test_with_notifications_lost_the_poll_still_drains(
     wait_until(lambda: count_status(conn, "COMPLETED") == 3, timeout=10)
 
 
-def test_never_holds_more_claims_than_free_threads(
-    start_worker: Start, conn: psycopg.Connection[Any], dsn: str
-) -> None:
-    code = "import time\ndef main():\n    time.sleep(0.15)\n    return 1\n"
-    enqueue(conn, tool_kind="python", tool_config={"code": code}, count=24)
-    held: list[int] = []
-    stop = threading.Event()
-
+def sample_held(dsn: str, stop: threading.Event, held: list[int]) -> threading.Thread:
     def sample() -> None:
         with psycopg.connect(dsn, autocommit=True) as c:
             while not stop.is_set():
-                held.append(
-                    int(
-                        scalar(
-                            c,
-                            "SELECT count(*) FROM noetl.command"
-                            " WHERE status IN ('CLAIMED', 'RUNNING')",
-                        )
-                    )
+                n = scalar(
+                    c,
+                    "SELECT count(*) FROM noetl.command WHERE status IN ('CLAIMED', 'RUNNING')",
                 )
+                held.append(int(n))
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    running = start_worker(concurrency=3, poll_interval=0.1)
-    wait_until(lambda: count_status(conn, "COMPLETED") == 24, timeout=30)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_never_runs_more_commands_than_threads(
+    start_worker: Start, conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    log = tmp_path / "runs.log"
+    code = (
+        "import time\n"
+        "def main(log):\n"
+        "    t = time.time()\n"
+        "    time.sleep(0.1)\n"
+        "    with open(log, 'a') as fh:\n"
+        "        fh.write(f'{t} {time.time()}\\n')\n"
+    )
+    enqueue(conn, tool_kind="python", tool_config={"code": code}, args={"log": str(log)}, count=30)
+    running = start_worker(concurrency=3, poll_interval=0.1, python_mode="inline")
+    wait_until(lambda: count_status(conn, "COMPLETED") == 30, timeout=30)
+    running.stop()
+    spans = [tuple(map(float, line.split())) for line in log.read_text().splitlines()]
+    assert len(spans) == 30
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    level = peak = 0
+    for _, step in edges:
+        level += step
+        peak = max(peak, level)
+    assert peak == 3  # all threads used, never more
+
+
+def test_without_pending_writes_it_holds_no_more_claims_than_threads(
+    start_worker: Start, conn: psycopg.Connection[Any], dsn: str
+) -> None:
+    code = "import time\ndef main():\n    time.sleep(0.05)\n    return 1\n"
+    enqueue(conn, tool_kind="python", tool_config={"code": code}, count=40)
+    held: list[int] = []
+    stop = threading.Event()
+    sampler = sample_held(dsn, stop, held)
+    running = start_worker(
+        concurrency=3, poll_interval=0.1, python_mode="inline", max_pending_writes=0
+    )
+    wait_until(lambda: count_status(conn, "COMPLETED") == 40, timeout=30)
     stop.set()
     sampler.join(5)
     running.stop()
     assert len(held) > 20
     assert max(held) <= 3, max(held)
-    assert max(held) == 3  # and it does use its threads
 
 
 def test_malformed_rows_and_failing_code_fail_readably_and_the_worker_goes_on(

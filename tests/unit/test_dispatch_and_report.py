@@ -63,15 +63,18 @@ def make_cmd(i: int, kind: str = "noop", code: str | None = None) -> Command:
 
 def run_all(source: InMemorySource, sink: MemorySink, concurrency: int = 4) -> Reporter:
     slots = Slots(concurrency)
-    reporter = Reporter(
-        sink, "w1", flush_interval=0.001, flush_max=50, on_done=lambda ref: slots.release()
-    )
+    reporter = Reporter(sink, "w1", flush_interval=0.001, flush_max=50)
     reporter.start()
+
+    def finish(command: Command, outcome: Outcome) -> None:
+        reporter.finished(command.ref, outcome)
+        slots.release()
+
     dispatcher = Dispatcher(
         default_registry(),
         slots,
         on_start=lambda c, at: reporter.started(c.ref, at),
-        on_finish=lambda c, o: reporter.finished(c.ref, o),
+        on_finish=finish,
     )
     while True:
         assert slots.acquire(timeout=5)
