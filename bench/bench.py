@@ -313,7 +313,8 @@ def machine(dsn: str) -> dict[str, Any]:
         version = conn.execute("SHOW server_version").fetchone()
         settings = dict(
             conn.execute(
-                "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit',"
+                "SELECT name, setting FROM pg_settings"
+                " WHERE name IN ('fsync', 'synchronous_commit',"
                 " 'shared_buffers', 'full_page_writes', 'max_connections')"
             ).fetchall()
         )
@@ -377,7 +378,8 @@ def print_table(report: dict[str, Any], best: float | None) -> None:
         ratio = f"{d['commands_per_s'] / best:.0%} of ceiling" if best else ""
         print(
             f"drain    {d['processes']} worker(s) {d['commands_per_s']:>9.0f} commands/s  {ratio}"
-            f"  rss idle {max(d['rss_idle_kib']) // 1024} MiB, end {max(d['rss_end_kib']) // 1024} MiB"
+            f"  rss idle {max(d['rss_idle_kib']) // 1024} MiB,"
+            f" end {max(d['rss_end_kib']) // 1024} MiB"
         )
     if "latency" in report:
         lat = report["latency"]
