@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from types import FrameType
@@ -28,6 +29,7 @@ from . import status as status_mod
 from .config import Settings
 from .db import connect, redact_dsn, wrap_errors
 from .errors import ConfigError, PgWorkerError
+from .sdnotify import Notifier
 from .tools import default_registry
 
 logger = logging.getLogger(__name__)
@@ -243,6 +245,22 @@ def main() -> None:
     help="Address-space cap of a python command's process (process mode).",
 )
 @click.option(
+    "--metrics-port",
+    envvar=_env("METRICS_PORT"),
+    show_envvar=True,
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus /metrics, /healthz and /readyz on this port.  [default: off]",
+)
+@click.option(
+    "--metrics-host",
+    envvar=_env("METRICS_HOST"),
+    show_envvar=True,
+    default="0.0.0.0",
+    show_default=True,
+    help="Address the metrics server listens on.",
+)
+@click.option(
     "--skip-schema-check",
     envvar=_env("SKIP_SCHEMA_CHECK"),
     show_envvar=True,
@@ -268,6 +286,8 @@ def start(
     command_timeout: float,
     python_mode: str,
     python_memory_mb: int,
+    metrics_port: int | None,
+    metrics_host: str,
     skip_schema_check: bool,
     log_level: str,
     log_format: str,
@@ -292,6 +312,8 @@ def start(
         "command_timeout": command_timeout,
         "python_mode": python_mode,
         "python_memory_mb": python_memory_mb,
+        "metrics_port": metrics_port,
+        "metrics_host": metrics_host,
         "verify_schema": not skip_schema_check,
     }
     if worker_id:
@@ -303,7 +325,7 @@ def start(
         raise ConfigError(f"invalid settings: {problems}") from exc
     if not worker_id:
         logs.configure(log_level, log_format, settings.worker_id)
-    worker = Worker(settings)
+    worker = Worker(settings, notifier=Notifier.from_env())
     _install_signal_handlers(worker.stop)
     summary = worker.run()
     if not summary.clean:
@@ -344,22 +366,33 @@ with_tables_option = click.option(
 )
 
 
+with_role_option = click.option(
+    "--with-role",
+    is_flag=True,
+    help="Also create the group role noetl_pgworker with exactly the grants a worker needs"
+    " (then: GRANT noetl_pgworker TO <worker login>).",
+)
+
+
 @schema_group.command(name="sql")
 @with_tables_option
-def schema_sql(with_noetl_tables: bool) -> None:
+@with_role_option
+def schema_sql(with_noetl_tables: bool, with_role: bool) -> None:
     """Print the DDL that `schema apply` runs."""
-    click.echo(schema.schema_sql(with_noetl_tables=with_noetl_tables))
+    click.echo(schema.schema_sql(with_noetl_tables=with_noetl_tables, with_role=with_role))
 
 
 @schema_group.command(name="apply")
 @dsn_option
 @with_tables_option
+@with_role_option
 @log_options
 @handle_errors
-def schema_apply(dsn: str, with_noetl_tables: bool, **_: Any) -> None:
-    """Create the worker's trigger and index (and NoETL's tables on request). Idempotent."""
+def schema_apply(dsn: str, with_noetl_tables: bool, with_role: bool, **_: Any) -> None:
+    """Create the worker's trigger and indexes (NoETL's tables, the role, on request).
+    Idempotent."""
     with wrap_errors(dsn, "applying the schema"), connect(dsn) as conn:
-        schema.apply(conn, with_noetl_tables=with_noetl_tables)
+        schema.apply(conn, with_noetl_tables=with_noetl_tables, with_role=with_role)
     click.echo(f"schema applied to {redact_dsn(dsn)}", err=True)
 
 
@@ -473,16 +506,52 @@ def enqueue_cmd(
 @main.command(name="status")
 @dsn_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--watch",
+    "watch",
+    type=click.FloatRange(0.2),
+    default=None,
+    is_flag=False,
+    flag_value=2.0,
+    help="Refresh every N seconds (2 if no value) until Ctrl-C, with commands/s per worker.",
+)
+@click.option(
+    "--lease",
+    type=click.FloatRange(0.1),
+    default=120.0,
+    show_default=True,
+    help="Claims older than this are reported as stuck.",
+)
 @log_options
 @handle_errors
-def status_cmd(dsn: str, as_json: bool, **_: Any) -> None:
-    """Commands by status and tool kind, oldest pending age, workers and heartbeat ages."""
-    with wrap_errors(dsn, "reading status"), connect(dsn) as conn:
-        st = status_mod.read_status(conn)
-    if as_json:
-        click.echo(json.dumps(st.as_dict(), indent=2, sort_keys=True))
-    else:
-        click.echo(status_mod.format_status(st))
+def status_cmd(dsn: str, as_json: bool, watch: float | None, lease: float, **_: Any) -> None:
+    """Commands by status and tool kind, oldest pending age, commands stuck past the lease,
+    workers with their in-flight counts and heartbeat ages."""
+    if watch is None:
+        with wrap_errors(dsn, "reading status"), connect(dsn) as conn:
+            st = status_mod.read_status(conn, lease)
+        if as_json:
+            click.echo(json.dumps(st.as_dict(), indent=2, sort_keys=True))
+        else:
+            click.echo(status_mod.format_status(st))
+        return
+    rates = status_mod.RateTracker()
+    try:
+        with wrap_errors(dsn, "reading status"), connect(dsn, autocommit=True) as conn:
+            while True:
+                st = status_mod.read_status(conn, lease)
+                per_worker = rates.update(time.monotonic(), st)
+                if as_json:
+                    click.echo(
+                        json.dumps({**st.as_dict(), "commands_per_s": per_worker}, sort_keys=True)
+                    )
+                else:
+                    click.clear()
+                    click.echo(time.strftime("%Y-%m-%d %H:%M:%S") + f"  (every {watch:g} s)\n")
+                    click.echo(status_mod.format_status(st, per_worker))
+                time.sleep(watch)
+    except KeyboardInterrupt:
+        return
 
 
 @main.command(name="tools")

@@ -66,6 +66,8 @@ class Settings(BaseModel):
     python_mode: Literal["process", "inline"] = "process"
     python_memory_mb: int = Field(default=2048, ge=16)
     verify_schema: bool = True
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
 
     @model_validator(mode="after")
     def _liveness_is_consistent(self) -> Settings:

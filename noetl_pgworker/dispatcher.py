@@ -119,6 +119,15 @@ def execute(
     return Outcome.success(data, duration=took(), started_at=started_at, extra=extra)
 
 
+def _log_extra(action: str, command: Command) -> dict[str, Any]:
+    return {
+        "action": action,
+        "command_id": command.command_id,
+        "execution_id": str(command.execution_id),
+        "step": command.step,
+    }
+
+
 class Dispatcher:
     """Runs commands on ``slots.total`` named threads."""
 
@@ -157,7 +166,7 @@ class Dispatcher:
                 logger.debug(
                     "command failed: %s",
                     outcome.error,
-                    extra={"action": "command_failed", "command_id": command.command_id},
+                    extra=_log_extra("command_failed", command),
                 )
             self._on_finish(command, outcome)
         except Exception:
@@ -167,7 +176,7 @@ class Dispatcher:
             logger.exception(
                 "could not hand over the outcome of command %s",
                 command.command_id,
-                extra={"action": "dispatch_error", "command_id": command.command_id},
+                extra=_log_extra("dispatch_error", command),
             )
 
     def shutdown(self, timeout: float) -> bool:

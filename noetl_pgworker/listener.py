@@ -45,6 +45,7 @@ class Listener:
             target=self._run, name="noetl-pgworker-listener", daemon=True
         )
         self.reconnects = 0
+        self.last_notify: float | None = None
         self._ever_connected = False
         self.notifications = 0
 
@@ -102,6 +103,7 @@ class Listener:
         while not self._stop.is_set():
             for _ in conn.notifies(timeout=0.5):
                 self.notifications += 1
+                self.last_notify = time.monotonic()
                 self._wake.set()
             if time.monotonic() - last_check >= self._check_interval:
                 conn.execute("SELECT 1")  # a silently dead connection raises here

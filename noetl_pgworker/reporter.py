@@ -24,6 +24,7 @@ from psycopg_pool import ConnectionPool
 from . import events
 from .db import RETRYABLE_ERRORS, first_line
 from .events import dumps
+from .metrics import NullMetrics
 from .models import CommandRef, CommandStatus, Outcome
 from .queries import query
 
@@ -116,6 +117,7 @@ class Reporter:
         max_result_bytes: int = 1024 * 1024,
         on_fenced: Callable[[CommandRef], None] | None = None,
         on_done: Callable[[CommandRef], None] | None = None,
+        metrics: NullMetrics | None = None,
     ) -> None:
         self._sink = sink
         self._worker_id = worker_id
@@ -124,6 +126,7 @@ class Reporter:
         self._max_result_bytes = max_result_bytes
         self._on_fenced = on_fenced
         self._on_done = on_done
+        self._metrics = metrics or NullMetrics()
         self._entries: dict[Key, _Entry] = {}
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -230,6 +233,7 @@ class Reporter:
                 self._write(batch)
             except Exception as exc:  # one bad batch must not kill the writer
                 self.stats.write_errors += 1
+                self._metrics.db_error("write")
                 backoff = min(5.0, max(0.05, backoff * 2))
                 if self._healthy:
                     self._healthy = False
@@ -323,12 +327,18 @@ class Reporter:
                 key = item.key
                 if key not in written:
                     self.stats.fenced += 1
+                    self._metrics.fenced()
                     logger.warning(
                         "claim on command %s was lost (taken over or already terminal);"
                         " its %s write changed nothing",
                         item.ref.command_id,
                         item.status,
-                        extra={"action": "fenced", "command_id": str(item.ref.command_id)},
+                        extra={
+                            "action": "fenced",
+                            "command_id": str(item.ref.command_id),
+                            "execution_id": str(item.ref.execution_id),
+                            "step": item.ref.step,
+                        },
                     )
                     if self._on_fenced is not None:
                         self._on_fenced(item.ref)
@@ -340,6 +350,12 @@ class Reporter:
                     continue
                 if item.status in (CommandStatus.COMPLETED, CommandStatus.FAILED):
                     self.stats.written += 1
+                    out = entry.outcome
+                    self._metrics.finished(
+                        item.ref.tool_kind or "(none)",
+                        item.status == CommandStatus.COMPLETED,
+                        out.duration if out is not None else 0.0,
+                    )
                     if item.status == CommandStatus.FAILED:
                         self.stats.failed_outcomes += 1
                     self._entries.pop(key, None)

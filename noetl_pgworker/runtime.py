@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,6 +46,8 @@ class Heartbeat:
         )
         self._healthy = True
         self.beats = 0
+        #: monotonic time of the last successful beat (readiness: the database answers)
+        self.last_ok: float | None = None
 
     def beat(self) -> None:
         """Upsert the runtime row now (raises on database errors)."""
@@ -63,6 +66,7 @@ class Heartbeat:
                 },
             )
         self.beats += 1
+        self.last_ok = time.monotonic()
 
     def start(self) -> None:
         self._thread.start()

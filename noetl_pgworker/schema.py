@@ -11,20 +11,25 @@ from .queries import query, read_sql_file
 
 NOETL_TABLES_FILE = "noetl_tables.sql"
 WORKER_OBJECTS_FILE = "worker_objects.sql"
+ROLES_FILE = "roles.sql"
 # Serialises concurrent `schema apply` runs (many workers starting at once).
 _APPLY_LOCK_KEY = 0x6E6F65746C706777  # "noetlpgw"
 
 
-def schema_sql(*, with_noetl_tables: bool = False) -> str:
+def schema_sql(*, with_noetl_tables: bool = False, with_role: bool = False) -> str:
     """The DDL that ``apply`` runs, as one script."""
     parts = []
     if with_noetl_tables:
         parts.append(read_sql_file(NOETL_TABLES_FILE))
     parts.append(read_sql_file(WORKER_OBJECTS_FILE))
+    if with_role:
+        parts.append(read_sql_file(ROLES_FILE))
     return "\n".join(parts)
 
 
-def apply(conn: psycopg.Connection[Any], *, with_noetl_tables: bool = False) -> None:
+def apply(
+    conn: psycopg.Connection[Any], *, with_noetl_tables: bool = False, with_role: bool = False
+) -> None:
     """Create what is missing, in one transaction; applying twice changes nothing."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_APPLY_LOCK_KEY,))
@@ -32,7 +37,7 @@ def apply(conn: psycopg.Connection[Any], *, with_noetl_tables: bool = False) -> 
             missing = [m for m in _missing(conn) if "pgworker" not in m]
             if missing:
                 raise SchemaMissing(missing)
-        conn.execute(schema_sql(with_noetl_tables=with_noetl_tables).encode())
+        conn.execute(schema_sql(with_noetl_tables=with_noetl_tables, with_role=with_role).encode())
 
 
 def _missing(conn: psycopg.Connection[Any]) -> list[str]:

@@ -21,6 +21,7 @@ from psycopg_pool import ConnectionPool
 from .db import RETRYABLE_ERRORS, first_line
 from .errors import MalformedCommand
 from .events import dumps
+from .metrics import NullMetrics
 from .models import Command, CommandRef
 from .queries import query
 
@@ -82,6 +83,9 @@ class PgCommandSource:
         max_attempts: int = 3,
         reclaim_every: float | None = None,
         held: Callable[[], Iterable[int]] = tuple,
+        metrics: NullMetrics | None = None,
+        tick: Callable[[], None] | None = None,
+        woken_at: Callable[[], float | None] | None = None,
     ) -> None:
         self._pool = pool
         self._worker_id = worker_id
@@ -104,6 +108,12 @@ class PgCommandSource:
         self._held = held
         self._buffer: collections.deque[Command] = collections.deque()
         self._healthy = True
+        self._metrics = metrics or NullMetrics()
+        self._tick = tick or (lambda: None)
+        self._woken_at = woken_at or (lambda: None)
+        self._wake_pending: float | None = None
+        #: Set after the first claim statement succeeded (the worker is really working).
+        self.first_claim = threading.Event()
         self.claimed_total = 0
         self.cancelled_total = 0
         self.reclaimed_total = 0
@@ -116,11 +126,13 @@ class PgCommandSource:
                 return self._buffer.popleft()
             if self._stop.is_set():
                 return None
+            self._tick()
             # Clear before claiming: a NOTIFY that lands during the claim wakes the next wait.
             self._wake.clear()
             try:
                 got_rows = self._claim(1 + max(0, self._free_slots()))
             except RETRYABLE_ERRORS as exc:
+                self._metrics.db_error("claim")
                 backoff = min(5.0, max(0.1, backoff * 2))
                 if self._healthy:
                     self._healthy = False
@@ -139,7 +151,19 @@ class PgCommandSource:
                 continue  # claimed, or cancelled/malformed rows: look again at once
             if self._drain:
                 return None
-            self._wake.wait(self._poll_interval)
+            self._wait_for_work()
+
+    def _wait_for_work(self) -> None:
+        """Until a NOTIFY or the poll timer; in short steps, so that the loop shows progress."""
+        deadline = time.monotonic() + self._poll_interval
+        while not self._stop.is_set():
+            self._tick()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._wake.wait(min(1.0, remaining)):
+                self._wake_pending = self._woken_at()
+                return
 
     def claim(self, limit: int) -> list[Command]:
         """Claim up to ``limit`` commands now (no waiting); malformed rows are reported."""
@@ -201,11 +225,23 @@ class PgCommandSource:
                     "command %s: %s",
                     row["command_id"],
                     exc.message,
-                    extra={"action": "malformed", "command_id": str(row["command_id"])},
+                    extra={
+                        "action": "malformed",
+                        "command_id": str(row["command_id"]),
+                        "execution_id": str(row["execution_id"]),
+                        "step": row.get("step_name"),
+                    },
                 )
                 if self._on_malformed is not None:
                     self._on_malformed(CommandRef.from_row(row), exc.message)
         self.claimed_total += len(claimed)
+        self.first_claim.set()
+        wake, self._wake_pending = self._wake_pending, None
+        self._metrics.claimed(
+            [str(r.get("tool_kind")) for r in claimed],
+            reclaimed=len(reclaimed),
+            wake_latency=(time.monotonic() - wake) if wake is not None and claimed else None,
+        )
         if claimed:
             logger.debug(
                 "claimed %d command(s) in %.1f ms",

@@ -16,6 +16,9 @@ class WorkerInfo:
     status: str
     capacity: int | None
     heartbeat_age_seconds: float
+    in_flight: int = 0
+    completed: int = 0
+    failed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +26,8 @@ class QueueStatus:
     counts: dict[str, dict[str, int]]  # status -> tool kind -> commands
     oldest_pending_seconds: float | None
     workers: list[WorkerInfo]
+    stuck: int = 0
+    lease_seconds: float = 120.0
 
     def total(self, status: str) -> int:
         return sum(self.counts.get(status, {}).values())
@@ -32,6 +37,8 @@ class QueueStatus:
             "counts": self.counts,
             "totals": {s: self.total(s) for s in self.counts},
             "oldest_pending_seconds": self.oldest_pending_seconds,
+            "stuck_past_lease": self.stuck,
+            "lease_seconds": self.lease_seconds,
             "workers": [_worker(w) for w in self.workers],
         }
 
@@ -42,10 +49,13 @@ def _worker(w: WorkerInfo) -> dict[str, Any]:
         "status": w.status,
         "capacity": w.capacity,
         "heartbeat_age_seconds": round(w.heartbeat_age_seconds, 1),
+        "in_flight": w.in_flight,
+        "completed": w.completed,
+        "failed": w.failed,
     }
 
 
-def read_status(conn: psycopg.Connection[Any]) -> QueueStatus:
+def read_status(conn: psycopg.Connection[Any], lease: float = 120.0) -> QueueStatus:
     counts: dict[str, dict[str, int]] = {}
     with conn.cursor() as cur:
         cur.execute(query("status_counts"))
@@ -54,16 +64,18 @@ def read_status(conn: psycopg.Connection[Any]) -> QueueStatus:
         cur.execute(query("status_oldest_pending"))
         row = cur.fetchone()
         oldest = float(row[0]) if row and row[0] is not None else None
+        cur.execute(query("status_stuck"), {"lease": lease})
+        stuck_row = cur.fetchone()
         cur.execute(query("status_workers"))
         workers = [
-            WorkerInfo(str(name), str(st), cap, float(age or 0.0))
-            for name, st, cap, age in cur.fetchall()
+            WorkerInfo(str(name), str(st), cap, float(age or 0.0), int(fl), int(done), int(fail))
+            for name, st, cap, age, fl, done, fail in cur.fetchall()
         ]
-    return QueueStatus(counts, oldest, workers)
+    return QueueStatus(counts, oldest, workers, int(stuck_row[0]) if stuck_row else 0, lease)
 
 
-def format_status(st: QueueStatus) -> str:
-    """A plain-text table for terminals."""
+def format_status(st: QueueStatus, rates: dict[str, float] | None = None) -> str:
+    """A plain-text table for terminals; ``rates`` are commands/s per worker (``--watch``)."""
     lines = ["STATUS      TOOL_KIND        COMMANDS"]
     for status in sorted(st.counts):
         for kind, n in sorted(st.counts[status].items()):
@@ -73,15 +85,39 @@ def format_status(st: QueueStatus) -> str:
     oldest = "-" if st.oldest_pending_seconds is None else f"{st.oldest_pending_seconds:.1f}s"
     lines += [
         "",
-        f"oldest pending: {oldest}",
+        f"oldest pending: {oldest}    stuck past the {st.lease_seconds:g} s lease: {st.stuck}",
         "",
-        "WORKER                          STATUS   CAPACITY  HEARTBEAT_AGE",
+        "WORKER                          STATUS   CAPACITY IN_FLIGHT  COMPLETED   FAILED"
+        "  HEARTBEAT_AGE" + ("  CMDS/S(1m)" if rates is not None else ""),
     ]
     for w in st.workers:
-        lines.append(
-            f"{w.name:<31} {w.status:<8} {w.capacity if w.capacity is not None else '-':>8}"
-            f"  {w.heartbeat_age_seconds:>12.1f}s"
+        cap = w.capacity if w.capacity is not None else "-"
+        line = (
+            f"{w.name:<31} {w.status:<8} {cap:>8} {w.in_flight:>9} {w.completed:>10}"
+            f" {w.failed:>8} {w.heartbeat_age_seconds:>13.1f}s"
         )
+        if rates is not None:
+            line += f" {rates.get(w.name, 0.0):>11.1f}"
+        lines.append(line)
     if not st.workers:
         lines.append("(no workers registered)")
     return "\n".join(lines)
+
+
+class RateTracker:
+    """Commands/s per worker over the last minute, from successive status readings."""
+
+    def __init__(self, window: float = 60.0) -> None:
+        self.window = window
+        self._history: list[tuple[float, dict[str, int]]] = []
+
+    def update(self, now: float, st: QueueStatus) -> dict[str, float]:
+        totals = {w.name: w.completed + w.failed for w in st.workers}
+        self._history.append((now, totals))
+        while len(self._history) > 1 and now - self._history[0][0] > self.window:
+            self._history.pop(0)
+        first_t, first = self._history[0]
+        span = now - first_t
+        if span <= 0:
+            return {name: 0.0 for name in totals}
+        return {name: max(0, n - first.get(name, n)) / span for name, n in totals.items()}

@@ -23,9 +23,12 @@ from .db import connect_kwargs, redact_dsn, redact_text, wrap_errors
 from .dispatcher import Dispatcher, Slots
 from .errors import ConfigError, DatabaseUnavailable
 from .listener import Listener
+from .metrics import HealthServer, Metrics, NullMetrics
 from .models import Command, CommandRef, Outcome
+from .queries import query
 from .reporter import PgSink, Reporter
 from .runtime import Heartbeat
+from .sdnotify import Notifier
 from .source import PgCommandSource
 from .tools import ToolRegistry, default_registry
 
@@ -53,8 +56,19 @@ class RunSummary:
 class Worker:
     """One worker process's worth of claiming, running and reporting."""
 
-    def __init__(self, settings: Settings, registry: ToolRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ToolRegistry | None = None,
+        *,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.settings = settings
+        self.notifier = notifier
+        self.metrics: NullMetrics = NullMetrics()
+        self.health: HealthServer | None = None
+        self.heartbeat: Heartbeat | None = None
+        self._progress = time.monotonic()
         self.registry = registry or default_registry(
             python_mode=settings.python_mode, python_memory_mb=settings.python_memory_mb
         )
@@ -100,6 +114,50 @@ class Worker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def _tick(self) -> None:
+        self._progress = time.monotonic()
+
+    def loop_alive(self, max_age: float) -> bool:
+        """The claim loop showed progress within ``max_age`` seconds (the watchdog's test)."""
+        return time.monotonic() - self._progress < max_age
+
+    def readiness(self) -> tuple[bool, str]:
+        """``/readyz``: database reachable (a recent heartbeat), listener up, not stopping."""
+        if self._stop.is_set():
+            return False, "shutting down"
+        hb = self.heartbeat
+        if hb is None or hb.last_ok is None:
+            return False, "starting"
+        if time.monotonic() - hb.last_ok > 3 * self.settings.heartbeat_interval:
+            return False, "database unreachable (heartbeat failing)"
+        if self.listener is None or not self.listener.connected:
+            return False, "listener down (polling)"
+        return True, "ready"
+
+    def in_flight(self) -> int:
+        """Commands running on a thread now."""
+        with self._holders_lock:
+            return len(self._holders)
+
+    def _threads_busy(self) -> int:
+        with self._holders_lock:
+            return sum(self._holders.values())
+
+    def _runtime_stats(self) -> dict[str, int]:
+        """What the heartbeat publishes in ``noetl.runtime.runtime`` (for ``status --watch``)."""
+        stats = self.reporter.stats if self.reporter else None
+        return {
+            "in_flight": self.in_flight(),
+            "completed": stats.written - stats.failed_outcomes if stats else 0,
+            "failed": stats.failed_outcomes if stats else 0,
+        }
+
+    def status_line(self) -> str:
+        stats = self.reporter.stats if self.reporter else None
+        done = stats.written - stats.failed_outcomes if stats else 0
+        failed = stats.failed_outcomes if stats else 0
+        return f"in flight {self.in_flight()}, completed {done}, failed {failed}"
+
     def wait_ready(self, timeout: float) -> bool:
         """True once the worker is claiming (schema checked, listener up)."""
         return self._ready.wait(timeout)
@@ -136,13 +194,29 @@ class Worker:
         if s.verify_schema:
             with wrap_errors(s.dsn, "checking the schema"), pool.connection(timeout=10) as conn:
                 schema.require(conn)
-        heartbeat = Heartbeat(
+        if s.metrics_port is not None:
+            self.metrics = Metrics(
+                in_flight=self.in_flight,
+                free_slots=lambda: self.settings.concurrency - self._threads_busy(),
+                pending_writes=lambda: self.reporter.pending() if self.reporter else 0,
+                listener_reconnects=lambda: self.listener.reconnects if self.listener else 0,
+            )
+            try:
+                self.health = HealthServer(
+                    s.metrics_host, s.metrics_port, self.metrics, self.readiness
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {exc.strerror}"
+                ) from exc
+            self.health.start()
+        heartbeat = self.heartbeat = Heartbeat(
             pool,
             worker_id=s.worker_id,
             capacity=s.concurrency,
             tool_kinds=self.tool_kinds,
             interval=s.heartbeat_interval,
-            stats=lambda: {"in_flight": self.slots.in_use()},
+            stats=self._runtime_stats,
         )
         with wrap_errors(s.dsn, "registering the worker"):
             heartbeat.beat()
@@ -153,6 +227,7 @@ class Worker:
             flush_max=s.flush_max,
             max_result_bytes=s.max_result_bytes,
             on_done=self._written,
+            metrics=self.metrics,
         )
         source = self.source = PgCommandSource(
             pool,
@@ -168,6 +243,9 @@ class Worker:
             stale_after=s.stale_after,
             max_attempts=s.max_attempts,
             held=self._held_ids,
+            metrics=self.metrics,
+            tick=self._tick,
+            woken_at=lambda: self.listener.last_notify if self.listener else None,
         )
         listener = self.listener = Listener(
             s.dsn,
@@ -201,11 +279,28 @@ class Worker:
             extra={"action": "started"},
         )
         self._ready.set()
+        sampler = None
+        if s.metrics_port is not None:
+            sampler = threading.Thread(
+                target=self._sample_queue, args=(pool,), name="noetl-pgworker-sampler", daemon=True
+            )
+            sampler.start()
+        if self.notifier is not None:
+            notifier = self.notifier
+
+            def announce() -> None:
+                if source.first_claim.wait(s.connect_timeout * 3) and not self._stop.is_set():
+                    notifier.ready(self.status_line())
+
+            threading.Thread(target=announce, name="noetl-pgworker-ready", daemon=True).start()
+            notifier.start_watchdog(self.loop_alive, self.status_line)
         released = 0
         try:
             self._claim_loop(source, dispatcher)
         finally:
             self._stop.set()
+            if self.notifier is not None:
+                self.notifier.stopping()
             try:
                 released = source.release_unstarted()
             except Exception as exc:
@@ -226,6 +321,10 @@ class Worker:
             listener.stop()
             heartbeat.stop(mark_offline=True)
             self.registry.close()
+            if self.health is not None:
+                self.health.stop()
+            if self.notifier is not None:
+                self.notifier.close()
         stats = reporter.stats
         summary = RunSummary(
             claimed=source.claimed_total,
@@ -251,8 +350,21 @@ class Worker:
         )
         return summary
 
+    def _sample_queue(self, pool: ConnectionPool[Any]) -> None:
+        """Queue depth for the metrics, every 15 s (sampled, not per scrape)."""
+        while True:
+            try:
+                with pool.connection(timeout=5) as conn:
+                    rows = conn.execute(query("queue_depth")).fetchall()
+                self.metrics.queue_depth({(str(s), str(k)): int(n) for s, k, n in rows})
+            except Exception:  # a sample missed is no harm
+                self.metrics.db_error("sampler")
+            if self._stop.wait(15):
+                return
+
     def _claim_loop(self, source: PgCommandSource, dispatcher: Dispatcher) -> None:
         while not self._stop.is_set():
+            self._tick()
             # A claim budget (outcomes not yet written count against it: while the database is
             # slow or away they pile up, and claiming stops), then a free thread.
             if not self.claims.acquire(timeout=0.5):

@@ -307,14 +307,30 @@ FROM noetl.command
 GROUP BY status, COALESCE(tool_kind, '(none)')
 ORDER BY status, tool_kind;
 
+-- name: queue_depth
+SELECT status, COALESCE(tool_kind, '(none)') AS tool_kind, count(*) AS commands
+FROM noetl.command
+WHERE status IN ('PENDING', 'CLAIMED', 'RUNNING')
+GROUP BY status, COALESCE(tool_kind, '(none)');
+
 -- name: status_oldest_pending
 SELECT EXTRACT(epoch FROM now() - min(created_at))::double precision AS age_seconds
 FROM noetl.command
 WHERE status = 'PENDING';
 
+-- name: status_stuck
+-- Claims older than the lease (their worker may be dead, or the command long-running).
+SELECT count(*) AS stuck
+FROM noetl.command
+WHERE status IN ('CLAIMED', 'RUNNING')
+  AND claimed_at < now() - make_interval(secs => %(lease)s);
+
 -- name: status_workers
 SELECT name, status, capacity,
-       EXTRACT(epoch FROM now() - heartbeat)::double precision AS heartbeat_age_seconds
+       EXTRACT(epoch FROM now() - heartbeat)::double precision AS heartbeat_age_seconds,
+       COALESCE((runtime ->> 'in_flight')::int, 0) AS in_flight,
+       COALESCE((runtime ->> 'completed')::bigint, 0) AS completed,
+       COALESCE((runtime ->> 'failed')::bigint, 0) AS failed
 FROM noetl.runtime
 WHERE kind = 'worker_pool'
 ORDER BY name;

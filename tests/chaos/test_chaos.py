@@ -245,3 +245,50 @@ def test_a_paused_worker_cannot_overwrite_the_new_owners_result(
     assert figures["duplicates_completed"] == 0
     assert figures["duplicates_executed"] == n  # at-least-once: both ran them
     report("SIGSTOP past the lease, then SIGCONT", paused_s=round(taken_in, 2), **figures)
+
+
+def test_readyz_follows_the_database(chaos_dsn: str, chaos_cluster: Any) -> None:
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from noetl_pgworker.config import Settings
+    from noetl_pgworker.worker import Worker
+
+    worker = Worker(
+        Settings(
+            dsn=chaos_dsn,
+            metrics_port=0,
+            metrics_host="127.0.0.1",
+            heartbeat_interval=0.3,
+            stale_after=2,
+            poll_interval=0.2,
+            connect_timeout=2,
+        )
+    )
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    assert worker.wait_ready(30)
+
+    def readyz() -> int:
+        assert worker.health is not None
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{worker.health.port}/readyz", timeout=5
+            ) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    try:
+        wait_until(lambda: readyz() == 200, timeout=15)
+        chaos_cluster.stop()
+        try:
+            wait_until(lambda: readyz() == 503, timeout=30, interval=0.2)
+        finally:
+            chaos_cluster.start()
+        wait_until(lambda: readyz() == 200, timeout=60, interval=0.2)
+    finally:
+        worker.stop()
+        thread.join(60)
+    report("readyz across a database stop/start", ready_again=True)

@@ -1,0 +1,242 @@
+"""Running as a service: sd_notify, the watchdog, metrics, JSON logs, systemd unit, least
+privilege."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
+
+from noetl_pgworker import schema
+from noetl_pgworker.enqueue import enqueue
+from noetl_pgworker.sdnotify import Notifier
+
+from ..conftest import RunningWorker
+from ..helpers import all_terminal, count_status, insert_raw_command, wait_until
+
+pytestmark = pytest.mark.acceptance
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_sd_notify_ready_watchdog_stopping_in_order(dsn: str, tmp_path: Path) -> None:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.5)
+    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}
+    log = (tmp_path / "worker.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "noetl_pgworker", "start", "--dsn", dsn],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    messages: list[str] = []
+
+    def read_for(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                messages.append(sock.recv(4096).decode())
+
+    try:
+        read_for(4)
+        proc.send_signal(signal.SIGTERM)
+        read_for(1.5)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        sock.close()
+        log.close()
+    kinds = [m.splitlines()[0] for m in messages]
+    assert "READY=1" in kinds and "STOPPING=1" in kinds, messages
+    ready, stopping = kinds.index("READY=1"), kinds.index("STOPPING=1")
+    pings = [i for i, k in enumerate(kinds) if k == "WATCHDOG=1"]
+    assert len(pings) >= 3 and ready < pings[0] and pings[-1] < stopping, kinds
+    assert any(m.startswith("READY=1\nSTATUS=in flight") for m in messages)
+
+
+def test_watchdog_pings_only_while_the_loop_is_alive(tmp_path: Path) -> None:
+    path = str(tmp_path / "wd.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    notifier = Notifier(path, watchdog_usec=200_000)
+    alive = {"value": True}
+    notifier.start_watchdog(lambda _age: alive["value"], lambda: "test")
+
+    def count_pings(seconds: float) -> int:
+        n, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                n += sock.recv(4096).startswith(b"WATCHDOG=1")
+        return n
+
+    try:
+        assert count_pings(1.0) >= 3
+        alive["value"] = False  # the main loop is stuck
+        count_pings(0.25)  # a ping already in flight may still land
+        assert count_pings(1.0) == 0
+    finally:
+        notifier.close()
+        sock.close()
+
+
+def test_worker_loop_liveness_follows_its_progress(start_worker: Any) -> None:
+    running: RunningWorker = start_worker(poll_interval=30)
+    time.sleep(1.5)  # idle, waiting for work: the loop still ticks
+    assert running.worker.loop_alive(1.2)
+    running.worker._progress -= 100  # what a hung loop looks like
+    assert not running.worker.loop_alive(5)
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_metrics_after_a_drain_have_the_right_counts(
+    start_worker: Any, conn: psycopg.Connection[Any]
+) -> None:
+    enqueue(conn, tool_kind="noop", count=40, executions=4)
+    enqueue(conn, tool_kind="python", tool_config={"code": "result = 1/0"}, count=3)
+    running: RunningWorker = start_worker(metrics_port=0, metrics_host="127.0.0.1")
+    health = running.worker.health
+    assert health is not None
+    wait_until(lambda: all_terminal(conn), timeout=30)
+    wait_until(
+        lambda: running.worker.reporter is not None and running.worker.reporter.pending() == 0
+    )
+    status, text = scrape(health.port)
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert samples[("noetl_pgworker_commands_claimed_total", (("tool_kind", "noop"),))] == 40
+    assert samples[("noetl_pgworker_commands_claimed_total", (("tool_kind", "python"),))] == 3
+    assert samples[("noetl_pgworker_commands_completed_total", (("tool_kind", "noop"),))] == 40
+    assert samples[("noetl_pgworker_commands_failed_total", (("tool_kind", "python"),))] == 3
+    assert (
+        samples[("noetl_pgworker_command_duration_seconds_count", (("tool_kind", "noop"),))] == 40
+    )
+    assert samples[("noetl_pgworker_in_flight", ())] == 0
+    assert samples[("noetl_pgworker_free_slots", ())] == 8
+    assert ("noetl_pgworker_claim_batch_size_count", ()) in samples
+    assert scrape(health.port, "/healthz") == (200, "ok\n")
+    assert scrape(health.port, "/readyz") == (200, "ready\n")
+    running.stop()
+
+
+def test_json_logs_parse_and_carry_the_ids(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        execution_id, command_id = insert_raw_command(
+            conn, tool_kind="noop", context="[1]", step="broken"
+        )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "noetl_pgworker",
+            "start",
+            "--dsn",
+            dsn,
+            "--drain",
+            "--log-format",
+            "json",
+            "--worker-id",
+            "json-logs",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stderr.splitlines()]
+    assert all({"ts", "level", "logger", "message", "worker_id"} <= set(x) for x in lines)
+    (bad,) = [x for x in lines if x.get("action") == "malformed"]
+    assert bad["command_id"] == str(command_id) and bad["execution_id"] == str(execution_id)
+    assert bad["step"] == "broken" and bad["level"] == "warning"
+    assert "password" not in r.stderr
+
+
+def test_systemd_unit_is_accepted_by_systemd_analyze(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (no systemd on this machine)")
+    unit = (REPO / "deploy/systemd/noetl-pgworker.service").read_text()
+    unit = unit.replace(
+        "/opt/noetl-pgworker/bin/noetl-pgworker", shutil.which("true") or "/bin/true"
+    )
+    unit = unit.replace("EnvironmentFile=/etc/noetl-pgworker/worker.env", "")
+    path = tmp_path / "noetl-pgworker.service"
+    path.write_text(unit)
+    r = subprocess.run(
+        [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    problems = [line for line in (r.stdout + r.stderr).splitlines() if "noetl-pgworker" in line]
+    assert r.returncode == 0 and not problems, r.stdout + r.stderr
+    for needed in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "TimeoutStopSec=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "User=",
+    ):
+        assert needed in unit
+
+
+def test_the_worker_runs_as_the_least_privilege_role(dsn: str) -> None:
+    login = f"pgw_login_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        schema.apply(admin, with_role=True)
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN IN ROLE noetl_pgworker").format(sql.Identifier(login))
+        )
+        enqueue(admin, tool_kind="noop", count=20)
+        enqueue(admin, tool_kind="python", tool_config={"code": "result = 2"}, count=2)
+    try:
+        worker_dsn = psycopg.conninfo.make_conninfo(dsn, user=login)
+        r = subprocess.run(
+            [sys.executable, "-m", "noetl_pgworker", "start", "--dsn", worker_dsn, "--drain"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert r.returncode == 0, r.stderr
+        with psycopg.connect(dsn) as admin:
+            assert count_status(admin, "COMPLETED") == 22
+        with (
+            psycopg.connect(worker_dsn) as limited,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            limited.execute("DELETE FROM noetl.command")
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(login)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))
