@@ -39,7 +39,7 @@ class NullMetrics:
     def db_error(self, component: str) -> None:
         pass
 
-    def queue_depth(self, depth: dict[tuple[str, str], int]) -> None:
+    def queue_depth(self, depth: dict[tuple[str, str], int], stuck: int = 0) -> None:
         pass
 
 
@@ -53,6 +53,7 @@ class Metrics(NullMetrics):
         free_slots: Callable[[], int],
         pending_writes: Callable[[], int],
         listener_reconnects: Callable[[], int],
+        heartbeat_age: Callable[[], float],
     ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -114,6 +115,11 @@ class Metrics(NullMetrics):
             ["status", "tool_kind"],
             registry=r,
         )
+        self._stuck = Gauge(
+            "noetl_pgworker_stuck_claims",
+            "Claims (any worker's) older than the lease (sampled).",
+            registry=r,
+        )
         for name, doc, fn in (
             ("noetl_pgworker_in_flight", "Commands running now.", in_flight),
             ("noetl_pgworker_free_slots", "Threads free to start a command.", free_slots),
@@ -126,6 +132,11 @@ class Metrics(NullMetrics):
                 "noetl_pgworker_listener_reconnects",
                 "LISTEN connections replaced.",
                 listener_reconnects,
+            ),
+            (
+                "noetl_pgworker_heartbeat_age_seconds",
+                "Seconds since the last successful heartbeat.",
+                heartbeat_age,
             ),
         ):
             Gauge(name, doc, registry=r).set_function(fn)
@@ -152,7 +163,8 @@ class Metrics(NullMetrics):
     def db_error(self, component: str) -> None:
         self._db_errors.labels(component).inc()
 
-    def queue_depth(self, depth: dict[tuple[str, str], int]) -> None:
+    def queue_depth(self, depth: dict[tuple[str, str], int], stuck: int = 0) -> None:
+        self._stuck.set(stuck)
         self._depth.clear()
         for (status, kind), n in depth.items():
             self._depth.labels(status, kind).set(n)

@@ -134,6 +134,12 @@ class Worker:
             return False, "listener down (polling)"
         return True, "ready"
 
+    def _heartbeat_age(self) -> float:
+        hb = self.heartbeat
+        if hb is None or hb.last_ok is None:
+            return float("inf")
+        return time.monotonic() - hb.last_ok
+
     def in_flight(self) -> int:
         """Commands running on a thread now."""
         with self._holders_lock:
@@ -200,6 +206,7 @@ class Worker:
                 free_slots=lambda: self.settings.concurrency - self._threads_busy(),
                 pending_writes=lambda: self.reporter.pending() if self.reporter else 0,
                 listener_reconnects=lambda: self.listener.reconnects if self.listener else 0,
+                heartbeat_age=self._heartbeat_age,
             )
             try:
                 self.health = HealthServer(
@@ -356,7 +363,12 @@ class Worker:
             try:
                 with pool.connection(timeout=5) as conn:
                     rows = conn.execute(query("queue_depth")).fetchall()
-                self.metrics.queue_depth({(str(s), str(k)): int(n) for s, k, n in rows})
+                    stuck = conn.execute(
+                        query("status_stuck"), {"lease": self.settings.lease}
+                    ).fetchone()
+                self.metrics.queue_depth(
+                    {(str(s), str(k)): int(n) for s, k, n in rows}, int(stuck[0]) if stuck else 0
+                )
             except Exception:  # a sample missed is no harm
                 self.metrics.db_error("sampler")
             if self._stop.wait(15):

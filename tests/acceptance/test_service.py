@@ -143,6 +143,8 @@ def test_metrics_after_a_drain_have_the_right_counts(
     assert samples[("noetl_pgworker_in_flight", ())] == 0
     assert samples[("noetl_pgworker_free_slots", ())] == 8
     assert ("noetl_pgworker_claim_batch_size_count", ()) in samples
+    assert samples[("noetl_pgworker_stuck_claims", ())] == 0
+    assert samples[("noetl_pgworker_heartbeat_age_seconds", ())] < 5
     assert scrape(health.port, "/healthz") == (200, "ok\n")
     assert scrape(health.port, "/readyz") == (200, "ready\n")
     running.stop()
