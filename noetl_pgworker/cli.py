@@ -245,6 +245,14 @@ def main() -> None:
     help="Address-space cap of a python command's process (process mode).",
 )
 @click.option(
+    "--server-url",
+    envvar=[_env("SERVER_URL"), "NOETL_SERVER_URL"],
+    show_envvar=True,
+    default=None,
+    help="Report to this NoETL server over HTTP (so that workflows advance) instead of writing"
+    " status and event rows directly.  [default: direct mode]",
+)
+@click.option(
     "--metrics-port",
     envvar=_env("METRICS_PORT"),
     show_envvar=True,
@@ -286,6 +294,7 @@ def start(
     command_timeout: float,
     python_mode: str,
     python_memory_mb: int,
+    server_url: str | None,
     metrics_port: int | None,
     metrics_host: str,
     skip_schema_check: bool,
@@ -312,6 +321,7 @@ def start(
         "command_timeout": command_timeout,
         "python_mode": python_mode,
         "python_memory_mb": python_memory_mb,
+        "server_url": server_url or None,
         "metrics_port": metrics_port,
         "metrics_host": metrics_host,
         "verify_schema": not skip_schema_check,

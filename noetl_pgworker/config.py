@@ -66,6 +66,9 @@ class Settings(BaseModel):
     python_mode: Literal["process", "inline"] = "process"
     python_memory_mb: int = Field(default=2048, ge=16)
     verify_schema: bool = True
+    server_url: str | None = Field(
+        default=None, description="report to this NoETL server instead of writing rows"
+    )
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
 

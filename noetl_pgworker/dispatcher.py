@@ -70,6 +70,7 @@ def execute(
     *,
     timeout: float = DEFAULT_COMMAND_TIMEOUT,
     credentials: CredentialProvider | None = None,
+    prepare: Callable[[Command], Command] | None = None,
 ) -> Outcome:
     """Run one command's tool; never raises (every failure becomes a failed Outcome).
 
@@ -82,6 +83,8 @@ def execute(
         return time.perf_counter() - t0
 
     try:
+        if prepare is not None:
+            command = prepare(command)  # e.g. resolve context fields NoETL externalised
         tool = registry.get(command.tool_kind)
         ctx = ToolContext(
             timeout=command_timeout(command, timeout),
@@ -140,8 +143,10 @@ class Dispatcher:
         on_finish: Callable[[Command, Outcome], None],
         timeout: float = DEFAULT_COMMAND_TIMEOUT,
         credentials: CredentialProvider | None = None,
+        prepare: Callable[[Command], Command] | None = None,
     ) -> None:
         self._registry = registry
+        self._prepare = prepare
         self._timeout = timeout
         self._credentials = credentials or EnvCredentials()
         self._slots = slots
@@ -160,7 +165,11 @@ class Dispatcher:
         try:
             self._on_start(command, datetime.now(UTC))
             outcome = execute(
-                command, self._registry, timeout=self._timeout, credentials=self._credentials
+                command,
+                self._registry,
+                timeout=self._timeout,
+                credentials=self._credentials,
+                prepare=self._prepare,
             )
             if not outcome.ok:
                 logger.debug(

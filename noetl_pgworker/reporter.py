@@ -43,10 +43,26 @@ class WriteItem:
     result: dict[str, Any] | None
     error: str | None
     events: list[dict[str, Any]]
+    #: The raw materials, for sinks that shape events their own way (server mode).
+    outcome: Outcome | None = None
+    started: bool = False
+    loop_event_id: str | None = None
+    iter_index: int | None = None
 
     @property
     def key(self) -> Key:
         return (self.ref.execution_id, self.ref.command_id)
+
+
+class RetryLater(Exception):
+    """A sink could not write everything now; ``written`` did go through."""
+
+    def __init__(
+        self, message: str, *, written: set[Key] | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.written = written or set()
+        self.retry_after = retry_after
 
 
 class Sink(Protocol):
@@ -243,7 +259,8 @@ class Reporter:
                         self.pending(),
                         extra={"action": "write_paused"},
                     )
-                self._stop.wait(backoff)
+                retry_after = getattr(exc, "retry_after", None)
+                self._stop.wait(max(backoff, min(60.0, retry_after or 0.0)))
                 continue
             if not self._healthy:
                 self._healthy = True
@@ -274,7 +291,18 @@ class Reporter:
         if entry.outcome is None:
             if not evs:
                 return None
-            return WriteItem(ref, CommandStatus.RUNNING, entry.started_at, None, None, evs)
+            return WriteItem(
+                ref,
+                CommandStatus.RUNNING,
+                entry.started_at,
+                None,
+                None,
+                evs,
+                None,
+                True,
+                entry.loop_event_id,
+                entry.iter_index,
+            )
         outcome = entry.outcome
         try:
             result = events.row_result(ref, outcome, self._worker_id, self._max_result_bytes)
@@ -297,13 +325,25 @@ class Reporter:
             )
         status = CommandStatus.COMPLETED if outcome.ok else CommandStatus.FAILED
         return WriteItem(
-            ref, status, entry.started_at, result, events.clean_text(outcome.error), evs
+            ref,
+            status,
+            entry.started_at,
+            result,
+            events.clean_text(outcome.error),
+            evs,
+            outcome,
+            entry.started_at is not None and not entry.start_written,
+            entry.loop_event_id,
+            entry.iter_index,
         )
 
     def _write(self, batch: list[tuple[_Entry, WriteItem]]) -> None:
         items = [item for _, item in batch]
         try:
             written = self._sink.write(items)
+        except RetryLater as exc:
+            self._apply([p for p in batch if p[1].key in exc.written], exc.written)
+            raise
         except RETRYABLE_ERRORS:
             raise
         except psycopg.Error as exc:
@@ -320,6 +360,10 @@ class Reporter:
                 for pair in batch:
                     self._write([pair])
                 return
+        self._apply(batch, written)
+
+    def _apply(self, batch: list[tuple[_Entry, WriteItem]], written: set[Key]) -> None:
+        """Bookkeeping after a write: what went through, what the fence refused."""
         self.stats.flushes += 1
         done: list[CommandRef] = []
         with self._cond:

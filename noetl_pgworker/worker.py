@@ -26,9 +26,10 @@ from .listener import Listener
 from .metrics import HealthServer, Metrics, NullMetrics
 from .models import Command, CommandRef, Outcome
 from .queries import query
-from .reporter import PgSink, Reporter
+from .reporter import PgSink, Reporter, Sink
 from .runtime import Heartbeat
 from .sdnotify import Notifier
+from .server import CommandHeartbeats, HttpSink, NoetlServer, resolver
 from .source import PgCommandSource
 from .tools import ToolRegistry, default_registry
 
@@ -91,6 +92,7 @@ class Worker:
             settings.concurrency + (settings.concurrency if pending is None else pending)
         )
         self._claim_holders: set[tuple[int, int]] = set()
+        self._running: dict[tuple[int, int], tuple[CommandRef, float]] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._ready = threading.Event()
@@ -227,8 +229,10 @@ class Worker:
         )
         with wrap_errors(s.dsn, "registering the worker"):
             heartbeat.beat()
+        server = NoetlServer(s.server_url) if s.server_url else None
+        sink: Sink = HttpSink(server, pool, s.worker_id) if server else PgSink(pool, s.worker_id)
         reporter = self.reporter = Reporter(
-            PgSink(pool, s.worker_id),
+            sink,
             s.worker_id,
             flush_interval=s.flush_interval,
             flush_max=s.flush_max,
@@ -268,20 +272,27 @@ class Worker:
             on_finish=self._finished_cmd,
             timeout=s.command_timeout,
             credentials=self.credentials,
+            prepare=resolver(server),
+        )
+        cmd_heartbeats = (
+            CommandHeartbeats(server, s.worker_id, self._running_since) if server else None
         )
         reporter.start()
         heartbeat.start()
         listener.start()
+        if cmd_heartbeats is not None:
+            cmd_heartbeats.start()
         if not listener.wait_connected(s.connect_timeout):
             logger.warning(
                 "listener not connected yet; polling every %.1f s meanwhile", s.poll_interval
             )
         logger.info(
-            "worker %s started: %d threads, tool kinds %s, database %s%s",
+            "worker %s started: %d threads, tool kinds %s, database %s, %s%s",
             s.worker_id,
             s.concurrency,
             ",".join(self.tool_kinds),
             redact_dsn(s.dsn),
+            f"reporting to NoETL server {s.server_url}" if server else "writing outcomes directly",
             " (drain mode)" if s.drain else "",
             extra={"action": "started"},
         )
@@ -326,6 +337,10 @@ class Worker:
                 )
             reporter.close(timeout=max(5.0, s.shutdown_timeout))
             listener.stop()
+            if cmd_heartbeats is not None:
+                cmd_heartbeats.stop()
+            if server is not None:
+                server.close()
             heartbeat.stop(mark_offline=True)
             self.registry.close()
             if self.health is not None:
@@ -430,8 +445,15 @@ class Worker:
 
     # -- callbacks from the tool threads ---------------------------------------------------------
 
+    def _running_since(self) -> list[tuple[CommandRef, float]]:
+        with self._holders_lock:
+            return list(self._running.values())
+
     def _started(self, command: Command, at: Any) -> None:
         assert self.reporter is not None
+        with self._holders_lock:
+            key = (command.execution_id, int(command.command_id))
+            self._running[key] = (command.ref, time.monotonic())
         self.reporter.started(
             command.ref, at, loop_event_id=command.loop_event_id, iter_index=command.iter_index
         )
@@ -446,7 +468,9 @@ class Worker:
             iter_index=command.iter_index,
         )
         with self._holders_lock:
-            slots = self._holders.pop((command.execution_id, int(command.command_id)), 0)
+            key = (command.execution_id, int(command.command_id))
+            slots = self._holders.pop(key, 0)
+            self._running.pop(key, None)
         for _ in range(slots):
             self.slots.release()
 

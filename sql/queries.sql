@@ -436,3 +436,12 @@ FROM (VALUES
     ('runtime', 'status'), ('runtime', 'labels'), ('runtime', 'capabilities'),
     ('runtime', 'capacity'), ('runtime', 'runtime'), ('runtime', 'heartbeat')
 ) AS v(tbl, col);
+
+-- name: held_commands
+-- Server mode's fence: which of these commands this worker still holds (not terminal).
+SELECT c.execution_id, c.command_id
+FROM noetl.command AS c
+JOIN jsonb_to_recordset(%(items)s::jsonb) AS i(execution_id bigint, command_id bigint)
+  ON c.execution_id = i.execution_id AND c.command_id = i.command_id
+WHERE c.worker_id = %(worker_id)s
+  AND c.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED');

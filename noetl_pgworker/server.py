@@ -1,0 +1,430 @@
+"""Server mode: report to a NoETL server over HTTP, so that playbooks advance.
+
+NoETL's workflow engine advances only inside its HTTP event handlers. With ``--server-url``
+the worker still claims in SQL, but it reports each command's lifecycle to the server the way
+NoETL's own worker does, and writes no status or event rows itself (the server does):
+
+- ``POST {server}/api/events/batch`` with ``Idempotency-Key: <worker>:<execution>:<uuid>`` and
+  ``{"execution_id": "<id>", "worker_id", "events": [{"step", "name", "payload", "actionable",
+  "informative", "meta"}]}`` (≤ 256 events, ≤ 2 MiB; answer 202), one batch per execution per
+  flush; a command's ``call.*``, ``step.exit`` and ``command.*`` always travel in one batch.
+- ``POST {server}/api/events`` one event at a time, only if the batch endpoint is missing.
+- Connection errors, 408/425/429/5xx: kept and retried with backoff (``Retry-After`` honoured;
+  the same content is re-sent with the same idempotency key). Other 4xx: logged with the
+  server's answer, and the command is reported failed instead (once).
+- Context fields the server externalised (``{"kind": "result_ref"|"temp_ref", "ref": …}``) are
+  resolved with ``GET {server}/api/result/resolve?ref=…`` before the tool runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import httpx
+from psycopg_pool import ConnectionPool
+
+from . import events
+from .errors import ToolError
+from .events import EVENT_CONTEXT_LIMIT, dumps
+from .models import Command, CommandRef, Outcome
+from .queries import query
+from .reporter import Key, RetryLater, WriteItem
+
+logger = logging.getLogger(__name__)
+
+MAX_EVENTS = 256
+MAX_BYTES = 2 * 1024 * 1024
+RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+REF_KINDS = ("result_ref", "temp_ref")
+EXTERNALISED_FIELDS = ("tool_config", "input", "render_context", "spec")
+
+
+class ServerRejected(Exception):
+    """The server refused a batch with a 4xx that retrying will not change."""
+
+    def __init__(self, status: int, answer: str) -> None:
+        super().__init__(f"HTTP {status}: {answer[:500]}")
+        self.status = status
+        self.answer = answer
+
+
+def _meta(ref: CommandRef, worker_id: str) -> dict[str, Any]:
+    return {"command_id": ref.wire_command_id, "worker_id": worker_id}
+
+
+def _event(
+    ref: CommandRef, name: str, payload: dict[str, Any], worker_id: str, *, actionable: bool
+) -> dict[str, Any]:
+    return {
+        "step": ref.step,
+        "name": name,
+        "payload": payload,
+        "actionable": actionable,
+        "informative": True,
+        "meta": _meta(ref, worker_id),
+    }
+
+
+def start_events(ref: CommandRef, worker_id: str) -> list[dict[str, Any]]:
+    """``command.started`` and ``step.enter``: may travel ahead of the outcome."""
+    cid = ref.wire_command_id
+    return [
+        _event(
+            ref,
+            "command.started",
+            {"command_id": cid, "worker_id": worker_id},
+            worker_id,
+            actionable=False,
+        ),
+        _event(
+            ref, "step.enter", {"status": "started", "command_id": cid}, worker_id, actionable=False
+        ),
+    ]
+
+
+def outcome_events(
+    ref: CommandRef,
+    outcome: Outcome,
+    worker_id: str,
+    *,
+    loop_event_id: str | None = None,
+    iter_index: int | None = None,
+) -> list[dict[str, Any]]:
+    """``call.done|call.error``, ``step.exit``, ``command.completed|command.failed``: one batch."""
+    cid = ref.wire_command_id
+    status = "COMPLETED" if outcome.ok else "FAILED"
+    context = events.data_context(outcome, EVENT_CONTEXT_LIMIT)
+    envelope = {"status": status, "context": context, "command_id": cid}
+    response = outcome.data
+    if response is not None and len(dumps(response).encode()) > EVENT_CONTEXT_LIMIT:
+        response = context  # the summary that says it was truncated
+    loop = {"loop_event_id": loop_event_id, "loop_iteration_index": iter_index}
+    error = events.clean_text(outcome.error)
+    if outcome.ok:
+        call = _event(
+            ref,
+            "call.done",
+            {"response": response, "result": envelope, "command_id": cid, **loop},
+            worker_id,
+            actionable=True,
+        )
+        final = _event(
+            ref,
+            "command.completed",
+            {"command_id": cid, "worker_id": worker_id, "result": envelope},
+            worker_id,
+            actionable=False,
+        )
+    else:
+        call = _event(
+            ref,
+            "call.error",
+            {"error": error, "response": response, "result": envelope, "command_id": cid, **loop},
+            worker_id,
+            actionable=True,
+        )
+        final = _event(
+            ref,
+            "command.failed",
+            {
+                "command_id": cid,
+                "worker_id": worker_id,
+                "error": error,
+                "error_type": outcome.error_type,
+            },
+            worker_id,
+            actionable=False,
+        )
+    exit_ = _event(
+        ref,
+        "step.exit",
+        {"status": status, "result": envelope, "error": error, "command_id": cid},
+        worker_id,
+        actionable=False,
+    )
+    return [call, exit_, final]
+
+
+def item_events(item: WriteItem, worker_id: str) -> list[dict[str, Any]]:
+    evs = start_events(item.ref, worker_id) if item.started else []
+    if item.outcome is not None:
+        evs += outcome_events(
+            item.ref,
+            item.outcome,
+            worker_id,
+            loop_event_id=item.loop_event_id,
+            iter_index=item.iter_index,
+        )
+    return evs
+
+
+def batch_body(execution_id: int, worker_id: str, evs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"execution_id": str(execution_id), "worker_id": worker_id, "events": evs}
+
+
+def idempotency_key(worker_id: str, execution_id: int, body: str) -> str:
+    """Same content, same key: a batch re-sent after a lost answer is not applied twice."""
+    digest = uuid.uuid5(uuid.NAMESPACE_URL, f"noetl-pgworker:{body}").hex
+    return f"{worker_id}:{execution_id}:{digest}"
+
+
+class NoetlServer:
+    """A small client of NoETL's HTTP API."""
+
+    def __init__(
+        self, base_url: str, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            timeout=timeout,
+            transport=transport,
+            headers={"User-Agent": "noetl-pgworker"},
+        )
+        self._batch_supported = True
+
+    def close(self) -> None:
+        self._client.close()
+
+    def post_batch(self, execution_id: int, worker_id: str, evs: list[dict[str, Any]]) -> None:
+        """Send one batch; raise RetryLater or ServerRejected on failure."""
+        body = batch_body(execution_id, worker_id, evs)
+        text = json.dumps(body, separators=(",", ":"))
+        if self._batch_supported:
+            resp = self._send(
+                "POST",
+                "/api/events/batch",
+                text,
+                {"Idempotency-Key": idempotency_key(worker_id, execution_id, text)},
+            )
+            if resp.status_code in (404, 405):
+                logger.warning(
+                    "the server has no /api/events/batch; sending events one by one",
+                    extra={"action": "batch_unsupported"},
+                )
+                self._batch_supported = False
+            else:
+                self._check(resp)
+                return
+        for ev in evs:
+            single = {"execution_id": str(execution_id), "worker_id": worker_id, **ev}
+            self._check(self._send("POST", "/api/events", json.dumps(single), {}))
+
+    def resolve(self, ref: str) -> Any:
+        resp = self._send("GET", "/api/result/resolve", None, {}, params={"ref": ref})
+        self._check(resp)
+        return resp.json()
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        content: str | None,
+        headers: dict[str, str],
+        params: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        try:
+            return self._client.request(
+                method,
+                path,
+                content=content,
+                params=params,
+                headers={"Content-Type": "application/json", **headers},
+            )
+        except httpx.HTTPError as exc:
+            raise RetryLater(f"NoETL server {self.base_url} unreachable: {exc}") from exc
+
+    @staticmethod
+    def _check(resp: httpx.Response) -> None:
+        if resp.is_success:
+            return
+        if resp.status_code in RETRY_STATUSES:
+            raise RetryLater(
+                f"NoETL server answered {resp.status_code}",
+                retry_after=_retry_after(resp.headers.get("Retry-After")),
+            )
+        raise ServerRejected(resp.status_code, resp.text)
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+class HttpSink:
+    """Server mode's sink: events to the NoETL server, fenced by a read of the claim first."""
+
+    def __init__(self, server: NoetlServer, pool: ConnectionPool[Any], worker_id: str) -> None:
+        self._server = server
+        self._pool = pool
+        self._worker_id = worker_id
+
+    def _still_held(self, items: list[WriteItem]) -> set[Key]:
+        rows = dumps(
+            [{"execution_id": i.ref.execution_id, "command_id": i.ref.command_id} for i in items]
+        )
+        with self._pool.connection(timeout=10) as conn:
+            found = conn.execute(
+                query("held_commands"), {"items": rows, "worker_id": self._worker_id}
+            ).fetchall()
+        return {(int(e), int(c)) for e, c in found}
+
+    def write(self, items: list[WriteItem]) -> set[Key]:
+        held = self._still_held(items)
+        by_execution: dict[int, list[WriteItem]] = {}
+        for item in items:
+            if item.key in held:  # a lost claim is not reported: the new owner will
+                by_execution.setdefault(item.ref.execution_id, []).append(item)
+        written: set[Key] = set()
+        for execution_id, group in by_execution.items():
+            for chunk in _chunks(group, self._worker_id):
+                evs = [e for item in chunk for e in item_events(item, self._worker_id)]
+                try:
+                    self._server.post_batch(execution_id, self._worker_id, evs)
+                except RetryLater as exc:
+                    raise RetryLater(
+                        str(exc), written=written, retry_after=exc.retry_after
+                    ) from exc
+                except ServerRejected as exc:
+                    self._rejected(execution_id, chunk, exc)
+                written.update(item.key for item in chunk)
+        return written
+
+    def _rejected(self, execution_id: int, chunk: list[WriteItem], exc: ServerRejected) -> None:
+        logger.error(
+            "the NoETL server refused the events of %d command(s) of execution %s: %s",
+            len(chunk),
+            execution_id,
+            exc,
+            extra={"action": "server_rejected"},
+        )
+        finals = [i for i in chunk if i.outcome is not None]
+        if not finals:
+            return
+        failure = Outcome.failure(
+            f"the NoETL server refused the worker's events: {exc}", error_type="server_rejected"
+        )
+        evs = [e for i in finals for e in outcome_events(i.ref, failure, self._worker_id)]
+        try:
+            self._server.post_batch(execution_id, self._worker_id, evs)
+        except ServerRejected as again:
+            logger.error(
+                "the server refused the failure report too (%s); giving up on %s",
+                again,
+                [i.ref.command_id for i in finals],
+                extra={"action": "server_rejected"},
+            )
+
+
+def _chunks(items: list[WriteItem], worker_id: str) -> Iterable[list[WriteItem]]:
+    """Batches within the server's limits; one command's events are never split."""
+    chunk: list[WriteItem] = []
+    count = size = 0
+    for item in items:
+        n = len(item_events(item, worker_id))
+        b = len(dumps(item_events(item, worker_id)).encode())
+        if chunk and (count + n > MAX_EVENTS or size + b > MAX_BYTES - 4096):
+            yield chunk
+            chunk, count, size = [], 0, 0
+        chunk.append(item)
+        count += n
+        size += b
+    if chunk:
+        yield chunk
+
+
+def is_ref(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and value.get("kind") in REF_KINDS
+        and isinstance(value.get("ref"), str)
+    )
+
+
+def resolver(server: NoetlServer | None) -> Callable[[Command], Command]:
+    """Replace externalised context fields by their data (or fail the command saying why)."""
+
+    def prepare(command: Command) -> Command:
+        refs = {k: v for k, v in command.input.items() if k in EXTERNALISED_FIELDS and is_ref(v)}
+        if not refs:
+            return command
+        if server is None:
+            names = ", ".join(f"context.{k}" for k in refs)
+            first = next(iter(refs.values()))["ref"]
+            raise ToolError(
+                f"{names} was moved out of the row by NoETL's server ({first});"
+                " it can be resolved only in server mode (--server-url)",
+            )
+        resolved = dict(command.input)
+        for key, value in refs.items():
+            try:
+                data = server.resolve(value["ref"])
+            except (RetryLater, ServerRejected) as exc:
+                raise ToolError(f"cannot resolve context.{key} ({value['ref']}): {exc}") from None
+            resolved[key] = (
+                data.get("data", data) if isinstance(data, dict) and "data" in data else data
+            )
+        return command.model_copy(update={"input": resolved})
+
+    return prepare
+
+
+class CommandHeartbeats:
+    """``command.heartbeat`` every ``interval`` seconds for commands that run long."""
+
+    def __init__(
+        self,
+        server: NoetlServer,
+        worker_id: str,
+        running: Callable[[], list[tuple[CommandRef, float]]],
+        interval: float = 15.0,
+    ) -> None:
+        self._server = server
+        self._worker_id = worker_id
+        self._running = running
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="noetl-pgworker-cmd-heartbeat", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        import time
+
+        while not self._stop.wait(self._interval):
+            now = time.monotonic()
+            by_execution: dict[int, list[dict[str, Any]]] = {}
+            for ref, since in self._running():
+                if now - since >= self._interval:
+                    by_execution.setdefault(ref.execution_id, []).append(
+                        _event(
+                            ref,
+                            "command.heartbeat",
+                            {"command_id": ref.wire_command_id, "worker_id": self._worker_id},
+                            self._worker_id,
+                            actionable=False,
+                        )
+                    )
+            for execution_id, evs in by_execution.items():
+                try:
+                    self._server.post_batch(execution_id, self._worker_id, evs)
+                except Exception as exc:  # a missed heartbeat is logged, not fatal
+                    logger.warning(
+                        "command heartbeat not delivered: %s",
+                        exc,
+                        extra={"action": "cmd_heartbeat_failed"},
+                    )

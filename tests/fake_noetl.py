@@ -1,0 +1,278 @@
+"""A small fake NoETL server for the tests of server mode.
+
+It validates requests with the strict field rules of NoETL 2.103.4 (string execution_id;
+events of name/payload/step/actionable/informative/meta only; 422 otherwise), de-duplicates
+batches by Idempotency-Key, and applies what the real server applies: command status on
+``command.started`` and terminal events, an audit row in noetl.event, and, for a playbook of
+steps, the next command issued on ``call.done`` and ``playbook.completed`` after the last step.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import psycopg
+
+EVENT_KEYS = {"step", "name", "payload", "actionable", "informative", "meta"}
+BATCH_KEYS = {"execution_id", "worker_id", "events"}
+SINGLE_KEYS = {
+    "execution_id",
+    "step",
+    "name",
+    "payload",
+    "worker_id",
+    "actionable",
+    "informative",
+    "meta",
+}
+
+#: A playbook: step -> (tool_kind, tool_config, how to build the next step's input, next step)
+Step = tuple[str, dict[str, Any], str | None, Callable[[Any], dict[str, Any]] | None]
+
+
+class FakeNoetl:
+    def __init__(self, dsn: str, playbook: dict[str, Step] | None = None) -> None:
+        self.dsn = dsn
+        self.playbook = playbook or {}
+        self.received: list[dict[str, Any]] = []  # every applied event, in order
+        self.requests: list[tuple[str, dict[str, str], Any]] = []
+        self.rejections: list[str] = []
+        self.keys: set[str] = set()
+        self.refs: dict[str, Any] = {}
+        self.down = False
+        self.drop_after_apply = 0  # apply, then drop the connection (a lost answer) this often
+        self.no_batch = False
+        self.lock = threading.Lock()
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                fake._handle(self, "GET")
+
+            def do_POST(self) -> None:
+                fake._handle(self, "POST")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.conn.close()
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def _reply(self, h: BaseHTTPRequestHandler, code: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _reject(self, h: BaseHTTPRequestHandler, why: str) -> None:
+        self.rejections.append(why)
+        self._reply(h, 422, {"detail": why})
+
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""
+        if self.down:  # a server that is restarting: the connection just drops
+            h.close_connection = True
+            return
+        url = urlsplit(h.path)
+        if method == "GET" and url.path == "/api/result/resolve":
+            ref = parse_qs(url.query).get("ref", [""])[0]
+            if ref in self.refs:
+                self._reply(h, 200, {"data": self.refs[ref]})
+            else:
+                self._reply(h, 404, {"detail": f"no such ref {ref}"})
+            return
+        body = json.loads(raw)
+        self.requests.append((url.path, dict(h.headers), body))
+        if url.path == "/api/events/batch" and not self.no_batch:
+            problem = self._check_batch(body, raw, h.headers.get("Idempotency-Key"))
+            if problem:
+                self._reject(h, problem)
+                return
+            key = str(h.headers["Idempotency-Key"])
+            with self.lock:
+                if key not in self.keys:
+                    self.keys.add(key)
+                    for ev in body["events"]:
+                        self._apply(int(body["execution_id"]), body["worker_id"], ev)
+            if self.drop_after_apply:
+                self.drop_after_apply -= 1
+                h.close_connection = True
+                return
+            self._reply(h, 202, {"status": "accepted", "event_count": len(body["events"])})
+        elif url.path == "/api/events":
+            extra = set(body) - SINGLE_KEYS
+            if extra or not isinstance(body.get("execution_id"), str) or "name" not in body:
+                self._reject(h, f"bad single event: {sorted(extra)}")
+                return
+            with self.lock:
+                ev = {k: body[k] for k in EVENT_KEYS if k in body}
+                self._apply(int(body["execution_id"]), body.get("worker_id"), ev)
+            self._reply(h, 200, {"status": "ok"})
+        else:
+            self._reply(h, 404, {"detail": "not found"})
+
+    def _check_batch(self, body: Any, raw: bytes, key: str | None) -> str | None:
+        if not isinstance(body, dict) or set(body) - BATCH_KEYS:
+            return f"unexpected fields {sorted(set(body) - BATCH_KEYS)}"
+        if not isinstance(body.get("execution_id"), str):
+            return "execution_id must be a string"
+        evs = body.get("events")
+        if not isinstance(evs, list) or not evs or len(evs) > 256 or len(raw) > 2 * 1024 * 1024:
+            return "events must be a list of 1..256 (2 MiB)"
+        for ev in evs:
+            if set(ev) - EVENT_KEYS or "name" not in ev or "step" not in ev:
+                return f"bad event fields {sorted(ev)}"
+            result = (ev.get("payload") or {}).get("result")
+            if result is not None and set(result) - {
+                "status",
+                "reference",
+                "context",
+                "command_id",
+            }:
+                return f"payload.result has {sorted(result)}"
+        if not key or key.count(":") < 2 or key.split(":")[1] != body["execution_id"]:
+            return "Idempotency-Key must be <worker_id>:<execution_id>:<uuid>"
+        return None
+
+    # -- what the real server does with an event --------------------------------------------
+
+    def _apply(self, execution_id: int, worker_id: str | None, ev: dict[str, Any]) -> None:
+        self.received.append({"execution_id": execution_id, **ev})
+        name, payload = ev["name"], ev.get("payload") or {}
+        command_id = int(payload.get("command_id") or ev.get("meta", {}).get("command_id"))
+        c = self.conn
+        catalog = c.execute(
+            "SELECT catalog_id FROM noetl.command WHERE execution_id = %s LIMIT 1", (execution_id,)
+        ).fetchone()
+        result = payload.get("result")
+        envelope = None
+        if isinstance(result, dict):
+            envelope = {k: v for k, v in result.items() if k in ("status", "reference", "context")}
+        c.execute(
+            "INSERT INTO noetl.event (execution_id, catalog_id, event_id, event_type, node_id,"
+            " node_name, status, result, meta, error, worker_id, command_id)"
+            " VALUES (%s, %s, noetl.snowflake_id(), %s, %s, %s, %s, %s::jsonb, %s::jsonb,"
+            " %s, %s, %s)",
+            (
+                execution_id,
+                catalog[0] if catalog else 0,
+                name,
+                ev["step"],
+                ev["step"],
+                _status(name),
+                json.dumps(envelope) if envelope else None,
+                json.dumps(ev.get("meta")),
+                payload.get("error"),
+                worker_id,
+                command_id,
+            ),
+        )
+        if name == "command.started":
+            c.execute(
+                "UPDATE noetl.command SET status = 'RUNNING',"
+                " started_at = COALESCE(started_at, now()),"
+                " updated_at = now() WHERE execution_id = %s AND command_id = %s"
+                " AND completed_at IS NULL",
+                (execution_id, command_id),
+            )
+        elif name in ("command.completed", "command.failed"):
+            c.execute(
+                "UPDATE noetl.command SET status = %s, completed_at = now(), result = %s::jsonb,"
+                " error = %s, updated_at = now() WHERE execution_id = %s AND command_id = %s"
+                " AND status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')",
+                (
+                    "COMPLETED" if name == "command.completed" else "FAILED",
+                    json.dumps(envelope) if envelope else None,
+                    payload.get("error"),
+                    execution_id,
+                    command_id,
+                ),
+            )
+            step = self.playbook.get(ev["step"])
+            if step and step[2] is None and name == "command.completed":
+                for final in ("workflow.completed", "playbook.completed"):
+                    self._audit(execution_id, final)
+            if name == "command.failed":
+                for final in ("workflow.failed", "playbook.failed"):
+                    self._audit(execution_id, final)
+        elif name == "call.done" and ev.get("actionable"):
+            step = self.playbook.get(ev["step"])
+            if step and step[2] is not None and step[3] is not None:
+                nxt = step[2]
+                kind, config, _, _ = self.playbook[nxt]
+                self.issue(execution_id, nxt, kind, config, step[3](payload.get("response")))
+
+    def _audit(self, execution_id: int, name: str) -> None:
+        self.conn.execute(
+            "INSERT INTO noetl.event (execution_id, catalog_id, event_id, event_type, status)"
+            " SELECT %s, catalog_id, noetl.snowflake_id(), %s, %s FROM noetl.command"
+            " WHERE execution_id = %s LIMIT 1",
+            (execution_id, name, _status(name), execution_id),
+        )
+
+    def issue(
+        self,
+        execution_id: int,
+        step: str,
+        kind: str,
+        config: dict[str, Any],
+        args: dict[str, Any],
+        catalog_id: int | None = None,
+    ) -> int:
+        """Write a command the way the server does (the next step of a workflow)."""
+        c = self.conn
+        if catalog_id is None:
+            row = c.execute(
+                "SELECT catalog_id FROM noetl.command WHERE execution_id = %s LIMIT 1",
+                (execution_id,),
+            ).fetchone()
+            catalog_id = int(row[0])
+        row = c.execute(
+            "WITH ids AS (SELECT noetl.snowflake_id() AS cid, noetl.snowflake_id() AS eid),"
+            " ev AS (INSERT INTO noetl.event (execution_id, catalog_id, event_id, event_type,"
+            "  node_id, node_name, status, meta, command_id)"
+            "  SELECT %(x)s, %(cat)s, eid, 'command.issued', %(step)s::text, %(step)s::text,"
+            "  'PENDING',"
+            "  jsonb_build_object('command_id', cid, 'step', %(step)s::text), cid FROM ids)"
+            " INSERT INTO noetl.command (command_id, event_id, execution_id, catalog_id, step_name,"
+            "  tool_kind, context, meta)"
+            " SELECT cid, eid, %(x)s, %(cat)s, %(step)s::text, %(kind)s, %(ctx)s::jsonb,"
+            "  jsonb_build_object('command_id', cid, 'step', %(step)s::text, 'actionable', true)"
+            " FROM ids RETURNING command_id",
+            {
+                "x": execution_id,
+                "cat": catalog_id,
+                "step": step,
+                "kind": kind,
+                "ctx": json.dumps({"tool_config": config, "input": args, "render_context": {}}),
+            },
+        ).fetchone()
+        return int(row[0])
+
+
+def _status(name: str) -> str:
+    if "error" in name or "failed" in name:
+        return "FAILED"
+    if "done" in name or "exit" in name or "completed" in name:
+        return "COMPLETED"
+    return "RUNNING"

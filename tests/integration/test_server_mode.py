@@ -1,0 +1,197 @@
+"""Server mode against a fake NoETL server that applies what the real one applies."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from noetl_pgworker.enqueue import ensure_catalog
+from noetl_pgworker.models import CommandRef
+
+from ..conftest import RunningWorker
+from ..fake_noetl import FakeNoetl
+from ..helpers import scalar, wait_until
+
+pytestmark = pytest.mark.integration
+
+PLAYBOOK = {
+    "start": (
+        "python",
+        {"code": "def main(greeting):\n    return {'msg': greeting + ' world', 'n': 1}\n"},
+        "middle",
+        lambda resp: {"prev_msg": resp["msg"]},
+    ),
+    "middle": (
+        "python",
+        {"code": "def main(prev_msg):\n    return {'upper': prev_msg.upper()}\n"},
+        "finish",
+        lambda resp: {},
+    ),
+    "finish": ("noop", {}, None, None),
+}
+
+
+@pytest.fixture
+def fake(dsn: str) -> Iterator[FakeNoetl]:
+    server = FakeNoetl(dsn, PLAYBOOK)
+    yield server
+    server.close()
+
+
+def start_execution(conn: psycopg.Connection[Any], fake: FakeNoetl) -> int:
+    execution_id = int(scalar(conn, "SELECT noetl.snowflake_id()"))
+    fake.issue(
+        execution_id,
+        "start",
+        *PLAYBOOK["start"][:2],
+        {"greeting": "hi"},
+        catalog_id=ensure_catalog(conn),
+    )
+    return execution_id
+
+
+def finished(conn: psycopg.Connection[Any], execution_id: int) -> bool:
+    return bool(
+        scalar(
+            conn,
+            "SELECT count(*) FROM noetl.event WHERE execution_id = %s"
+            " AND event_type = 'playbook.completed'",
+            (execution_id,),
+        )
+    )
+
+
+def assert_exactly_once(fake: FakeNoetl, conn: psycopg.Connection[Any]) -> None:
+    finals = [e for e in fake.received if e["name"] in ("command.completed", "command.failed")]
+    ids = [e["payload"]["command_id"] for e in finals]
+    assert len(ids) == len(set(ids)), "a terminal event was applied twice"
+    rows = conn.execute("SELECT status, count(*) FROM noetl.command GROUP BY status").fetchall()
+    assert dict(rows) == {"COMPLETED": len(ids)}
+    assert not fake.rejections, fake.rejections
+
+
+def test_a_three_step_workflow_advances_and_completes(
+    start_worker: Callable[..., RunningWorker], conn: psycopg.Connection[Any], fake: FakeNoetl
+) -> None:
+    execution_id = start_execution(conn, fake)
+    start_worker(server_url=fake.url, worker_id="srv-1")
+    wait_until(lambda: finished(conn, execution_id), timeout=60)
+    results = dict(conn.execute("SELECT step_name, result FROM noetl.command").fetchall())
+    assert results["middle"]["context"]["upper"] == "HI WORLD"  # read the first step's output
+    assert results["start"]["context"] == {"msg": "hi world", "n": 1}
+    assert_exactly_once(fake, conn)
+    # The worker wrote no lifecycle rows of its own beyond the claim: the server did, once each.
+    assert scalar(conn, "SELECT count(*) FROM noetl.event WHERE event_type = 'call.done'") == 3
+    assert (
+        scalar(conn, "SELECT count(*) FROM noetl.event WHERE event_type = 'command.claimed'") == 3
+    )
+    names = [e["name"] for e in fake.received if e["step"] == "middle"]
+    assert names == ["command.started", "step.enter", "call.done", "step.exit", "command.completed"]
+    # call.*, step.exit and command.* of a command travel in one batch
+    for _path, headers, body in fake.requests:
+        names = [e["name"] for e in body["events"]]
+        if "call.done" in names:
+            assert {"step.exit", "command.completed"} <= set(names)
+        key = {k.lower(): v for k, v in headers.items()}["idempotency-key"]
+        assert key.startswith(f"srv-1:{body['execution_id']}:")
+
+
+def test_a_server_down_mid_run_loses_nothing_and_applies_nothing_twice(
+    start_worker: Callable[..., RunningWorker], conn: psycopg.Connection[Any], fake: FakeNoetl
+) -> None:
+    execution_id = start_execution(conn, fake)
+    fake.down = True  # the first step runs while the server is away
+    start_worker(server_url=fake.url, worker_id="srv-2")
+    wait_until(
+        lambda: scalar(conn, "SELECT count(*) FROM noetl.command WHERE worker_id = 'srv-2'") == 1
+    )
+    time.sleep(2.0)  # several retries fail
+    assert scalar(conn, "SELECT status FROM noetl.command") == "CLAIMED"  # nothing written
+    fake.down = False
+    fake.drop_after_apply = 1  # and one answer is lost after the server applied the batch
+    wait_until(lambda: finished(conn, execution_id), timeout=60)
+    assert_exactly_once(fake, conn)
+
+
+def test_externalised_context_is_resolved_through_the_server(
+    start_worker: Callable[..., RunningWorker], conn: psycopg.Connection[Any], fake: FakeNoetl
+) -> None:
+    execution_id = int(scalar(conn, "SELECT noetl.snowflake_id()"))
+    ref = f"noetl://execution/{execution_id}/result/input/1"
+    fake.refs[ref] = {"greeting": "resolved"}
+    fake.issue(
+        execution_id,
+        "start",
+        "python",
+        {"code": "def main(greeting):\n    return {'msg': greeting}\n"},
+        {},
+        catalog_id=ensure_catalog(conn),
+    )
+    conn.execute(
+        "UPDATE noetl.command SET context = jsonb_set(context, '{input}',"
+        " jsonb_build_object('kind', 'result_ref', 'ref', %s::text))",
+        (ref,),
+    )
+    missing = fake.issue(execution_id, "start", "python", {"code": "result = 1"}, {})
+    conn.execute(
+        "UPDATE noetl.command SET context = jsonb_set(context, '{tool_config}',"
+        ' \'{"kind": "temp_ref", "ref": "noetl://nowhere"}\') WHERE command_id = %s',
+        (missing,),
+    )
+    fake.playbook = {}
+    start_worker(server_url=fake.url)
+    wait_until(
+        lambda: (
+            scalar(
+                conn, "SELECT count(*) FROM noetl.command WHERE status IN ('COMPLETED', 'FAILED')"
+            )
+            == 2
+        ),
+        timeout=30,
+    )
+    rows = dict(conn.execute("SELECT command_id, result FROM noetl.command").fetchall())
+    assert [r["context"].get("msg") for c, r in rows.items() if c != missing] == ["resolved"]
+    err = scalar(conn, "SELECT error FROM noetl.command WHERE command_id = %s", (missing,))
+    assert "cannot resolve context.tool_config (noetl://nowhere)" in err
+
+
+def test_without_the_batch_endpoint_events_go_one_by_one(
+    start_worker: Callable[..., RunningWorker], conn: psycopg.Connection[Any], fake: FakeNoetl
+) -> None:
+    fake.no_batch = True
+    execution_id = start_execution(conn, fake)
+    start_worker(server_url=fake.url)
+    wait_until(lambda: finished(conn, execution_id), timeout=60)
+    assert any(path == "/api/events" for path, _, _ in fake.requests)
+    assert_exactly_once(fake, conn)
+
+
+def test_long_running_commands_send_command_heartbeats(
+    conn: psycopg.Connection[Any], fake: FakeNoetl
+) -> None:
+    from noetl_pgworker.server import CommandHeartbeats, NoetlServer
+
+    execution_id = int(scalar(conn, "SELECT noetl.snowflake_id()"))
+    command_id = fake.issue(execution_id, "finish", "noop", {}, {}, catalog_id=ensure_catalog(conn))
+    ref = CommandRef(
+        execution_id=execution_id,
+        command_id=command_id,
+        catalog_id=1,
+        step="finish",
+        meta_command_id=command_id,
+    )
+    server = NoetlServer(fake.url)
+    beats = CommandHeartbeats(server, "w-hb", lambda: [(ref, time.monotonic() - 10)], interval=0.2)
+    beats.start()
+    try:
+        wait_until(lambda: any(e["name"] == "command.heartbeat" for e in fake.received), timeout=5)
+    finally:
+        beats.stop()
+        server.close()
+    beat = next(e for e in fake.received if e["name"] == "command.heartbeat")
+    assert beat["payload"] == {"command_id": command_id, "worker_id": "w-hb"}
+    assert not fake.rejections
