@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
@@ -79,7 +78,3 @@ class Notifier:
         if self._thread is not None:
             self._thread.join(5)
         self._sock.close()
-
-
-def monotonic_age(since: float) -> float:
-    return time.monotonic() - since

@@ -96,7 +96,6 @@ class Worker:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._ready = threading.Event()
-        self._finished = threading.Event()
         self._pool: ConnectionPool[Any] | None = None
         # Commands running on a thread, and how many thread slots each holds.
         self._holders: dict[tuple[int, int], int] = {}

@@ -14,7 +14,7 @@ from ..errors import ToolError, ToolTimeout
 from ..models import Command
 from . import ToolContext
 from .postgres import shape, statements_of
-from .values import rows_to_dicts
+from .values import statement_result
 
 INSTALL_HINT = "duckdb is not installed on this worker: pip install 'noetl-pgworker[duckdb]'"
 
@@ -53,14 +53,7 @@ class DuckdbTool:
                         rel = con.execute(stmt)
                     if rel.description:
                         columns = [d[0] for d in rel.description]
-                        rows = rel.fetchall()
-                        results.append(
-                            {
-                                "columns": columns,
-                                "rows": rows_to_dicts(columns, rows),
-                                "row_count": len(rows),
-                            }
-                        )
+                        results.append(statement_result(columns, rel.fetchall()))
                     else:
                         results.append({"affected_rows": -1})
         except duckdb.InterruptException:

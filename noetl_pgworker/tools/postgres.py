@@ -22,7 +22,7 @@ from ..db import first_line, redact_dsn, redact_text
 from ..errors import ToolError, ToolTimeout
 from ..models import Command
 from . import ToolContext
-from .values import rows_to_dicts
+from .values import statement_result
 
 
 def statements_of(cfg: dict[str, Any], tool: str) -> list[str]:
@@ -79,14 +79,7 @@ class PostgresTool:
                     while True:
                         if cur.description is not None:
                             columns = [d.name for d in cur.description]
-                            rows = cur.fetchall()
-                            results.append(
-                                {
-                                    "columns": columns,
-                                    "rows": rows_to_dicts(columns, rows),
-                                    "row_count": len(rows),
-                                }
-                            )
+                            results.append(statement_result(columns, cur.fetchall()))
                         else:
                             results.append({"affected_rows": cur.rowcount})
                         if not cur.nextset():

@@ -46,6 +46,11 @@ def to_json(value: Any) -> Any:
     return str(value)
 
 
+def statement_result(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """One statement's output: ``{columns, rows (as objects), row_count}``."""
+    return {"columns": list(columns), "rows": rows_to_dicts(columns, rows), "row_count": len(rows)}
+
+
 def rows_to_dicts(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
     """Rows as objects keyed by column; a repeated column name gets a ``_2``, ``_3`` suffix."""
     keys: list[str] = []
