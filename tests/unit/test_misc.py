@@ -94,3 +94,19 @@ def test_schema_sql_prints_the_ddl() -> None:
     assert result.exit_code == 0
     assert "CREATE TABLE IF NOT EXISTS noetl.command" in result.output
     assert "pgworker_command_notify" in result.output
+
+
+def test_rate_tracker_reports_commands_per_second_per_worker() -> None:
+    from noetl_pgworker.status import QueueStatus, RateTracker, WorkerInfo, format_status
+
+    def status(done: int) -> QueueStatus:
+        return QueueStatus(
+            {"COMPLETED": {"noop": done}}, None, [WorkerInfo("w1", "ready", 8, 1.0, 2, done, 0)]
+        )
+
+    rates = RateTracker(window=60)
+    assert rates.update(0.0, status(0)) == {"w1": 0.0}
+    assert rates.update(10.0, status(500)) == {"w1": 50.0}
+    assert rates.update(100.0, status(800)) == {"w1": 0.0}  # older readings fall out of the window
+    table = format_status(status(800), {"w1": 12.5})
+    assert "w1" in table and "12.5" in table and "stuck past the 120 s lease: 0" in table
