@@ -411,7 +411,12 @@ class Worker:
             slots = 1
             if command.attempt > 1 and self.slots.total > 1:
                 # Taken back from a worker that died: it may be what killed it. Run it alone,
-                # so that if it kills this worker too, no innocent command is abandoned with it.
+                # so that if it kills this worker too, no innocent command is abandoned with it:
+                # the others claimed with it go back to PENDING first.
+                try:
+                    source.release_unstarted()
+                except Exception as exc:  # they will be recovered after the lease
+                    logger.warning("could not release claims before a suspect command: %s", exc)
                 extra = self._take_all_slots()
                 if extra is None:
                     source.unread(command)
