@@ -184,21 +184,7 @@ def test_json_logs_parse_and_carry_the_ids(dsn: str) -> None:
 
 
 def test_systemd_unit_is_accepted_by_systemd_analyze(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed (no systemd on this machine)")
     unit = (REPO / "deploy/systemd/noetl-pgworker.service").read_text()
-    unit = unit.replace(
-        "/opt/noetl-pgworker/bin/noetl-pgworker", shutil.which("true") or "/bin/true"
-    )
-    unit = unit.replace("EnvironmentFile=/etc/noetl-pgworker/worker.env", "")
-    path = tmp_path / "noetl-pgworker.service"
-    path.write_text(unit)
-    r = subprocess.run(
-        [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60, check=False
-    )
-    problems = [line for line in (r.stdout + r.stderr).splitlines() if "noetl-pgworker" in line]
-    assert r.returncode == 0 and not problems, r.stdout + r.stderr
     for needed in (
         "Type=notify",
         "WatchdogSec=",
@@ -210,6 +196,20 @@ def test_systemd_unit_is_accepted_by_systemd_analyze(tmp_path: Path) -> None:
         "User=",
     ):
         assert needed in unit
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:  # a machine without systemd: the directives above are all we can check
+        return
+    unit = unit.replace(
+        "/opt/noetl-pgworker/bin/noetl-pgworker", shutil.which("true") or "/bin/true"
+    )
+    unit = unit.replace("EnvironmentFile=/etc/noetl-pgworker/worker.env", "")
+    path = tmp_path / "noetl-pgworker.service"
+    path.write_text(unit)
+    r = subprocess.run(
+        [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    problems = [line for line in (r.stdout + r.stderr).splitlines() if "noetl-pgworker" in line]
+    assert r.returncode == 0 and not problems, r.stdout + r.stderr
 
 
 def test_the_worker_runs_as_the_least_privilege_role(dsn: str) -> None:
