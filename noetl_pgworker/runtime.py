@@ -49,11 +49,19 @@ class Heartbeat:
         #: monotonic time of the last successful beat (readiness: the database answers)
         self.last_ok: float | None = None
 
-    def beat(self) -> None:
-        """Upsert the runtime row now (raises on database errors)."""
-        runtime = {"pid": os.getpid(), "host": socket.gethostname(), "kind": "noetl-pgworker"}
+    def _runtime(self) -> dict[str, Any]:
+        runtime: dict[str, Any] = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "kind": "noetl-pgworker",
+        }
         if self._stats is not None:
             runtime.update(self._stats())
+        return runtime
+
+    def beat(self) -> None:
+        """Upsert the runtime row now (raises on database errors)."""
+        runtime = self._runtime()
         with self._pool.connection(timeout=10) as conn:
             conn.execute(
                 query("runtime_heartbeat"),
@@ -96,7 +104,10 @@ class Heartbeat:
         if mark_offline:
             try:
                 with self._pool.connection(timeout=timeout) as conn:
-                    conn.execute(query("runtime_offline"), {"name": self._worker_id})
+                    conn.execute(
+                        query("runtime_offline"),
+                        {"name": self._worker_id, "runtime": json.dumps(self._runtime())},
+                    )
             except Exception as exc:  # best effort: a stale heartbeat says the same thing
                 logger.warning(
                     "could not mark the worker offline: %s",

@@ -297,8 +297,9 @@ SET status = 'ready',
     runtime = EXCLUDED.runtime;
 
 -- name: runtime_offline
+-- A clean stop: offline, with the final figures.
 UPDATE noetl.runtime
-SET status = 'offline', updated_at = now()
+SET status = 'offline', runtime = %(runtime)s::jsonb, updated_at = now()
 WHERE kind = 'worker_pool' AND name = %(name)s;
 
 -- name: status_counts

@@ -106,6 +106,8 @@ def test_drain_exits_zero_when_the_queue_is_empty(dsn: str) -> None:
     data = json.loads(st.stdout)
     assert data["totals"] == {"COMPLETED": 20}
     assert data["workers"][0]["status"] == "offline"
+    # the offline row keeps the final figures
+    assert data["workers"][0]["completed"] == 20 and data["workers"][0]["in_flight"] == 0
     table = cli("status", "--dsn", dsn)
     assert "COMPLETED" in table.stdout and "noop" in table.stdout
 
