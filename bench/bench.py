@@ -40,6 +40,7 @@ from noetl_pgworker import events, schema
 from noetl_pgworker.enqueue import enqueue, ensure_catalog
 from noetl_pgworker.models import Command, Outcome
 from noetl_pgworker.queries import query
+from noetl_pgworker.reporter import WriteItem, write_back_params
 from noetl_pgworker.testing import throwaway_postgres
 
 WORKER_ARGS = ["--concurrency", "16", "--poll-interval", "0.5", "--log-level", "warning"]
@@ -166,30 +167,23 @@ def _ceiling_loop(dsn: str, worker_id: str, batch: int, out: Any) -> None:
                 if not rows:
                     break
                 cols = [d.name for d in cur.description or []]
-                items, evs = [], []
+                items = []
                 for r in rows:
                     ref = Command.from_row(dict(zip(cols, r, strict=True))).ref
                     out_ = Outcome.success({"status": "noop", "step": ref.step})
-                    items.append(
-                        {
-                            "execution_id": ref.execution_id,
-                            "command_id": ref.command_id,
-                            "status": "COMPLETED",
-                            "started_at": None,
-                            "result": events.row_result(ref, out_, worker_id, 1 << 20),
-                            "error": None,
-                        }
-                    )
-                    evs.append(events.started_event(ref, worker_id))
+                    evs = [events.started_event(ref, worker_id)]
                     evs += events.finished_events(ref, out_, worker_id, row_limit=1 << 20)
-                cur.execute(
-                    query("write_back"),
-                    {
-                        "items": events.dumps(items),
-                        "events": events.dumps(evs),
-                        "worker_id": worker_id,
-                    },
-                )
+                    items.append(
+                        WriteItem(
+                            ref,
+                            "COMPLETED",
+                            None,
+                            events.row_result(ref, out_, worker_id, 1 << 20),
+                            None,
+                            evs,
+                        )
+                    )
+                cur.execute(query("write_back"), write_back_params(items, worker_id))
                 conn.commit()
                 done += len(rows)
         out.put((done, time.perf_counter() - t0))

@@ -79,7 +79,15 @@ class PgSink:
         self._worker_id = worker_id
 
     def write(self, items: list[WriteItem]) -> set[Key]:
-        rows_json = dumps(
+        with self._pool.connection(timeout=10) as conn, conn.cursor() as cur:
+            cur.execute(query("write_back"), write_back_params(items, self._worker_id))
+            return {(int(r[0]), int(r[1])) for r in cur.fetchall()}
+
+
+def write_back_params(items: list[WriteItem], worker_id: str) -> dict[str, Any]:
+    """The parameters of the ``write_back`` statement for a batch."""
+    return {
+        "items": dumps(
             [
                 {
                     "execution_id": i.ref.execution_id,
@@ -91,14 +99,12 @@ class PgSink:
                 }
                 for i in items
             ]
-        )
-        events_json = dumps([e for i in items for e in i.events])
-        with self._pool.connection(timeout=10) as conn, conn.cursor() as cur:
-            cur.execute(
-                query("write_back"),
-                {"items": rows_json, "events": events_json, "worker_id": self._worker_id},
-            )
-            return {(int(r[0]), int(r[1])) for r in cur.fetchall()}
+        ),
+        "events": dumps([e for i in items for e in i.events]),
+        "worker_id": worker_id,
+        "execution_ids": sorted({i.ref.execution_id for i in items}),
+        "command_ids": [i.ref.command_id for i in items],
+    }
 
 
 @dataclass(slots=True)

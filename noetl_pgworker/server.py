@@ -272,7 +272,13 @@ class HttpSink:
         )
         with self._pool.connection(timeout=10) as conn:
             found = conn.execute(
-                query("held_commands"), {"items": rows, "worker_id": self._worker_id}
+                query("held_commands"),
+                {
+                    "items": rows,
+                    "worker_id": self._worker_id,
+                    "execution_ids": sorted({i.ref.execution_id for i in items}),
+                    "command_ids": [i.ref.command_id for i in items],
+                },
             ).fetchall()
         return {(int(e), int(c)) for e, c in found}
 

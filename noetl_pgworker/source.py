@@ -282,7 +282,13 @@ class PgCommandSource:
         ]
         with self._pool.connection(timeout=10) as conn, conn.cursor() as cur:
             cur.execute(
-                query("release_commands"), {"items": dumps(items), "worker_id": self._worker_id}
+                query("release_commands"),
+                {
+                    "items": dumps(items),
+                    "worker_id": self._worker_id,
+                    "execution_ids": sorted({i["execution_id"] for i in items}),
+                    "command_ids": [i["command_id"] for i in items],
+                },
             )
             row = cur.fetchone()
         self._buffer.clear()

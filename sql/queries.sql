@@ -204,6 +204,8 @@ ORDER BY m.created_at, m.command_id;
 -- Fenced: only rows this worker still holds and that are not terminal change, and events are
 -- written only for those rows. Returns the rows that changed; a missing row means the claim
 -- was lost (taken over, or already terminal) and nothing was written for it.
+-- The id arrays repeat what `items` holds: they let the planner prune partitions and use the
+-- command_id index instead of scanning every partition for this worker's rows.
 WITH item AS (
     SELECT *
     FROM jsonb_to_recordset(%(items)s::jsonb) AS i(
@@ -239,6 +241,8 @@ upd AS (
            ON le.execution_id = i.execution_id AND le.command_id = i.command_id
     WHERE c.execution_id = i.execution_id
       AND c.command_id = i.command_id
+      AND c.execution_id = ANY(%(execution_ids)s::bigint[])
+      AND c.command_id = ANY(%(command_ids)s::bigint[])
       AND c.worker_id = %(worker_id)s
       AND c.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')
     RETURNING c.execution_id, c.command_id
@@ -270,6 +274,8 @@ WITH released AS (
     FROM jsonb_to_recordset(%(items)s::jsonb) AS i(execution_id bigint, command_id bigint)
     WHERE c.execution_id = i.execution_id
       AND c.command_id = i.command_id
+      AND c.execution_id = ANY(%(execution_ids)s::bigint[])
+      AND c.command_id = ANY(%(command_ids)s::bigint[])
       AND c.worker_id = %(worker_id)s
       AND c.status = 'CLAIMED'
     RETURNING c.command_id
@@ -444,5 +450,7 @@ SELECT c.execution_id, c.command_id
 FROM noetl.command AS c
 JOIN jsonb_to_recordset(%(items)s::jsonb) AS i(execution_id bigint, command_id bigint)
   ON c.execution_id = i.execution_id AND c.command_id = i.command_id
-WHERE c.worker_id = %(worker_id)s
+WHERE c.execution_id = ANY(%(execution_ids)s::bigint[])
+  AND c.command_id = ANY(%(command_ids)s::bigint[])
+  AND c.worker_id = %(worker_id)s
   AND c.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED');

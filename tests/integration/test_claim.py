@@ -237,3 +237,60 @@ def test_claim_query_uses_the_partial_index_with_100k_rows_of_history(
     used = {n.get("Index Name") for n in scans if "Index" in n["Node Type"]}
     used = {f"noetl.{u}" for u in used if u}
     assert used and used <= claim_indexes, (used, claim_indexes)
+
+
+def test_write_back_and_release_do_not_scan_the_backlog_with_100k_rows(
+    pool: ConnectionPool[Any], conn: psycopg.Connection[Any]
+) -> None:
+    from noetl_pgworker import events
+    from noetl_pgworker.models import Outcome
+    from noetl_pgworker.reporter import write_back_params
+
+    # A large backlog, analysed before this worker claimed anything (as in a drain).
+    enqueue(conn, tool_kind="noop", count=100_000, executions=64)
+    conn.execute("ANALYZE noetl.command")
+    claimed = make_source(pool, worker_id="w").claim(16)
+    items = []
+    for cmd in claimed:
+        ref, out = cmd.ref, Outcome.success({"ok": True})
+        evs = [
+            events.started_event(ref, "w"),
+            *events.finished_events(ref, out, "w", row_limit=1 << 20),
+        ]
+        items.append(
+            WriteItem(ref, "COMPLETED", None, events.row_result(ref, out, "w", 1 << 20), None, evs)
+        )
+
+    def command_scans(statement: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        plan = conn.execute(
+            sql.SQL("EXPLAIN (FORMAT JSON) ") + query(statement), params
+        ).fetchone()[0]  # type: ignore[index]
+        found, todo = [], [plan[0]["Plan"]]
+        while todo:
+            node = todo.pop()
+            todo += node.get("Plans", [])
+            if node.get("Relation Name", "").startswith("command_p"):
+                found.append(node)
+        return found
+
+    for statement, params in (
+        ("write_back", write_back_params(items, "w")),
+        (
+            "release_commands",
+            {
+                "items": events.dumps(
+                    [
+                        {"execution_id": i.ref.execution_id, "command_id": i.ref.command_id}
+                        for i in items
+                    ]
+                ),
+                "worker_id": "w",
+                "execution_ids": sorted({i.ref.execution_id for i in items}),
+                "command_ids": [i.ref.command_id for i in items],
+            },
+        ),
+    ):
+        scans = command_scans(statement, params)
+        assert scans, statement
+        seq = [n["Relation Name"] for n in scans if n["Node Type"] == "Seq Scan"]
+        assert not seq, (statement, seq)
