@@ -201,6 +201,16 @@ class Worker:
         if s.verify_schema:
             with wrap_errors(s.dsn, "checking the schema"), pool.connection(timeout=10) as conn:
                 schema.require(conn)
+        heartbeat = self.heartbeat = Heartbeat(
+            pool,
+            worker_id=s.worker_id,
+            capacity=s.concurrency,
+            tool_kinds=self.tool_kinds,
+            interval=s.heartbeat_interval,
+            stats=self._runtime_stats,
+        )
+        with wrap_errors(s.dsn, "registering the worker"):
+            heartbeat.beat()
         if s.metrics_port is not None:
             self.metrics = Metrics(
                 in_flight=self.in_flight,
@@ -218,16 +228,6 @@ class Worker:
                     f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {exc.strerror}"
                 ) from exc
             self.health.start()
-        heartbeat = self.heartbeat = Heartbeat(
-            pool,
-            worker_id=s.worker_id,
-            capacity=s.concurrency,
-            tool_kinds=self.tool_kinds,
-            interval=s.heartbeat_interval,
-            stats=self._runtime_stats,
-        )
-        with wrap_errors(s.dsn, "registering the worker"):
-            heartbeat.beat()
         server = NoetlServer(s.server_url) if s.server_url else None
         sink: Sink = HttpSink(server, pool, s.worker_id) if server else PgSink(pool, s.worker_id)
         reporter = self.reporter = Reporter(
