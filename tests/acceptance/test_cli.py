@@ -234,3 +234,32 @@ def test_a_noetl_style_pipeline_http_python_postgres(dsn: str) -> None:
     assert results["fetch"]["context"]["status_code"] == 200
     assert results["total"]["context"]["total"] == 7
     assert results["store"]["context"]["results"][-1]["rows"] == [{"total": 7}]
+
+
+def test_status_watch_json_streams_until_interrupted(dsn: str) -> None:
+    assert cli("enqueue", "--dsn", dsn, "--count", "3").returncode == 0
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "noetl_pgworker",
+            "status",
+            "--dsn",
+            dsn,
+            "--watch",
+            "0.3",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = proc.stdout.readline() if proc.stdout else ""
+    second = proc.stdout.readline() if proc.stdout else ""
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    for line in (first, second):
+        data = json.loads(line)
+        assert data["totals"] == {"PENDING": 3}
+        assert data["stuck_past_lease"] == 0 and "commands_per_s" in data
