@@ -48,6 +48,8 @@ class WriteItem:
     started: bool = False
     loop_event_id: str | None = None
     iter_index: int | None = None
+    #: Already made terminal by this worker in SQL (a poison command): report it, do not fence.
+    unfenced: bool = False
 
     @property
     def key(self) -> Key:
@@ -115,6 +117,7 @@ class _Entry:
     started_at: datetime | None = None
     start_written: bool = False
     outcome: Outcome | None = None
+    unfenced: bool = False
 
 
 @dataclass(slots=True)
@@ -182,12 +185,14 @@ class Reporter:
         *,
         loop_event_id: str | None = None,
         iter_index: int | None = None,
+        unfenced: bool = False,
     ) -> None:
         with self._cond:
             entry = self._entries.setdefault(
                 (ref.execution_id, ref.command_id), _Entry(ref, loop_event_id, iter_index)
             )
             entry.outcome = outcome
+            entry.unfenced = unfenced
             self._cond.notify()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -341,6 +346,7 @@ class Reporter:
             entry.started_at is not None and not entry.start_written,
             entry.loop_event_id,
             entry.iter_index,
+            entry.unfenced,
         )
 
     def _write(self, batch: list[tuple[_Entry, WriteItem]]) -> None:

@@ -286,7 +286,9 @@ class HttpSink:
         held = self._still_held(items)
         by_execution: dict[int, list[WriteItem]] = {}
         for item in items:
-            if item.key in held:  # a lost claim is not reported: the new owner will
+            # A lost claim is not reported: the new owner will. (A poison command this worker
+            # failed itself in SQL is reported although its row is already terminal.)
+            if item.key in held or item.unfenced:
                 by_execution.setdefault(item.ref.execution_id, []).append(item)
         written: set[Key] = set()
         for execution_id, group in by_execution.items():

@@ -86,6 +86,7 @@ class PgCommandSource:
         metrics: NullMetrics | None = None,
         tick: Callable[[], None] | None = None,
         woken_at: Callable[[], float | None] | None = None,
+        on_poisoned: MalformedHandler | None = None,
     ) -> None:
         self._pool = pool
         self._worker_id = worker_id
@@ -96,6 +97,8 @@ class PgCommandSource:
         self._poll_interval = poll_interval
         self._drain = drain
         self._on_malformed = on_malformed
+        #: Called for each command failed as poison (already FAILED in the database).
+        self._on_poisoned = on_poisoned
         self._lease = lease
         self._stale_after = stale_after
         self._max_attempts = max_attempts
@@ -177,6 +180,7 @@ class PgCommandSource:
         t0 = time.perf_counter()
         reclaimed: list[dict[str, Any]] = []
         poisoned = 0
+        poisoned_rows: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
         with self._pool.connection(timeout=10) as conn, conn.cursor(row_factory=dict_row) as cur:
             if time.monotonic() >= self._next_reclaim:
@@ -196,6 +200,7 @@ class PgCommandSource:
                 )
                 found = cur.fetchall()
                 poisoned = int(found[0]["poisoned_count"]) if found else 0
+                poisoned_rows = (found[0]["poisoned"] or []) if poisoned else []
                 reclaimed = [r for r in found if r["command_id"] is not None]
                 limit -= len(reclaimed)
             if limit > 0:
@@ -208,6 +213,9 @@ class PgCommandSource:
             self._next_reclaim = time.monotonic() + self._reclaim_every
         if reclaimed or poisoned:
             self._log_recovery(reclaimed, poisoned)
+        if self._on_poisoned is not None:  # committed: now it may be told elsewhere
+            for row in poisoned_rows:
+                self._on_poisoned(CommandRef.from_row(row), str(row.get("error")))
         cancelled = int(rows[0]["cancelled_count"]) if rows else 0
         claimed = reclaimed + [r for r in rows if r["command_id"] is not None]
         if cancelled:

@@ -256,6 +256,7 @@ class Worker:
             metrics=self.metrics,
             tick=self._tick,
             woken_at=lambda: self.listener.last_notify if self.listener else None,
+            on_poisoned=self._poisoned if server else None,
         )
         listener = self.listener = Listener(
             s.dsn,
@@ -485,6 +486,14 @@ class Worker:
             with self._holders_lock:
                 self._claim_holders.add((ref.execution_id, ref.command_id))
         self.reporter.finished(ref, Outcome.failure(reason, error_type="malformed_command"))
+
+    def _poisoned(self, ref: CommandRef, error: str) -> None:
+        """Server mode: tell NoETL's engine about a command failed as poison (already FAILED
+        in SQL), so that the workflow reacts to the failure."""
+        assert self.reporter is not None
+        self.reporter.finished(
+            ref, Outcome.failure(error, error_type="abandoned"), unfenced=True
+        )
 
     def _written(self, ref: CommandRef) -> None:
         """An outcome is written (or refused by the fence): its claim is no longer held."""

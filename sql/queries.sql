@@ -193,9 +193,18 @@ reclaim_events AS (
            %(worker_id)s, m.command_id
     FROM reclaimed AS m
 )
--- Always at least one row: the count of poisoned commands, joined to the reclaimed ones.
-SELECT x.poisoned_count, m.*
-FROM (SELECT count(*) AS poisoned_count FROM poisoned) AS x
+-- Always at least one row: the poisoned commands (count and references, for server mode to
+-- report them), joined to the reclaimed ones.
+SELECT x.poisoned_count, x.poisoned, m.*
+FROM (
+    SELECT count(*) AS poisoned_count,
+           jsonb_agg(jsonb_build_object(
+               'execution_id', p.execution_id, 'command_id', p.command_id,
+               'catalog_id', p.catalog_id, 'step_name', p.step_name,
+               'parent_execution_id', p.parent_execution_id, 'meta', p.meta,
+               'error', p.error)) AS poisoned
+    FROM poisoned AS p
+) AS x
 LEFT JOIN reclaimed AS m ON true
 ORDER BY m.created_at, m.command_id;
 

@@ -195,3 +195,28 @@ def test_long_running_commands_send_command_heartbeats(
     beat = next(e for e in fake.received if e["name"] == "command.heartbeat")
     assert beat["payload"] == {"command_id": command_id, "worker_id": "w-hb"}
     assert not fake.rejections
+
+
+def test_a_poison_command_is_reported_to_the_server(
+    start_worker: Callable[..., RunningWorker], conn: psycopg.Connection[Any], fake: FakeNoetl
+) -> None:
+    execution_id = int(scalar(conn, "SELECT noetl.snowflake_id()"))
+    command_id = fake.issue(
+        execution_id, "start", "python", {"code": "result = 1"}, {}, catalog_id=ensure_catalog(conn)
+    )
+    # Run three times by workers that died with it (none of them registered any more).
+    conn.execute(
+        "UPDATE noetl.command SET status = 'RUNNING', worker_id = 'gone', attempt = 3,"
+        " claimed_at = now() - interval '1 hour'"
+    )
+    fake.playbook = {}
+    start_worker(server_url=fake.url, lease=1, stale_after=2)
+    wait_until(lambda: any(e["name"] == "command.failed" for e in fake.received), timeout=20)
+    failed = [e for e in fake.received if e["name"] == "command.failed"]
+    assert len(failed) == 1
+    assert failed[0]["payload"]["command_id"] == command_id
+    assert "abandoned by 3 worker(s)" in failed[0]["payload"]["error"]
+    assert failed[0]["payload"]["error_type"] == "abandoned"
+    assert [e["name"] for e in fake.received] == ["call.error", "step.exit", "command.failed"]
+    assert scalar(conn, "SELECT status FROM noetl.command") == "FAILED"
+    assert not fake.rejections
