@@ -491,9 +491,7 @@ class Worker:
         """Server mode: tell NoETL's engine about a command failed as poison (already FAILED
         in SQL), so that the workflow reacts to the failure."""
         assert self.reporter is not None
-        self.reporter.finished(
-            ref, Outcome.failure(error, error_type="abandoned"), unfenced=True
-        )
+        self.reporter.finished(ref, Outcome.failure(error, error_type="abandoned"), unfenced=True)
 
     def _written(self, ref: CommandRef) -> None:
         """An outcome is written (or refused by the fence): its claim is no longer held."""
