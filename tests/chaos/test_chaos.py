@@ -32,10 +32,13 @@ def test_kill_9_one_of_two_workers_mid_drain(
     chaos_dsn: str, workers: list[WorkerProcess], tmp_path: Path
 ) -> None:
     n = 5000
+    # 5 ms of work each (inline python): a worker always has commands in hand when it is killed.
+    quick = {"code": "import time\ntime.sleep(0.005)\nresult = 1"}
+    inline = ("--concurrency", "8", "--python-mode", "inline")
     with psycopg.connect(chaos_dsn, autocommit=True) as conn:
-        enqueue(conn, tool_kind="noop", count=n, executions=50)
-        victim = spawn(workers, chaos_dsn, tmp_path, "victim", "--concurrency", "8")
-        survivor = spawn(workers, chaos_dsn, tmp_path, "survivor", "--concurrency", "8")
+        enqueue(conn, tool_kind="python", tool_config=quick, count=n, executions=50)
+        victim = spawn(workers, chaos_dsn, tmp_path, "victim", *inline)
+        survivor = spawn(workers, chaos_dsn, tmp_path, "survivor", *inline)
         wait_until(
             lambda: (
                 scalar(
@@ -50,6 +53,18 @@ def test_kill_9_one_of_two_workers_mid_drain(
         victim.proc.kill()
         killed_at = time.monotonic()
         victim.wait()
+        # Its backends may still be finishing a commit it sent just before it died.
+        wait_until(
+            lambda: (
+                scalar(
+                    conn,
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE application_name LIKE 'noetl-pgworker%%:victim'",
+                )
+                == 0
+            ),
+            timeout=30,
+        )
         orphaned = scalar(
             conn,
             "SELECT count(*) FROM noetl.command WHERE worker_id = 'victim'"
