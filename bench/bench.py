@@ -28,20 +28,18 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import conninfo, sql
 
 from noetl_pgworker import events, schema
 from noetl_pgworker.enqueue import enqueue, ensure_catalog
 from noetl_pgworker.models import Command, Outcome
 from noetl_pgworker.queries import query
 from noetl_pgworker.reporter import WriteItem, write_back_params
-from noetl_pgworker.testing import throwaway_postgres
+from noetl_pgworker.testing import scratch_database, throwaway_postgres
 
 WORKER_ARGS = ["--concurrency", "16", "--poll-interval", "0.5", "--log-level", "warning"]
 
@@ -62,19 +60,11 @@ def server() -> Iterator[str]:
 
 @contextlib.contextmanager
 def scratch_db(admin_dsn: str) -> Iterator[str]:
-    name = f"pgw_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = conninfo.make_conninfo(admin_dsn, dbname=name)
-    try:
+    """A fresh database with NoETL's tables and the worker's objects, dropped after."""
+    with scratch_database(admin_dsn, prefix="pgw_bench") as dsn:
         with psycopg.connect(dsn) as conn:
             schema.apply(conn, with_noetl_tables=True)
         yield dsn
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def rss_kib(pid: int) -> int:

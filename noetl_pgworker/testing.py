@@ -142,6 +142,36 @@ class LocalCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_database(
+    admin_dsn: str, *, prefix: str = "noetl_pgworker_scratch", template: str | None = None
+) -> Iterator[str]:
+    """A new database on ``admin_dsn``'s server (a copy of ``template`` if given), dropped after.
+
+    Yields its DSN: ``admin_dsn`` with the database name replaced.
+    """
+    import uuid
+
+    import psycopg
+    from psycopg import conninfo, sql
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template:
+        create = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template)
+        )
+    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=10) as admin:
+        admin.execute(create)
+    try:
+        yield conninfo.make_conninfo(admin_dsn, dbname=name)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=10) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
 def _unprivileged_user() -> str:
     for name in ("postgres", "nobody"):
         with contextlib.suppress(KeyError):

@@ -15,12 +15,11 @@ import time
 from collections.abc import Iterator
 
 import psycopg
-from psycopg import conninfo, sql
 
 from noetl_pgworker import schema
 from noetl_pgworker.enqueue import enqueue, ensure_catalog
 from noetl_pgworker.status import format_status, read_status
-from noetl_pgworker.testing import throwaway_postgres
+from noetl_pgworker.testing import scratch_database, throwaway_postgres
 
 
 def say(msg: str) -> None:
@@ -35,17 +34,9 @@ def demo_database() -> Iterator[str]:
         with throwaway_postgres() as (dsn, _cluster):
             yield dsn
         return
-    name = f"noetl_pgworker_demo_{os.getpid()}"
-    say(f"creating scratch database {name} on the server of NOETL_PGWORKER_DSN")
-    with psycopg.connect(given, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield conninfo.make_conninfo(given, dbname=name)
-    finally:
-        with psycopg.connect(given, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    say("creating a scratch database on the server of NOETL_PGWORKER_DSN")
+    with scratch_database(given, prefix="noetl_pgworker_demo") as dsn:
+        yield dsn
 
 
 def main() -> int:

@@ -10,18 +10,17 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import conninfo, sql
+from psycopg import conninfo
 
 from noetl_pgworker import schema
 from noetl_pgworker.config import Settings
-from noetl_pgworker.testing import LocalCluster, throwaway_postgres
+from noetl_pgworker.testing import LocalCluster, scratch_database, throwaway_postgres
 from noetl_pgworker.worker import RunSummary, Worker
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -32,13 +31,11 @@ def with_dbname(dsn: str, dbname: str) -> str:
 
 
 class PgServer:
-    def __init__(self, dsn: str, cluster: LocalCluster | None) -> None:
+    def __init__(self, dsn: str, cluster: LocalCluster | None, template: str = "") -> None:
         self.dsn = dsn
         self.cluster = cluster
-        self.template = f"pgw_tmpl_{uuid.uuid4().hex[:8]}"
-
-    def admin(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+        #: a database with NoETL's tables and the worker's objects, cloned for each test
+        self.template = template
 
 
 @pytest.fixture(scope="session")
@@ -54,42 +51,18 @@ def pg_server() -> Iterator[PgServer]:
     except psycopg.Error as exc:
         stack.close()
         raise RuntimeError(f"the test PostgreSQL is not reachable: {exc}") from exc
-    server = PgServer(dsn, cluster)
-    with server.admin() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(server.template)))
-    with psycopg.connect(with_dbname(dsn, server.template)) as conn:
-        schema.apply(conn, with_noetl_tables=True)
-    try:
-        yield server
-    finally:
-        with server.admin() as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(server.template)
-                )
-            )
-        stack.close()
+    with stack:
+        template_dsn = stack.enter_context(scratch_database(dsn, prefix="pgw_tmpl"))
+        with psycopg.connect(template_dsn) as conn:
+            schema.apply(conn, with_noetl_tables=True)
+        template = str(conninfo.conninfo_to_dict(template_dsn)["dbname"])
+        yield PgServer(dsn, cluster, template)
 
 
 @contextlib.contextmanager
 def fresh_database(server: PgServer, template: str | None) -> Iterator[str]:
-    name = f"pgw_t_{uuid.uuid4().hex[:12]}"
-    with server.admin() as conn:
-        if template:
-            conn.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                    sql.Identifier(name), sql.Identifier(template)
-                )
-            )
-        else:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield with_dbname(server.dsn, name)
-    finally:
-        with server.admin() as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    with scratch_database(server.dsn, prefix="pgw_t", template=template) as dsn:
+        yield dsn
 
 
 @pytest.fixture

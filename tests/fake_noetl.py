@@ -18,6 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 
+from noetl_pgworker.events import event_status
+
 EVENT_KEYS = {"step", "name", "payload", "actionable", "informative", "meta"}
 BATCH_KEYS = {"execution_id", "worker_id", "events"}
 SINGLE_KEYS = {
@@ -179,7 +181,7 @@ class FakeNoetl:
                 name,
                 ev["step"],
                 ev["step"],
-                _status(name),
+                event_status(name),
                 json.dumps(envelope) if envelope else None,
                 json.dumps(ev.get("meta")),
                 payload.get("error"),
@@ -227,7 +229,7 @@ class FakeNoetl:
             "INSERT INTO noetl.event (execution_id, catalog_id, event_id, event_type, status)"
             " SELECT %s, catalog_id, noetl.snowflake_id(), %s, %s FROM noetl.command"
             " WHERE execution_id = %s LIMIT 1",
-            (execution_id, name, _status(name), execution_id),
+            (execution_id, name, event_status(name), execution_id),
         )
 
     def issue(
@@ -268,11 +270,3 @@ class FakeNoetl:
             },
         ).fetchone()
         return int(row[0])
-
-
-def _status(name: str) -> str:
-    if "error" in name or "failed" in name:
-        return "FAILED"
-    if "done" in name or "exit" in name or "completed" in name:
-        return "COMPLETED"
-    return "RUNNING"
