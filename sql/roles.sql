@@ -1,6 +1,9 @@
 -- Least privilege: the group role noetl_pgworker holds exactly what a running worker needs.
 -- Grant it to the worker's login role:  GRANT noetl_pgworker TO my_worker_login;
 -- (Creating the schema objects — `schema apply` — stays with the schema owner.)
+-- Writes are granted per column: a worker (or code a tool runs) can change a command's status
+-- and outcome, never what a command runs (context, tool_kind, ...). The REVOKE first narrows
+-- the broader grants of earlier releases when this file is applied again.
 
 DO $do$
 BEGIN
@@ -10,13 +13,27 @@ BEGIN
 END
 $do$;
 
+REVOKE ALL ON noetl.command, noetl.event, noetl.runtime FROM noetl_pgworker;
+
 GRANT USAGE ON SCHEMA noetl TO noetl_pgworker;
--- claim (SELECT … FOR UPDATE), status and outcome updates
-GRANT SELECT, UPDATE ON noetl.command TO noetl_pgworker;
--- lifecycle events; SELECT to skip commands of executions that already ended
-GRANT SELECT, INSERT ON noetl.event TO noetl_pgworker;
--- registration and heartbeat (an upsert on (kind, name))
-GRANT SELECT, INSERT, UPDATE ON noetl.runtime TO noetl_pgworker;
+-- claim (SELECT … FOR UPDATE), status and outcome updates: the columns that claim_commands,
+-- reclaim_commands, write_back and release_commands set, nothing else
+GRANT SELECT ON noetl.command TO noetl_pgworker;
+GRANT UPDATE (status, worker_id, claimed_at, started_at, completed_at, attempt, result, error,
+              latest_event_id, updated_at)
+    ON noetl.command TO noetl_pgworker;
+-- lifecycle events (insert only); SELECT to skip commands of executions that already ended
+GRANT SELECT ON noetl.event TO noetl_pgworker;
+GRANT INSERT (execution_id, catalog_id, event_id, parent_execution_id, created_at, event_type,
+              node_id, node_name, status, duration, result, meta, error, worker_id, command_id)
+    ON noetl.event TO noetl_pgworker;
+-- registration and heartbeat (an upsert on (kind, name)) and the offline mark at exit
+GRANT SELECT ON noetl.runtime TO noetl_pgworker;
+GRANT INSERT (runtime_id, name, kind, uri, status, labels, capabilities, capacity, runtime,
+              heartbeat, created_at, updated_at)
+    ON noetl.runtime TO noetl_pgworker;
+GRANT UPDATE (status, heartbeat, labels, capabilities, capacity, runtime, updated_at)
+    ON noetl.runtime TO noetl_pgworker;
 -- ids for events and runtime rows
 GRANT EXECUTE ON FUNCTION noetl.snowflake_id() TO noetl_pgworker;
 GRANT USAGE ON SEQUENCE noetl.snowflake_seq TO noetl_pgworker;
