@@ -95,9 +95,17 @@ class Command(BaseModel):
 
     @property
     def args(self) -> dict[str, Any]:
-        """``context.input``: the rendered inputs of the step."""
-        value = self.input.get("input")
-        return value if isinstance(value, dict) else {}
+        """The step's inputs as NoETL's worker hands them to every tool.
+
+        ``tool_config.args``, then ``tool_config.input`` (a tool-level ``input:`` and every
+        loop's ``iter`` value arrive there), then ``context.input``; later wins.
+        """
+        merged: dict[str, Any] = {}
+        config = self.tool_config
+        for value in (config.get("args"), config.get("input"), self.input.get("input")):
+            if isinstance(value, dict):
+                merged.update(value)
+        return merged
 
     @property
     def ref(self) -> CommandRef:

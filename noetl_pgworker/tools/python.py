@@ -45,10 +45,10 @@ class PythonTool:
     def run(self, command: Command, ctx: ToolContext) -> Any:
         config = command.tool_config
         code = _source(config)
-        extra = config.get("args")
-        if extra is not None and not isinstance(extra, dict):
-            raise ToolError("python: tool_config.args must be an object")
-        args: dict[str, Any] = {**command.args, **(extra or {})}
+        for key in ("args", "input"):
+            if config.get(key) is not None and not isinstance(config.get(key), dict):
+                raise ToolError(f"python: tool_config.{key} must be an object")
+        args: dict[str, Any] = command.args
         if self.mode == "inline":
             try:
                 return run_code(code, args, command.step)

@@ -48,11 +48,21 @@ def test_python_main_gets_the_arguments_its_signature_names(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_python_args_override_input_and_kwargs_take_everything(mode: str) -> None:
-    out = run_python(
-        mode, {"code": "def main(**kw):\n    return kw\n", "args": {"a": 10}}, {"a": 1, "b": 2}
-    )
-    assert out.data == {"a": 10, "b": 2}
+def test_python_inputs_merge_like_noetl_and_kwargs_take_everything(mode: str) -> None:
+    # NoETL's worker: tool_config.args, then tool_config.input, then context.input; later wins.
+    code = "def main(**kw):\n    return kw\n"
+    config = {"code": code, "args": {"a": 10, "c": 3}, "input": {"a": 20, "d": 4}}
+    out = run_python(mode, config, {"a": 1, "b": 2})
+    assert out.data == {"a": 1, "b": 2, "c": 3, "d": 4}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_python_reads_tool_level_input(mode: str) -> None:
+    # A tool-level `input:` and a loop's `iter` reach the worker in tool_config.input only.
+    code = "def main(item, iter):\n    return {'v': item * 2, 'i': iter['index']}\n"
+    out = run_python(mode, {"code": code, "input": {"item": 21, "iter": {"index": 3}}})
+    assert out.ok, out.error
+    assert out.data == {"v": 42, "i": 3}
 
 
 @pytest.mark.parametrize("mode", MODES)
