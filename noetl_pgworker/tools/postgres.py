@@ -22,6 +22,7 @@ from ..db import first_line, redact_dsn, redact_text
 from ..errors import ToolError, ToolTimeout
 from ..models import Command
 from . import ToolContext
+from .pgconnect import tool_conninfo
 from .values import statement_result
 
 
@@ -56,9 +57,10 @@ class PostgresTool:
         if not isinstance(dsn, str) or not dsn:
             raise ToolError("postgres: give connection_string (or dsn) or an auth alias")
         remaining = ctx.remaining()
+        conninfo = tool_conninfo(dsn, trusted=bool(alias))
         try:
             conn = psycopg.connect(
-                dsn,
+                conninfo,
                 connect_timeout=max(1, min(10, int(remaining))),
                 application_name="noetl-pgworker-tool",
             )
