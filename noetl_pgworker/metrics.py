@@ -9,11 +9,15 @@ shutting down).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import selectors
+import socket
 import threading
+import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http import HTTPStatus
 
 logger = logging.getLogger(__name__)
 
@@ -176,48 +180,194 @@ class Metrics(NullMetrics):
 
 
 class HealthServer:
-    """``/metrics``, ``/healthz`` and ``/readyz`` on a named thread."""
+    """``/metrics``, ``/healthz`` and ``/readyz`` on a fixed, small set of named threads.
+
+    One thread accepts connections and gathers each one's request head without a thread per
+    connection; ``handlers`` threads answer complete requests. A connection that has not sent
+    a whole request head within ``timeout`` seconds is closed, and so is one that does not take
+    its answer within ``timeout``. At most ``max_pending`` connections wait for their request
+    (the oldest is closed to make room, so a flood of idle connections cannot lock out a
+    probe); at most ``max_queued`` complete requests wait for a handler (more are closed at
+    once). One request per connection (HTTP/1.0 semantics).
+    """
+
+    MAX_REQUEST_HEAD = 16 * 1024
 
     def __init__(
-        self, host: str, port: int, metrics: Metrics, ready: Callable[[], tuple[bool, str]]
+        self,
+        host: str,
+        port: int,
+        metrics: Metrics,
+        ready: Callable[[], tuple[bool, str]],
+        *,
+        timeout: float = 5.0,
+        handlers: int = 4,
+        max_pending: int = 128,
+        max_queued: int = 32,
     ) -> None:
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:  # scrapes are not log lines
-                pass
-
-            def do_GET(self) -> None:
-                path = self.path.split("?")[0]
-                if path == "/metrics":
-                    owner._send(self, 200, metrics.render(), "text/plain; version=0.0.4")
-                elif path == "/healthz":
-                    owner._send(self, 200, b"ok\n", "text/plain")
-                elif path == "/readyz":
-                    ok, why = ready()
-                    owner._send(self, 200 if ok else 503, (why + "\n").encode(), "text/plain")
-                else:
-                    owner._send(self, 404, b"not found\n", "text/plain")
-
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
-        self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="noetl-pgworker-metrics", daemon=True
-        )
-
-    @staticmethod
-    def _send(handler: BaseHTTPRequestHandler, code: int, body: bytes, ctype: str) -> None:
-        handler.send_response(code)
-        handler.send_header("Content-Type", ctype)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        self._metrics = metrics
+        self._ready = ready
+        self._timeout = timeout
+        self._handlers = handlers
+        self._max_pending = max_pending
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        self._sock = socket.create_server((host, port), family=family, backlog=128)
+        self._sock.setblocking(False)
+        self.port = int(self._sock.getsockname()[1])
+        self._stopping = threading.Event()
+        self._queue: queue.Queue[tuple[socket.socket, bytes] | None] = queue.Queue(max_queued)
+        self._threads = [
+            threading.Thread(target=self._serve, name="noetl-pgworker-metrics", daemon=True),
+            *(
+                threading.Thread(
+                    target=self._answer_loop, name=f"noetl-pgworker-metrics-{i}", daemon=True
+                )
+                for i in range(handlers)
+            ),
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(5)
+        self._stopping.set()
+        started = [t for t in self._threads if t.ident is not None]
+        if started:
+            self._threads[0].join(5)
+            for _ in range(self._handlers):
+                with contextlib.suppress(queue.Full):
+                    self._queue.put(None, timeout=1)
+            for thread in started[1:]:
+                thread.join(5)
+        self._sock.close()
+
+    # -- the accepting thread ----------------------------------------------------------------
+
+    def _serve(self) -> None:
+        # Connections waiting for their request head, oldest first: socket -> (deadline, bytes)
+        pending: dict[socket.socket, tuple[float, bytearray]] = {}
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._sock, selectors.EVENT_READ)
+
+            def drop(conn: socket.socket) -> None:
+                del pending[conn]
+                sel.unregister(conn)
+                _close(conn)
+
+            try:
+                while not self._stopping.is_set():
+                    now = time.monotonic()
+                    while pending:
+                        oldest = next(iter(pending))
+                        if pending[oldest][0] > now:
+                            break
+                        drop(oldest)
+                    wait = 0.5
+                    if pending:
+                        wait = min(wait, max(0.0, next(iter(pending.values()))[0] - now))
+                    for key, _ in sel.select(wait):
+                        conn = key.fileobj
+                        assert isinstance(conn, socket.socket)
+                        if conn is self._sock:
+                            self._accept(sel, pending, drop)
+                            continue
+                        if conn not in pending:
+                            continue
+                        try:
+                            data = conn.recv(4096)
+                        except BlockingIOError:
+                            continue
+                        except OSError:
+                            drop(conn)
+                            continue
+                        buf = pending[conn][1]
+                        buf += data
+                        if not data or len(buf) > self.MAX_REQUEST_HEAD:
+                            drop(conn)
+                        elif b"\r\n\r\n" in buf or b"\n\n" in buf:
+                            del pending[conn]
+                            sel.unregister(conn)
+                            try:
+                                self._queue.put_nowait((conn, bytes(buf)))
+                            except queue.Full:
+                                _close(conn)
+            finally:
+                for conn in list(pending):
+                    drop(conn)
+
+    def _accept(
+        self,
+        sel: selectors.BaseSelector,
+        pending: dict[socket.socket, tuple[float, bytearray]],
+        drop: Callable[[socket.socket], None],
+    ) -> None:
+        for _ in range(256):
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: try again on the next round
+                logger.debug("metrics server: accept failed: %s", exc)
+                return
+            conn.setblocking(False)
+            if len(pending) >= self._max_pending:
+                drop(next(iter(pending)))
+            pending[conn] = (time.monotonic() + self._timeout, bytearray())
+            sel.register(conn, selectors.EVENT_READ)
+
+    # -- the answering threads ---------------------------------------------------------------
+
+    def _answer_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            conn, head = item
+            try:
+                conn.setblocking(True)
+                conn.settimeout(self._timeout)
+                conn.sendall(self._response(head))
+            except OSError:
+                pass
+            finally:
+                _close(conn)
+
+    def _response(self, head: bytes) -> bytes:
+        parts = head.split(b"\n", 1)[0].decode("latin-1").split()
+        method = parts[0] if parts else ""
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            code, body, ctype = 400, b"bad request\n", "text/plain"
+        elif method not in ("GET", "HEAD"):
+            code, body, ctype = 405, b"method not allowed\n", "text/plain"
+        else:
+            code, body, ctype = self._route(parts[1].split("?")[0])
+        status = HTTPStatus(code)
+        lines = [
+            f"HTTP/1.0 {status.value} {status.phrase}",
+            f"Content-Type: {ctype}",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            "",
+            "",
+        ]
+        return "\r\n".join(lines).encode("latin-1") + (b"" if method == "HEAD" else body)
+
+    def _route(self, path: str) -> tuple[int, bytes, str]:
+        try:
+            if path == "/metrics":
+                return 200, self._metrics.render(), "text/plain; version=0.0.4"
+            if path == "/healthz":
+                return 200, b"ok\n", "text/plain"
+            if path == "/readyz":
+                ok, why = self._ready()
+                return (200 if ok else 503), (why + "\n").encode(), "text/plain"
+        except Exception as exc:
+            logger.warning("metrics server: %s failed: %s", path, exc)
+            return 500, b"internal error\n", "text/plain"
+        return 404, b"not found\n", "text/plain"
+
+
+def _close(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.close()
