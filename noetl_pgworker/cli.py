@@ -269,6 +269,15 @@ def main() -> None:
     help="Address the metrics server listens on.",
 )
 @click.option(
+    "--session-dsn",
+    envvar=_env("SESSION_DSN"),
+    show_envvar=True,
+    default=None,
+    help="A direct connection to PostgreSQL for what needs a session (LISTEN, the claim"
+    " session's advisory locks) when --dsn goes through a transaction-pooling proxy."
+    "  [default: --dsn]",
+)
+@click.option(
     "--skip-schema-check",
     envvar=_env("SKIP_SCHEMA_CHECK"),
     show_envvar=True,
@@ -321,7 +330,13 @@ def start(
         "command_timeout": command_timeout,
         "python_mode": python_mode,
         "python_memory_mb": python_memory_mb,
+        "python_preload": python_preload or None,
+        "run_as": run_as or None,
+        "child_max_procs": child_max_procs,
+        "child_max_file_mb": child_max_file_mb,
+        "child_cpu_seconds": child_cpu_seconds,
         "server_url": server_url or None,
+        "session_dsn": session_dsn or None,
         "metrics_port": metrics_port,
         "metrics_host": metrics_host,
         "verify_schema": not skip_schema_check,

@@ -31,6 +31,11 @@ class Settings(BaseModel):
         default="",
         description="libpq connection string or URL; empty = libpq defaults and PG* variables",
     )
+    session_dsn: str | None = Field(
+        default=None,
+        description="a direct connection for what needs a session (LISTEN, the claim session's"
+        " advisory locks) when `dsn` goes through a transaction-pooling proxy",
+    )
     worker_id: str = Field(default_factory=default_worker_id, min_length=1, max_length=200)
     concurrency: int = Field(default=8, ge=1, le=1024)
     tool_kinds: tuple[str, ...] | None = Field(

@@ -12,6 +12,7 @@ import collections
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,6 +25,7 @@ from .events import dumps
 from .metrics import NullMetrics
 from .models import Command, CommandRef
 from .queries import query
+from .session import ClaimSession
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +89,20 @@ class PgCommandSource:
         tick: Callable[[], None] | None = None,
         woken_at: Callable[[], float | None] | None = None,
         on_poisoned: MalformedHandler | None = None,
+        session: ClaimSession | None = None,
     ) -> None:
         self._pool = pool
+        if session is None:
+            # A session of its own (tests, tools): closed with the source.
+            me = weakref.ref(self)
+            session = ClaimSession(
+                pool.conninfo,
+                held=lambda: me()._held_now() if me() is not None else (),  # type: ignore[union-attr]
+                connect_options={k: v for k, v in (pool.kwargs or {}).items()},
+            )
+            weakref.finalize(self, session.close)
+        #: Claims run here; it holds a session-level lock on each claimed command.
+        self.session = session
         self._worker_id = worker_id
         self._tool_kinds = sorted(set(tool_kinds))
         self._free_slots = free_slots
@@ -161,6 +175,7 @@ class PgCommandSource:
         deadline = time.monotonic() + self._poll_interval
         while not self._stop.is_set():
             self._tick()
+            self.session.unlock_pending()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -182,7 +197,7 @@ class PgCommandSource:
         poisoned = 0
         poisoned_rows: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
-        with self._pool.connection(timeout=10) as conn, conn.cursor(row_factory=dict_row) as cur:
+        with self.session.transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
             if time.monotonic() >= self._next_reclaim:
                 cur.execute(
                     query("reclaim_commands"),
@@ -281,6 +296,17 @@ class PgCommandSource:
                 extra={"action": "poisoned", "count": poisoned},
             )
 
+    def _held_now(self) -> list[int]:
+        return [*self._held(), *(int(c.command_id) for c in list(self._buffer))]
+
+    def done(self, command_ids: Iterable[int]) -> None:
+        """These commands' outcomes are written: their session locks may go."""
+        self.session.done(command_ids)
+
+    def close(self) -> None:
+        """Close the claim session (its locks go with it)."""
+        self.session.close()
+
     def release_unstarted(self) -> int:
         """Put commands claimed but never handed out back to PENDING; returns how many."""
         if not self._buffer:
@@ -299,6 +325,7 @@ class PgCommandSource:
                 },
             )
             row = cur.fetchone()
+        self.session.done(i["command_id"] for i in items)
         self._buffer.clear()
         return int(row[0]) if row else 0
 

@@ -30,6 +30,7 @@ from .reporter import PgSink, Reporter, Sink
 from .runtime import Heartbeat
 from .sdnotify import Notifier
 from .server import CommandHeartbeats, HttpSink, NoetlServer, resolver
+from .session import ClaimSession
 from .source import PgCommandSource
 from .tools import ToolRegistry, default_registry
 
@@ -201,6 +202,25 @@ class Worker:
         if s.verify_schema:
             with wrap_errors(s.dsn, "checking the schema"), pool.connection(timeout=10) as conn:
                 schema.require(conn)
+        session_dsn = s.session_dsn or s.dsn
+        session = ClaimSession(
+            session_dsn,
+            worker_id=s.worker_id,
+            application_name=f"noetl-pgworker-claim:{s.worker_id}",
+            connect_timeout=s.connect_timeout,
+            held=self._held_ids,
+        )
+        with wrap_errors(session_dsn, "opening the claim session"):
+            session.open()  # refuses a second process with this worker id
+        try:
+            return self._run_with_session(pool, session, t0)
+        finally:
+            session.close()
+
+    def _run_with_session(
+        self, pool: ConnectionPool[Any], session: ClaimSession, t0: float
+    ) -> RunSummary:
+        s = self.settings
         heartbeat = self.heartbeat = Heartbeat(
             pool,
             worker_id=s.worker_id,
@@ -257,9 +277,10 @@ class Worker:
             tick=self._tick,
             woken_at=lambda: self.listener.last_notify if self.listener else None,
             on_poisoned=self._poisoned if server else None,
+            session=session,
         )
         listener = self.listener = Listener(
-            s.dsn,
+            s.session_dsn or s.dsn,
             self._wake,
             application_name=f"noetl-pgworker-listener:{s.worker_id}",
             connect_timeout=s.connect_timeout,
@@ -495,6 +516,8 @@ class Worker:
 
     def _written(self, ref: CommandRef) -> None:
         """An outcome is written (or refused by the fence): its claim is no longer held."""
+        if self.source is not None:
+            self.source.done((ref.command_id,))
         key = (ref.execution_id, ref.command_id)
         with self._holders_lock:
             if key not in self._claim_holders:

@@ -31,9 +31,12 @@ locked AS MATERIALIZED (
     WHERE pg_try_advisory_xact_lock(k.command_id)
 ),
 to_claim AS MATERIALIZED (
+    -- A session-level lock too (granted at once: this session holds the transaction-level
+    -- one), held by the claim session until the outcome is written, so that NoETL's HTTP claim
+    -- cannot take the row in the moment after this transaction commits.
     SELECT l.execution_id, l.command_id, noetl.snowflake_id() AS claim_event_id
     FROM locked AS l
-    WHERE l.ended_by IS NULL
+    WHERE CASE WHEN l.ended_by IS NULL THEN pg_try_advisory_lock(l.command_id) ELSE false END
 ),
 cancelled AS (
     UPDATE noetl.command AS c
@@ -120,7 +123,10 @@ WITH candidate AS MATERIALIZED (
     FOR UPDATE OF c SKIP LOCKED
 ),
 locked AS MATERIALIZED (
-    SELECT k.*, noetl.snowflake_id() AS event_id, k.attempt >= %(max_attempts)s AS poisoned
+    -- Taken back: locked at session level like a fresh claim (see claim_commands).
+    SELECT k.*, noetl.snowflake_id() AS event_id, k.attempt >= %(max_attempts)s AS poisoned,
+           CASE WHEN k.attempt < %(max_attempts)s THEN pg_try_advisory_lock(k.command_id)
+                ELSE false END AS session_locked
     FROM candidate AS k
     WHERE pg_try_advisory_xact_lock(k.command_id)
 ),
@@ -463,3 +469,34 @@ WHERE c.execution_id = ANY(%(execution_ids)s::bigint[])
   AND c.command_id = ANY(%(command_ids)s::bigint[])
   AND c.worker_id = %(worker_id)s
   AND c.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED');
+
+-- name: lock_worker_id
+-- One process per worker id: a session-level advisory lock on (class, hashtext(worker id)),
+-- held by the claim session for the worker's life. `holder` names the process holding it,
+-- when this login may see it.
+SELECT pg_try_advisory_lock(%(cls)s::int, hashtext(%(worker_id)s::text)) AS locked,
+       (SELECT a.application_name
+          FROM pg_locks AS l
+          JOIN pg_stat_activity AS a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+           AND l.classid::bigint = (%(cls)s::int)::bigint & 4294967295
+           AND l.objid::bigint = hashtext(%(worker_id)s::text)::bigint & 4294967295
+           AND l.pid <> pg_backend_pid()
+         LIMIT 1) AS holder;
+
+-- name: session_unlock
+-- Give back the session-level locks of commands whose outcome is written.
+SELECT count(*) FILTER (WHERE pg_advisory_unlock(id)) AS unlocked
+FROM unnest(%(ids)s::bigint[]) AS id;
+
+-- name: session_relock
+-- After the claim session reconnected: lock again the commands still held.
+SELECT count(*) FILTER (WHERE pg_try_advisory_lock(id)) AS locked
+FROM unnest(%(ids)s::bigint[]) AS id;
+
+-- name: session_held_locks
+-- The command ids (one-bigint advisory keys) this session holds at session level.
+SELECT (l.classid::bigint << 32) | l.objid::bigint AS command_id
+FROM pg_locks AS l
+WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.pid = pg_backend_pid()
+  AND l.mode = 'ExclusiveLock' AND l.granted;

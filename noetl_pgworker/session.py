@@ -1,0 +1,187 @@
+"""The claim session: one connection of the claim path's own that holds session-level locks.
+
+NoETL's server claims a command over HTTP by reading its status, *then* taking
+``pg_try_advisory_xact_lock(command_id)`` and updating the row without a status guard. A lock
+that ends with our claim transaction leaves a window: a server claim that read ``PENDING`` just
+before our commit takes the lock just after it, and the command runs twice. So every command
+this worker claims stays locked at session level, on this connection, until its outcome is
+written; the server's claim answers 409 meanwhile. If the connection dies, PostgreSQL frees the
+locks (the rows are ``CLAIMED`` by then, which the server's claim respects), and they are taken
+again on the new connection.
+
+The same session holds a lock on the worker id, so that a second process started with the same
+``--worker-id`` refuses to run instead of taking back the first one's claims.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import psycopg
+from psycopg import conninfo as pg_conninfo
+
+from .db import connect_kwargs
+from .errors import PgWorkerError
+from .queries import query
+
+logger = logging.getLogger(__name__)
+
+#: The first key of the two-key advisory lock on a worker id (two int4 keys never collide with
+#: the one-bigint keys of command ids).
+WORKER_LOCK_CLASS = 0x70677772  # "pgwr"
+
+
+class WorkerIdInUse(PgWorkerError):
+    """Another process is running with this worker id."""
+
+
+class ClaimSession:
+    """A connection for claims, holding a session advisory lock per claimed command."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        worker_id: str | None = None,
+        application_name: str = "noetl-pgworker-claim",
+        connect_timeout: float = 10.0,
+        held: Callable[[], Iterable[int]] = tuple,
+        connect_options: dict[str, Any] | None = None,
+    ) -> None:
+        self._dsn = dsn
+        self._worker_id = worker_id
+        self._kwargs = {
+            **connect_kwargs(application_name, connect_timeout),
+            **(connect_options or {}),
+        }
+        self._held = held
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.Lock()  # the connection is used from the claim loop only,
+        self._done: set[int] = set()  # but ``done`` is called from the writer thread
+        self._done_lock = threading.Lock()
+        self.reconnects = 0
+
+    # -- the connection ----------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        if conn is not None:
+            self.reconnects += 1
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._conn = None
+        conn = psycopg.connect(self._dsn, autocommit=True, **self._kwargs)
+        try:
+            if self._worker_id is not None:
+                self._lock_worker_id(conn, self._worker_id)
+            if self.reconnects:
+                # The old connection's locks died with it: take them again for what is held.
+                ids = sorted(set(self._held()))
+                if ids:
+                    conn.execute(query("session_relock"), {"ids": ids})
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    @staticmethod
+    def _lock_worker_id(conn: psycopg.Connection[Any], worker_id: str) -> None:
+        row = conn.execute(
+            query("lock_worker_id"), {"cls": WORKER_LOCK_CLASS, "worker_id": worker_id}
+        ).fetchone()
+        if not row or not row[0]:
+            holder = row[1] if row else None
+            raise WorkerIdInUse(
+                f"another process is already running as worker id {worker_id!r}"
+                + (f" ({holder})" if holder else "")
+                + "; give each process its own --worker-id"
+            )
+
+    def open(self) -> None:
+        """Connect now (and take the worker id's lock); raises if either fails."""
+        with self._lock:
+            self._connection()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """A transaction on the session; pending unlocks go first.
+
+        If the transaction fails, locks it took for rows it did not claim are given back.
+        """
+        with self._lock:
+            conn = self._connection()
+            self._flush_unlocks(conn)
+            try:
+                with conn.transaction():
+                    yield conn
+            except BaseException:
+                if not conn.closed and not conn.broken:
+                    with contextlib.suppress(psycopg.Error):
+                        self._reconcile(conn)
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = None
+
+    # -- the locks ------------------------------------------------------------------------------
+
+    def done(self, command_ids: Iterable[int]) -> None:
+        """These commands' outcomes are written (or given up): unlock them soon."""
+        with self._done_lock:
+            self._done.update(command_ids)
+
+    def unlock_pending(self) -> None:
+        """Give back the locks of finished commands now (the claim loop calls it when idle)."""
+        with self._done_lock:
+            if not self._done:
+                return
+        with self._lock:
+            conn = self._conn
+            if conn is None or conn.closed or conn.broken:
+                return
+            with contextlib.suppress(psycopg.Error):
+                self._flush_unlocks(conn)
+
+    def _flush_unlocks(self, conn: psycopg.Connection[Any]) -> None:
+        with self._done_lock:
+            ids, self._done = sorted(self._done), set()
+        if not ids:
+            return
+        try:
+            conn.execute(query("session_unlock"), {"ids": ids})
+        except BaseException:
+            with self._done_lock:
+                self._done.update(ids)
+            raise
+
+    def _reconcile(self, conn: psycopg.Connection[Any]) -> None:
+        """Unlock what this session holds but no longer claims (after a failed claim)."""
+        held = set(self._held())
+        rows = conn.execute(query("session_held_locks")).fetchall()
+        stray = sorted(int(r[0]) for r in rows if int(r[0]) not in held)
+        if stray:
+            conn.execute(query("session_unlock"), {"ids": stray})
+
+    def held_locks(self) -> set[int]:
+        """The command ids this session holds a lock on (for tests and diagnostics)."""
+        with self._lock:
+            conn = self._connection()
+            return {int(r[0]) for r in conn.execute(query("session_held_locks")).fetchall()}
+
+
+def session_dsn_of(pool_conninfo: str, session_dsn: str | None) -> str:
+    """The DSN of the claim session: ``session_dsn`` when given, else the pool's."""
+    if session_dsn:
+        return session_dsn
+    return pg_conninfo.make_conninfo(pool_conninfo)
