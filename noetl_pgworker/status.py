@@ -1,8 +1,13 @@
-"""What the queue and the workers look like right now."""
+"""What the queue and the workers look like right now.
+
+Live commands (PENDING, CLAIMED, RUNNING) are counted exactly, from the worker's partial
+indexes. History (terminal commands) is estimated from the planner's statistics unless
+``exact`` is asked for: counting it means reading every row NoETL ever kept.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -28,14 +33,21 @@ class QueueStatus:
     workers: list[WorkerInfo]
     stuck: int = 0
     lease_seconds: float = 120.0
+    #: terminal status -> commands, estimated from statistics (empty when ``exact``)
+    estimated: dict[str, int] = field(default_factory=dict)
+    exact: bool = False
 
     def total(self, status: str) -> int:
-        return sum(self.counts.get(status, {}).values())
+        if status in self.counts:
+            return sum(self.counts[status].values())
+        return self.estimated.get(status, 0)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "counts": self.counts,
-            "totals": {s: self.total(s) for s in self.counts},
+            "totals": {s: self.total(s) for s in sorted({*self.counts, *self.estimated})},
+            "estimated": sorted(self.estimated),
+            "exact": self.exact,
             "oldest_pending_seconds": self.oldest_pending_seconds,
             "stuck_past_lease": self.stuck,
             "lease_seconds": self.lease_seconds,
@@ -55,12 +67,21 @@ def _worker(w: WorkerInfo) -> dict[str, Any]:
     }
 
 
-def read_status(conn: psycopg.Connection[Any], lease: float = 120.0) -> QueueStatus:
+def read_status(
+    conn: psycopg.Connection[Any], lease: float = 120.0, *, exact: bool = False
+) -> QueueStatus:
+    """The queue's state. Costs the same however much history the tables hold, unless
+    ``exact``: then every command is counted, history included (a scan of the whole table)."""
     counts: dict[str, dict[str, int]] = {}
+    estimated: dict[str, int] = {}
     with conn.cursor() as cur:
-        cur.execute(query("status_counts"))
+        cur.execute(query("status_counts" if exact else "queue_depth"))
         for status, kind, n in cur.fetchall():
             counts.setdefault(str(status), {})[str(kind)] = int(n)
+        if not exact:
+            live = sum(sum(kinds.values()) for kinds in counts.values())
+            cur.execute(query("status_history_estimate"), {"live": live})
+            estimated = {str(status): int(n) for status, n in cur.fetchall()}
         cur.execute(query("status_oldest_pending"))
         row = cur.fetchone()
         oldest = float(row[0]) if row and row[0] is not None else None
@@ -71,17 +92,34 @@ def read_status(conn: psycopg.Connection[Any], lease: float = 120.0) -> QueueSta
             WorkerInfo(str(name), str(st), cap, float(age or 0.0), int(fl), int(done), int(fail))
             for name, st, cap, age, fl, done, fail in cur.fetchall()
         ]
-    return QueueStatus(counts, oldest, workers, int(stuck_row[0]) if stuck_row else 0, lease)
+    return QueueStatus(
+        counts,
+        oldest,
+        workers,
+        int(stuck_row[0]) if stuck_row else 0,
+        lease,
+        estimated,
+        exact,
+    )
 
 
 def format_status(st: QueueStatus, rates: dict[str, float] | None = None) -> str:
     """A plain-text table for terminals; ``rates`` are commands/s per worker (``--watch``)."""
     lines = ["STATUS      TOOL_KIND        COMMANDS"]
-    for status in sorted(st.counts):
-        for kind, n in sorted(st.counts[status].items()):
+    for status in sorted({*st.counts, *st.estimated}):
+        for kind, n in sorted(st.counts.get(status, {}).items()):
             lines.append(f"{status:<11} {kind:<16} {n:>8}")
+        if status in st.estimated and status not in st.counts:
+            lines.append(
+                f"{status:<11} {'(all, estimate)':<16} {'~' + str(st.estimated[status]):>8}"
+            )
     if len(lines) == 1:
         lines.append("(no commands)")
+    if st.estimated:
+        lines.append(
+            "~ history estimated from the planner's statistics (pg_class, pg_stats);"
+            " --exact counts every row"
+        )
     oldest = "-" if st.oldest_pending_seconds is None else f"{st.oldest_pending_seconds:.1f}s"
     lines += [
         "",

@@ -7,16 +7,45 @@
 -- The row lock (SKIP LOCKED) keeps other pgworkers away; the advisory lock on the command id is
 -- the one NoETL's server takes in its HTTP claim, so that the two never both win a row.
 -- Commands whose execution already has a terminal event are marked CANCELLED, not run.
+-- Candidates: the oldest PENDING rows of each of this worker's kinds, and of no kind (NULL, so
+-- that they are failed as malformed), merged oldest first. Each kind is read in order from
+-- pgworker_command_kind_claim_idx (tool_kind, created_at, command_id), so a backlog of kinds
+-- this worker does not run is never read. `tool_kind >= k AND tool_kind <= k` is an equality
+-- the planner cannot fold away: ordering by tool_kind first then only that index provides,
+-- whatever the statistics say. Up to `limit` rows of each kind are locked; the rest are
+-- released when the transaction ends.
 WITH candidate AS MATERIALIZED (
-    SELECT c.execution_id, c.command_id
-    FROM noetl.command AS c
-    WHERE c.status = 'PENDING'
-      AND (c.tool_kind = ANY(%(tool_kinds)s::text[]) OR c.tool_kind IS NULL)
-      AND c.tool_kind IS DISTINCT FROM 'wasm'
-      AND c.step_name <> '__orchestrate__'
-    ORDER BY c.created_at, c.command_id
+    SELECT p.execution_id, p.command_id
+    FROM (
+        SELECT c.execution_id, c.command_id, c.created_at
+        FROM (SELECT DISTINCT kind
+                FROM unnest(%(tool_kinds)s::text[]) AS kind
+               WHERE kind <> 'wasm') AS k
+        CROSS JOIN LATERAL (
+            SELECT c.execution_id, c.command_id, c.created_at
+            FROM noetl.command AS c
+            WHERE c.status = 'PENDING'
+              AND c.tool_kind >= k.kind AND c.tool_kind <= k.kind
+              AND c.step_name <> '__orchestrate__'
+            ORDER BY c.tool_kind, c.created_at, c.command_id
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        UNION ALL
+        SELECT n.execution_id, n.command_id, n.created_at
+        FROM (
+            SELECT c.execution_id, c.command_id, c.created_at
+            FROM noetl.command AS c
+            WHERE c.status = 'PENDING'
+              AND c.tool_kind IS NULL
+              AND c.step_name <> '__orchestrate__'
+            ORDER BY c.tool_kind, c.created_at, c.command_id
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ) AS n
+    ) AS p
+    ORDER BY p.created_at, p.command_id
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
 ),
 locked AS MATERIALIZED (
     SELECT k.execution_id, k.command_id,
@@ -324,16 +353,67 @@ SET status = 'offline', runtime = %(runtime)s::jsonb, updated_at = now()
 WHERE kind = 'worker_pool' AND name = %(name)s;
 
 -- name: status_counts
+-- Every command counted by status and kind: reads the whole table, history included, so only
+-- `status --exact` runs it.
 SELECT status, COALESCE(tool_kind, '(none)') AS tool_kind, count(*) AS commands
 FROM noetl.command
 GROUP BY status, COALESCE(tool_kind, '(none)')
 ORDER BY status, tool_kind;
 
 -- name: queue_depth
-SELECT status, COALESCE(tool_kind, '(none)') AS tool_kind, count(*) AS commands
-FROM noetl.command
-WHERE status IN ('PENDING', 'CLAIMED', 'RUNNING')
-GROUP BY status, COALESCE(tool_kind, '(none)');
+-- Live commands (PENDING, CLAIMED, RUNNING) by status and kind, exact, read from the worker's
+-- partial indexes only: history never enters them. Two parts, because no one index covers
+-- all three statuses (one filter on the three would scan every partition).
+SELECT 'PENDING' AS status, COALESCE(c.tool_kind, '(none)') AS tool_kind, count(*) AS commands
+FROM noetl.command AS c
+WHERE c.status = 'PENDING'
+GROUP BY COALESCE(c.tool_kind, '(none)')
+UNION ALL
+SELECT c.status, COALESCE(c.tool_kind, '(none)') AS tool_kind, count(*) AS commands
+FROM noetl.command AS c
+WHERE c.status IN ('CLAIMED', 'RUNNING')
+GROUP BY c.status, COALESCE(c.tool_kind, '(none)');
+
+-- name: status_history_estimate
+-- Terminal commands (history) by status, ESTIMATED without reading the table: the rows of
+-- every partition as of its last VACUUM/ANALYZE (pg_class.reltuples), less `live` (the live
+-- rows, counted exactly by queue_depth), split by the terminal statuses' frequencies in the
+-- partitions' statistics (pg_stats, weighted by rows). Where this role can see no statistics,
+-- one unsplit 'TERMINAL' figure.
+WITH leaf AS (
+    SELECT n.nspname, r.relname, greatest(r.reltuples, 0) AS reltuples
+    FROM pg_partition_tree('noetl.command'::regclass) AS t
+    JOIN pg_class AS r ON r.oid = t.relid
+    JOIN pg_namespace AS n ON n.oid = r.relnamespace
+    WHERE t.isleaf
+),
+weight AS (
+    SELECT f.status, sum(l.reltuples * f.freq) AS w
+    FROM leaf AS l
+    JOIN pg_stats AS s
+      ON s.schemaname = l.nspname AND s.tablename = l.relname AND s.attname = 'status'
+     AND NOT s.inherited
+    CROSS JOIN LATERAL unnest(s.most_common_vals::text::text[], s.most_common_freqs)
+        AS f(status, freq)
+    WHERE f.status NOT IN ('PENDING', 'CLAIMED', 'RUNNING')
+    GROUP BY f.status
+),
+total AS (
+    SELECT greatest((SELECT sum(l.reltuples) FROM leaf AS l) - %(live)s::bigint, 0) AS n,
+           (SELECT sum(w.w) FROM weight AS w) AS w
+)
+SELECT x.status, x.commands
+FROM (
+    SELECT w.status, round(t.n * w.w / t.w)::bigint AS commands
+    FROM weight AS w, total AS t
+    WHERE t.w > 0
+    UNION ALL
+    SELECT 'TERMINAL', round(t.n)::bigint
+    FROM total AS t
+    WHERE COALESCE(t.w, 0) = 0
+) AS x
+WHERE x.commands > 0
+ORDER BY x.status;
 
 -- name: status_oldest_pending
 SELECT EXTRACT(epoch FROM now() - min(created_at))::double precision AS age_seconds
@@ -431,6 +511,7 @@ FROM (VALUES
         SELECT 1 FROM pg_trigger
         WHERE tgrelid = to_regclass('noetl.command') AND tgname = 'pgworker_command_notify')),
     ('index noetl.pgworker_command_claim_idx', to_regclass('noetl.pgworker_command_claim_idx') IS NOT NULL),
+    ('index noetl.pgworker_command_kind_claim_idx', to_regclass('noetl.pgworker_command_kind_claim_idx') IS NOT NULL),
     ('index noetl.pgworker_command_inflight_idx', to_regclass('noetl.pgworker_command_inflight_idx') IS NOT NULL)
 ) AS v(object, present);
 

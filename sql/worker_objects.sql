@@ -37,6 +37,13 @@ CREATE INDEX IF NOT EXISTS pgworker_command_claim_idx
     ON noetl.command (created_at, command_id)
     WHERE status = 'PENDING';
 
+-- The claim reads each of its tool kinds' PENDING rows oldest first from this one, so that a
+-- backlog of kinds a worker does not run costs it nothing; `queue_depth` counts PENDING rows by
+-- kind from it alone (index-only).
+CREATE INDEX IF NOT EXISTS pgworker_command_kind_claim_idx
+    ON noetl.command (tool_kind, created_at, command_id)
+    WHERE status = 'PENDING';
+
 -- Recovery looks for claims older than the lease; this keeps that look cheap however large
 -- the table's history grows.
 CREATE INDEX IF NOT EXISTS pgworker_command_inflight_idx

@@ -215,11 +215,17 @@ def test_claim_query_uses_the_partial_index_with_100k_rows_of_history(
         sql.SQL("EXPLAIN (FORMAT JSON) ") + query("claim_commands"),
         {"limit": 16, "tool_kinds": ["noop", "python"], "worker_id": "w"},
     ).fetchone()[0]  # type: ignore[index]
+    # Partial indexes that hold live rows only: the worker's two claim indexes (kinds are read
+    # from the per-kind one) and NoETL's index of PENDING/CLAIMED rows.
     claim_indexes = {
         r[0]
+        for idx in (
+            "noetl.pgworker_command_claim_idx",
+            "noetl.pgworker_command_kind_claim_idx",
+            "noetl.idx_command_status_active",
+        )
         for r in conn.execute(
-            "SELECT relid::regclass::text"
-            " FROM pg_partition_tree('noetl.pgworker_command_claim_idx')"
+            "SELECT relid::regclass::text FROM pg_partition_tree(%s::regclass)", (idx,)
         )
     }
 
