@@ -90,7 +90,8 @@ def history(pg_server: Any) -> Iterator[History]:
             enqueue(conn, tool_kind="python", count=40, executions=4)
             conn.execute(
                 "UPDATE noetl.command SET status = 'RUNNING', worker_id = 'dead',"
-                " claimed_at = now() - interval '1 hour' WHERE tool_kind = 'python' AND status = 'PENDING'"
+                " claimed_at = now() - interval '1 hour'"
+                " WHERE tool_kind = 'python' AND status = 'PENDING'"
             )
             with conn.transaction():
                 rows = conn.execute(
