@@ -3,12 +3,14 @@
 A provider maps an alias to a :class:`Credential`. The one that ships reads a JSON file named
 by ``NOETL_PGWORKER_CREDENTIALS`` (``{"alias": {"dsn": …} | {"headers": {…}} | {"token": …}}``)
 and, for single aliases, ``NOETL_PGWORKER_CREDENTIAL_<ALIAS>`` variables holding the same JSON
-or a bare DSN. Values never reach logs, errors or event payloads: tools use them and report
-only the alias.
+or a bare DSN. Values never reach logs, errors or event payloads: tools use them, report only
+the alias, and scrub the values from what they return (a server may echo them back). An alias
+may name the hosts it may be sent to (``"allowed_hosts": ["api.example.com", "*.example.org"]``).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -18,10 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .db import dsn_password
 from .errors import ConfigError, CredentialError
 
 _ENV_FILE = "NOETL_PGWORKER_CREDENTIALS"
 _ENV_PREFIX = "NOETL_PGWORKER_CREDENTIAL_"
+#: Secret values shorter than this are not scrubbed from tool output.
+MIN_SCRUBBED = 4
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -32,13 +37,48 @@ class Credential:
     headers: Mapping[str, str] = field(default_factory=dict)
     username: str | None = None
     password: str | None = None
+    #: hosts this credential may be sent to (``*.example.com`` matches subdomains); None: any
+    allowed_hosts: tuple[str, ...] | None = None
 
     def __repr__(self) -> str:  # never print the secret parts
         return f"Credential(alias={self.alias!r})"
 
     def secrets(self) -> list[str]:
-        values = [self.dsn, self.token, self.password, *self.headers.values()]
-        return [v for v in values if v]
+        """Every secret value, and the forms a server may echo them in, longest first."""
+        values = [self.dsn, dsn_password(self.dsn or ""), self.token, self.password]
+        values += self.headers.values()
+        if self.username is not None and self.password:
+            values.append(base64.b64encode(f"{self.username}:{self.password}".encode()).decode())
+        # A value too short to hide anything would only garble the output it is scrubbed from.
+        found = {v for v in values if v and len(v) >= MIN_SCRUBBED}
+        return sorted(found, key=len, reverse=True)
+
+    def scrub(self, value: Any) -> Any:
+        """``value`` (JSON-like) with every secret of this credential replaced by ``***``."""
+        secrets = self.secrets()
+        if not secrets:
+            return value
+        pattern = re.compile("|".join(re.escape(s) for s in secrets))
+
+        def walk(v: Any) -> Any:
+            if isinstance(v, str):
+                return pattern.sub("***", v)
+            if isinstance(v, dict):
+                return {walk(k): walk(x) for k, x in v.items()}
+            if isinstance(v, list | tuple):
+                return [walk(x) for x in v]
+            return v
+
+        return walk(value)
+
+    def allows_host(self, host: str) -> bool:
+        if self.allowed_hosts is None:
+            return True
+        host = host.lower().rstrip(".")
+        return any(
+            host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
+            for allowed in self.allowed_hosts
+        )
 
     @classmethod
     def parse(cls, alias: str, value: Any) -> Credential:
@@ -50,6 +90,13 @@ class Credential:
         if not isinstance(headers, dict):
             raise ConfigError(f"credential {alias!r}: headers must be an object")
         dsn = value.get("dsn") or value.get("connection_string")
+        hosts = value.get("allowed_hosts")
+        if isinstance(hosts, str):
+            hosts = [h.strip() for h in hosts.split(",") if h.strip()]
+        if hosts is not None and (
+            not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts)
+        ):
+            raise ConfigError(f"credential {alias!r}: allowed_hosts must be a list of host names")
         return cls(
             alias=alias,
             dsn=str(dsn) if dsn else None,
@@ -57,6 +104,7 @@ class Credential:
             headers={str(k): str(v) for k, v in headers.items()},
             username=value.get("username"),
             password=value.get("password"),
+            allowed_hosts=None if hosts is None else tuple(h.lower() for h in hosts),
         )
 
 

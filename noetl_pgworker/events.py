@@ -12,6 +12,7 @@ import json
 import math
 from typing import Any
 
+from .db import redact_secrets
 from .models import CommandRef, Outcome
 
 #: NoETL drops ``result.context`` above this size; event rows stay under it.
@@ -52,10 +53,10 @@ def _strip_nul(value: Any) -> Any:
 
 
 def clean_text(text: str | None, limit: int = ERROR_LIMIT) -> str | None:
-    """Text safe for a ``text`` column: no NUL, at most ``limit`` characters."""
+    """Text safe for a ``text`` column: no NUL, no password, at most ``limit`` characters."""
     if text is None:
         return None
-    text = text.replace("\x00", "\ufffd")
+    text = redact_secrets(text.replace("\x00", "\ufffd"))
     if len(text) > limit:
         marker = "… [truncated]"
         text = text[: limit - len(marker)] + marker

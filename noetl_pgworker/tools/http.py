@@ -2,11 +2,15 @@
 
 Input: ``method`` (GET), ``url`` or ``endpoint``, ``headers``, ``params``, ``payload`` |
 ``body`` | ``json`` (a JSON body), ``data`` (a form, or raw text), ``verify_ssl`` (true),
-``follow_redirects`` (true), ``auth`` (a credential alias: its ``headers``, ``token`` as a
-bearer token, or ``username``/``password`` for basic auth). Output ``{status_code, headers,
-url, elapsed, data}``, ``data`` parsed when the response is JSON. A non-2xx status fails the
-command with ``HTTP <code>: <reason>`` and still carries the response. One pooled client per
-worker; responses over 32 MiB are refused.
+``follow_redirects`` (true), ``max_redirects`` (20), ``auth`` (a credential alias: its
+``headers``, ``token`` as a bearer token, or ``username``/``password`` for basic auth). Output
+``{status_code, headers, url, elapsed, data}``, ``data`` parsed when the response is JSON. A
+non-2xx status fails the command with ``HTTP <code>: <reason>`` and still carries the response.
+One pooled client per worker; responses over 32 MiB are refused.
+
+An alias's credentials go only to the request's origin: a redirect elsewhere drops every
+header the alias added; an alias with ``allowed_hosts`` refuses other hosts; its secret values
+are replaced by ``***`` in what the tool returns.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from ..credentials import auth_alias
-from ..errors import ToolError, ToolTimeout
+from ..credentials import Credential, auth_alias
+from ..errors import CredentialError, ToolError, ToolTimeout
 from ..models import Command
 from . import ToolContext
 
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_REDIRECTS = 20
 
 
 def redact_url(url: str) -> str:
@@ -73,14 +78,19 @@ class HttpTool:
         if params is not None and not isinstance(params, dict):
             raise ToolError("http: tool_config.params must be an object")
         auth: tuple[str, str] | None = None
+        cred: Credential | None = None
+        alias_headers: set[str] = set()  # names of the headers the alias adds
         alias = auth_alias(cfg)
         if alias:
             cred = ctx.credentials.get(alias)
             headers.update(cred.headers)
-            if cred.token:
-                headers.setdefault("Authorization", f"Bearer {cred.token}")
+            alias_headers = {k.lower() for k in cred.headers}
+            if cred.token and "authorization" not in {k.lower() for k in headers}:
+                headers["Authorization"] = f"Bearer {cred.token}"
+                alias_headers.add("authorization")
             if cred.username is not None and cred.password is not None:
                 auth = (cred.username, cred.password)
+                alias_headers.add("authorization")
         body: dict[str, Any] = {}
         for key in ("payload", "body", "json"):
             if cfg.get(key) is not None:
@@ -92,26 +102,50 @@ class HttpTool:
                 body["data"] = form
             elif isinstance(form, str):
                 body["content"] = form
-        shown = redact_url(url)
+        follow = bool(cfg.get("follow_redirects", True))
         try:
-            with self._client(bool(cfg.get("verify_ssl", True))).stream(
-                method,
-                url,
-                headers=headers,
-                params=params,
-                auth=auth,
-                timeout=ctx.remaining(),
-                follow_redirects=bool(cfg.get("follow_redirects", True)),
-                **body,
-            ) as response:
-                content = bytearray()
-                for chunk in response.iter_bytes():
-                    content += chunk
-                    if len(content) > MAX_RESPONSE_BYTES:
-                        raise ToolError(
-                            f"http: response from {shown} is larger than"
-                            f" {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB"
-                        )
+            max_redirects = int(cfg.get("max_redirects", DEFAULT_MAX_REDIRECTS))
+        except (TypeError, ValueError):
+            raise ToolError("http: tool_config.max_redirects must be a number") from None
+        shown = redact_url(url)
+        client = self._client(bool(cfg.get("verify_ssl", True)))
+        try:
+            request = client.build_request(
+                method, url, headers=headers, params=params, timeout=ctx.remaining(), **body
+            )
+            if cred is not None and not cred.allows_host(request.url.host):
+                raise CredentialError(
+                    f"http: credential {cred.alias!r} may not be sent to"
+                    f" {request.url.host!r} (its allowed_hosts:"
+                    f" {', '.join(cred.allowed_hosts or ())})"
+                )
+            first_url = request.url
+            redirects = 0
+            while True:
+                response = client.send(request, auth=auth if redirects == 0 else None, stream=True)
+                try:
+                    next_request = response.next_request if follow else None
+                    if next_request is None:
+                        content = bytearray()
+                        for chunk in response.iter_bytes():
+                            content += chunk
+                            if len(content) > MAX_RESPONSE_BYTES:
+                                raise ToolError(
+                                    f"http: response from {shown} is larger than"
+                                    f" {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB"
+                                )
+                        break
+                finally:
+                    response.close()
+                redirects += 1
+                if redirects > max_redirects:
+                    raise ToolError(f"http: {method} {shown}: more than {max_redirects} redirects")
+                # httpx drops only Authorization on a cross-origin redirect: drop every header
+                # the alias added, so its secrets go nowhere but where they were meant for.
+                if alias_headers and not _same_site(first_url, next_request.url):
+                    for name in alias_headers:
+                        next_request.headers.pop(name, None)
+                request = next_request
         except httpx.TimeoutException:
             raise ToolTimeout(f"http: {method} {shown} timed out after {ctx.timeout:g} s") from None
         except httpx.ConnectError as exc:
@@ -120,16 +154,31 @@ class HttpTool:
             raise ToolError(f"http: invalid url {shown}: {exc}") from None
         except httpx.HTTPError as exc:
             raise ToolError(f"http: {method} {shown} failed: {type(exc).__name__}: {exc}") from None
-        out = {
+        out: dict[str, Any] = {
             "status_code": response.status_code,
             "headers": dict(response.headers),
             "url": redact_url(str(response.url)),
             "elapsed": response.elapsed.total_seconds(),
             "data": _decode(bytes(content), response),
         }
+        if cred is not None:  # a server may echo what it was sent
+            out = cred.scrub(out)
         if not response.is_success:
             raise ToolError(f"HTTP {response.status_code}: {response.reason_phrase}", data=out)
         return out
+
+
+def _same_site(origin: httpx.URL, url: httpx.URL) -> bool:
+    """Whether ``url`` is ``origin``'s scheme, host and port (or its https upgrade)."""
+    if origin.host != url.host:
+        return False
+    if origin.scheme == url.scheme:
+        return _port(origin) == _port(url)
+    return (origin.scheme, _port(origin), url.scheme, _port(url)) == ("http", 80, "https", 443)
+
+
+def _port(url: httpx.URL) -> int | None:
+    return url.port if url.port is not None else {"http": 80, "https": 443}.get(url.scheme)
 
 
 def _decode(content: bytes, response: httpx.Response) -> Any:

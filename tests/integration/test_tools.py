@@ -159,10 +159,11 @@ def test_http_auth_alias_sends_credentials_and_never_shows_them(
         json.dumps({"api": {"token": "tok-123"}, "hdr": {"headers": {"X-Api-Key": "key-456"}}})
     )
     provider = EnvCredentials({"NOETL_PGWORKER_CREDENTIALS": str(creds)})
+    # sent, and scrubbed from the echo that comes back
     out = run("http", {"url": f"{server}/echo", "auth": "api"}, credentials=provider)
-    assert out.data["data"]["headers"]["authorization"] == "Bearer tok-123"
+    assert out.data["data"]["headers"]["authorization"] == "Bearer ***"
     out = run("http", {"url": f"{server}/echo", "auth": {"alias": "hdr"}}, credentials=provider)
-    assert out.data["data"]["headers"]["x-api-key"] == "key-456"
+    assert out.data["data"]["headers"]["x-api-key"] == "***"
     unknown = run("http", {"url": f"{server}/echo", "auth": "nope"}, credentials=provider)
     assert not unknown.ok and unknown.error_type == "credentials"
     assert "unknown credential alias 'nope'" in unknown.error
