@@ -547,14 +547,23 @@ def enqueue_cmd(
     show_default=True,
     help="Claims older than this are reported as stuck.",
 )
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Count finished commands (history) exactly: reads every row of noetl.command."
+    "  [default: live commands exact, history estimated from statistics]",
+)
 @log_options
 @handle_errors
-def status_cmd(dsn: str, as_json: bool, watch: float | None, lease: float, **_: Any) -> None:
+def status_cmd(
+    dsn: str, as_json: bool, watch: float | None, lease: float, exact: bool, **_: Any
+) -> None:
     """Commands by status and tool kind, oldest pending age, commands stuck past the lease,
-    workers with their in-flight counts and heartbeat ages."""
+    workers with their in-flight counts and heartbeat ages. Live commands are counted exactly;
+    history is estimated (marked ~) unless --exact."""
     if watch is None:
         with wrap_errors(dsn, "reading status"), connect(dsn) as conn:
-            st = status_mod.read_status(conn, lease)
+            st = status_mod.read_status(conn, lease, exact=exact)
         if as_json:
             click.echo(json.dumps(st.as_dict(), indent=2, sort_keys=True))
         else:
@@ -564,7 +573,7 @@ def status_cmd(dsn: str, as_json: bool, watch: float | None, lease: float, **_: 
     try:
         with wrap_errors(dsn, "reading status"), connect(dsn, autocommit=True) as conn:
             while True:
-                st = status_mod.read_status(conn, lease)
+                st = status_mod.read_status(conn, lease, exact=exact)
                 per_worker = rates.update(time.monotonic(), st)
                 if as_json:
                     click.echo(

@@ -101,15 +101,44 @@ def test_drain_exits_zero_when_the_queue_is_empty(dsn: str) -> None:
     r = cli("start", "--dsn", dsn, "--drain")
     assert r.returncode == 0, r.stderr
     assert "20 claimed, 20 completed" in r.stderr
-    st = cli("status", "--dsn", dsn, "--json")
+    st = cli("status", "--dsn", dsn, "--json", "--exact")
     assert st.returncode == 0
     data = json.loads(st.stdout)
-    assert data["totals"] == {"COMPLETED": 20}
+    assert data["totals"] == {"COMPLETED": 20} and data["estimated"] == []
     assert data["workers"][0]["status"] == "offline"
     # the offline row keeps the final figures
     assert data["workers"][0]["completed"] == 20 and data["workers"][0]["in_flight"] == 0
-    table = cli("status", "--dsn", dsn)
+    table = cli("status", "--dsn", dsn, "--exact")
     assert "COMPLETED" in table.stdout and "noop" in table.stdout
+
+
+def test_status_counts_live_commands_and_estimates_history_unless_exact(dsn: str) -> None:
+    assert cli("enqueue", "--dsn", dsn, "--count", "30", "--tool-kind", "python").returncode == 0
+    assert cli("enqueue", "--dsn", dsn, "--count", "2000", "--executions", "40").returncode == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE noetl.command SET status = 'COMPLETED' WHERE tool_kind = 'noop'")
+        conn.execute(
+            "UPDATE noetl.command SET status = 'FAILED' WHERE command_id IN (SELECT command_id"
+            " FROM noetl.command WHERE tool_kind = 'noop' ORDER BY random() LIMIT 500)"
+        )
+        exact = dict(
+            conn.execute("SELECT status, count(*) FROM noetl.command GROUP BY status").fetchall()
+        )
+        conn.execute("VACUUM ANALYZE noetl.command")
+    r = cli("status", "--dsn", dsn, "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    # Live commands counted, by kind; history estimated from the statistics and marked so.
+    assert data["counts"] == {"PENDING": {"python": 30}} and data["exact"] is False
+    assert data["estimated"] == ["COMPLETED", "FAILED"]
+    for status in ("COMPLETED", "FAILED"):
+        assert abs(data["totals"][status] - exact[status]) <= exact[status] * 0.1
+    table = cli("status", "--dsn", dsn).stdout
+    assert "~" in table and "estimate" in table
+    r = cli("status", "--dsn", dsn, "--json", "--exact")
+    data = json.loads(r.stdout)
+    assert data["totals"] == exact and data["estimated"] == [] and data["exact"] is True
+    assert set(data["counts"]["COMPLETED"]) == {"noop"}
 
 
 def test_a_database_that_is_not_there_is_one_clear_line(pg_server: Any) -> None:
