@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -122,3 +124,17 @@ def test_a_credential_scrubs_its_secrets_from_values() -> None:
     assert "hunter22" not in json.dumps(scrubbed) and "Ym9iOmh1bnRlcjIy" not in json.dumps(scrubbed)
     assert scrubbed["headers"]["authorization"] == "Bearer ***"
     assert scrubbed["list"][:3] == ["***!", 1, None]
+
+
+@pytest.mark.parametrize("args", [["schema", "verify", "-v"], ["start", "--drain", "-v"]])
+def test_the_cli_shows_no_password_of_an_unparseable_dsn(args: list[str]) -> None:
+    dsn = f"postgresql://u:{SECRET}@[::1/db"
+    r = subprocess.run(
+        [sys.executable, "-m", "noetl_pgworker", *args, "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 1 and "u:***@" in r.stderr
+    assert SECRET not in r.stderr + r.stdout
