@@ -31,6 +31,7 @@ from .db import connect, redact_dsn, wrap_errors
 from .errors import ConfigError, PgWorkerError
 from .sdnotify import Notifier
 from .tools import default_registry
+from .tools.process import harden_process
 
 logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -229,11 +230,54 @@ def main() -> None:
     "--python-mode",
     envvar=_env("PYTHON_MODE"),
     show_envvar=True,
-    type=click.Choice(["process", "inline"]),
+    type=click.Choice(["process", "spawn", "inline"]),
     default="process",
     show_default=True,
-    help="Run python commands in a child process (safe), or inline on a worker thread"
-    " (faster; a crash or endless loop in the code takes the worker down).",
+    help="Run python commands in a fresh fork of the fork server (isolated), in a new"
+    " interpreter each (spawn: isolated, slower), or inline on a worker thread (fastest; a"
+    " crash or endless loop in the code takes the worker down).",
+)
+@click.option(
+    "--python-preload",
+    envvar=_env("PYTHON_PRELOAD"),
+    show_envvar=True,
+    default=None,
+    help="Comma-separated modules the fork server imports once, so python steps that import"
+    " them start warm.  [default: what the python runner needs]",
+)
+@click.option(
+    "--run-as",
+    envvar=_env("RUN_AS"),
+    show_envvar=True,
+    default=None,
+    help="Run python and shell commands as this user (the worker must run as root).",
+)
+@click.option(
+    "--child-max-procs",
+    envvar=_env("CHILD_MAX_PROCS"),
+    show_envvar=True,
+    type=click.IntRange(1),
+    default=256,
+    show_default=True,
+    help="Process limit (RLIMIT_NPROC, per user) of python and shell commands.",
+)
+@click.option(
+    "--child-max-file-mb",
+    envvar=_env("CHILD_MAX_FILE_MB"),
+    show_envvar=True,
+    type=click.IntRange(1),
+    default=1024,
+    show_default=True,
+    help="Largest file a python or shell command may write (RLIMIT_FSIZE), MiB.",
+)
+@click.option(
+    "--child-cpu-seconds",
+    envvar=_env("CHILD_CPU_SECONDS"),
+    show_envvar=True,
+    type=click.IntRange(1),
+    default=3600,
+    show_default=True,
+    help="CPU seconds of each process of a python or shell command (RLIMIT_CPU).",
 )
 @click.option(
     "--python-memory-mb",
@@ -242,7 +286,7 @@ def main() -> None:
     type=click.IntRange(16),
     default=2048,
     show_default=True,
-    help="Address-space cap of a python command's process (process mode).",
+    help="Address-space cap of a python or shell command's process (not inline).",
 )
 @click.option(
     "--server-url",
@@ -302,6 +346,11 @@ def start(
     max_attempts: int,
     command_timeout: float,
     python_mode: str,
+    python_preload: str | None,
+    run_as: str | None,
+    child_max_procs: int,
+    child_max_file_mb: int,
+    child_cpu_seconds: int,
     python_memory_mb: int,
     server_url: str | None,
     metrics_port: int | None,
@@ -335,6 +384,11 @@ def start(
         "child_max_procs": child_max_procs,
         "child_max_file_mb": child_max_file_mb,
         "child_cpu_seconds": child_cpu_seconds,
+        "python_preload": python_preload or None,
+        "run_as": run_as or None,
+        "child_max_procs": child_max_procs,
+        "child_max_file_mb": child_max_file_mb,
+        "child_cpu_seconds": child_cpu_seconds,
         "server_url": server_url or None,
         "session_dsn": session_dsn or None,
         "metrics_port": metrics_port,
@@ -350,6 +404,7 @@ def start(
         raise ConfigError(f"invalid settings: {problems}") from exc
     if not worker_id:
         logs.configure(log_level, log_format, settings.worker_id)
+    harden_process()  # children cannot read this process's memory or /proc/<pid>/environ
     worker = Worker(settings, notifier=Notifier.from_env())
     _install_signal_handlers(worker.stop)
     summary = worker.run()

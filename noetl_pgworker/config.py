@@ -68,8 +68,18 @@ class Settings(BaseModel):
     command_timeout: float = Field(
         default=300.0, gt=0, description="default time a command may run (tool_config overrides)"
     )
-    python_mode: Literal["process", "inline"] = "process"
+    python_mode: Literal["process", "spawn", "inline"] = "process"
     python_memory_mb: int = Field(default=2048, ge=16)
+    python_preload: tuple[str, ...] | None = Field(
+        default=None,
+        description="modules the fork server imports once; None = what the python runner needs",
+    )
+    run_as: str | None = Field(
+        default=None, description="run python and shell commands as this user (worker: root)"
+    )
+    child_max_procs: int = Field(default=256, ge=1, description="RLIMIT_NPROC of a child")
+    child_max_file_mb: int = Field(default=1024, ge=1, description="RLIMIT_FSIZE of a child")
+    child_cpu_seconds: int = Field(default=3600, ge=1, description="RLIMIT_CPU of a child")
     verify_schema: bool = True
     server_url: str | None = Field(
         default=None, description="report to this NoETL server instead of writing rows"
@@ -85,6 +95,13 @@ class Settings(BaseModel):
                 f" ({self.heartbeat_interval} s), or live workers would look dead"
             )
         return self
+
+    @field_validator("python_preload", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("tool_kinds", mode="before")
     @classmethod

@@ -72,7 +72,13 @@ class Worker:
         self.heartbeat: Heartbeat | None = None
         self._progress = time.monotonic()
         self.registry = registry or default_registry(
-            python_mode=settings.python_mode, python_memory_mb=settings.python_memory_mb
+            python_mode=settings.python_mode,
+            python_memory_mb=settings.python_memory_mb,
+            run_as=settings.run_as,
+            child_max_procs=settings.child_max_procs,
+            child_max_file_mb=settings.child_max_file_mb,
+            child_cpu_seconds=settings.child_cpu_seconds,
+            python_preload=settings.python_preload,
         )
         self.credentials = EnvCredentials()
         self.credentials.check()
@@ -175,6 +181,7 @@ class Worker:
     def run(self) -> RunSummary:
         s = self.settings
         t0 = time.monotonic()
+        self.registry.start()  # the fork server, before any command
         app = f"noetl-pgworker:{s.worker_id}"
         pool: ConnectionPool[Any] = ConnectionPool(
             s.dsn,

@@ -8,7 +8,7 @@ dispatcher's threads and must honour ``ctx.timeout``; they must not keep per-com
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -77,8 +77,15 @@ class ToolRegistry:
     def kinds(self) -> tuple[str, ...]:
         return tuple(sorted(self._tools))
 
+    def start(self) -> None:
+        """Start what tools keep running (the fork server of python and shell)."""
+        for tool in self._tools.values():
+            start = getattr(tool, "start", None)
+            if callable(start):
+                start()
+
     def close(self) -> None:
-        """Release what tools keep open (HTTP connection pools)."""
+        """Release what tools keep open (HTTP connection pools, the fork server)."""
         for tool in self._tools.values():
             close = getattr(tool, "close", None)
             if callable(close):
@@ -88,22 +95,41 @@ class ToolRegistry:
         return kind in self._tools
 
 
-def default_registry(*, python_mode: str = "process", python_memory_mb: int = 2048) -> ToolRegistry:
-    """Every tool that ships with noetl-pgworker."""
+def default_registry(
+    *,
+    python_mode: str = "process",
+    python_memory_mb: int = 2048,
+    run_as: str | None = None,
+    child_max_procs: int | None = 256,
+    child_max_file_mb: int | None = 1024,
+    child_cpu_seconds: int | None = 3600,
+    python_preload: Sequence[str] | None = None,
+) -> ToolRegistry:
+    """Every tool that ships with noetl-pgworker. python and shell share one sandbox (fork
+    server), started on first use or by :meth:`ToolRegistry.start`."""
     from .duckdb import DuckdbTool
     from .http import HttpTool
     from .noop import NoopTool
     from .postgres import PostgresTool
+    from .process import DEFAULT_PRELOAD, Limits, Sandbox
     from .python import PythonTool
     from .shell import ShellTool
 
+    limits = Limits(
+        memory_mb=python_memory_mb,
+        max_procs=child_max_procs,
+        max_file_mb=child_max_file_mb,
+        cpu_seconds=child_cpu_seconds,
+    )
+    preload = DEFAULT_PRELOAD if python_preload is None else tuple(python_preload)
+    sandbox = Sandbox(limits, run_as=run_as, preload=preload)
     return ToolRegistry(
         [
             NoopTool(),
-            PythonTool(mode=python_mode, memory_mb=python_memory_mb),
+            PythonTool(mode=python_mode, memory_mb=python_memory_mb, sandbox=sandbox),
             HttpTool(),
             PostgresTool(),
-            ShellTool(),
+            ShellTool(sandbox),
             DuckdbTool(),
         ]
     )

@@ -1,19 +1,88 @@
-"""Running a child process for a tool: own process group, killed whole at the timeout, output
-captured to files and kept bounded (a chatty command cannot exhaust the worker's memory)."""
+"""Running a tool's child process in a sandbox: through the fork server
+(:mod:`noetl_pgworker.tools.forkserver`), which the :class:`Sandbox` starts, supervises and
+restarts. Each command's process runs in a session of its own under a per-command
+supervisor that kills everything it left (background and ``setsid`` descendants included) at
+its end or timeout; the operator's limits are the ceiling (a command may only lower them);
+``run_as`` runs it as another user; its output goes to files and is kept bounded.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import json
+import logging
 import os
+import pwd
+import select
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, ToolError
+from . import forkserver
+
+logger = logging.getLogger(__name__)
 
 #: Environment variables a child inherits from the worker; nothing else (the worker's
 #: environment may hold the database password).
 ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SYSTEMROOT")
+
+FORKSERVER = Path(forkserver.__file__)
+RUNNER = Path(__file__).with_name("pyrunner.py")
+#: What the fork server imports by default: what the runner needs.
+DEFAULT_PRELOAD = ("json", "inspect", "traceback")
+PR_SET_DUMPABLE = 4
+
+
+def harden_process() -> bool:
+    """Make this (the worker's) process undumpable: same-user processes that are not
+    ptrace-capable cannot read its memory, ``/proc/<pid>/environ`` or attach to it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits of a command's process; ``None`` = not limited."""
+
+    memory_mb: int | None = 2048
+    max_procs: int | None = 256
+    max_file_mb: int | None = 1024
+    cpu_seconds: int | None = 3600
+
+    def lowered_by(self, config: Mapping[str, Any], tool: str) -> Limits:
+        """These limits, lowered where ``config`` asks for less (asking for more changes
+        nothing: the operator's limits are the ceiling)."""
+        changes: dict[str, int] = {}
+        for key in ("memory_mb", "max_procs", "max_file_mb", "cpu_seconds"):
+            value = config.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ToolError(f"{tool}: tool_config.{key} must be a positive integer")
+            ceiling = getattr(self, key)
+            changes[key] = value if ceiling is None else min(value, ceiling)
+        return replace(self, **changes) if changes else self
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {
+            "memory_mb": self.memory_mb,
+            "max_procs": self.max_procs,
+            "max_file_mb": self.max_file_mb,
+            "cpu_seconds": self.cpu_seconds,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,60 +97,294 @@ class TimedOut(Exception):
     pass
 
 
+class SandboxError(ToolError):
+    """The sandbox could not run the command (fork server gone, supervisor killed)."""
+
+    error_type = "sandbox"
+
+
 def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
     env.update(extra or {})
     return env
 
 
-def run(
-    argv: Sequence[str],
-    *,
-    timeout: float,
-    workdir: Path,
-    stdin: bytes | None = None,
-    cwd: str | None = None,
-    env: Mapping[str, str] | None = None,
-    output_limit: int = 256 * 1024,
-) -> Finished:
-    """Run ``argv``; raise :class:`TimedOut` (after killing its process group) at ``timeout``."""
-    out_path, err_path = workdir / "stdout", workdir / "stderr"
-    with out_path.open("wb") as out, err_path.open("wb") as err:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            cwd=cwd or str(workdir),
-            env=dict(env) if env is not None else base_env(),
-            start_new_session=True,  # its own process group, killed as a whole
-        )
-        try:
-            proc.communicate(stdin, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
-            raise TimedOut from None
-        finally:
-            if proc.poll() is None:
-                kill_group(proc)
-    return Finished(
-        returncode=proc.returncode,
-        stdout=bounded(out_path, output_limit),
-        stderr=bounded(err_path, output_limit),
-        workdir=workdir,
-    )
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
+def resolve_user(user: str) -> tuple[int, int, str]:
+    """(uid, gid, home) of ``user`` (a name or a numeric id)."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        proc.kill()
-    proc.wait(timeout=10)
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, ValueError):
+        raise ConfigError(f"--run-as: no such user {user!r}") from None
+    return entry.pw_uid, entry.pw_gid, entry.pw_dir
+
+
+class _Server:
+    def __init__(self, proc: subprocess.Popen[bytes], path: str, generation: int) -> None:
+        self.proc = proc
+        self.path = path
+        self.generation = generation
+        self.stop: Callable[[], Any] = lambda: None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class Sandbox:
+    """The fork server of a worker, started on first use (or :meth:`start`), restarted when
+    it dies, stopped by :meth:`close`. Thread-safe: one connection per command."""
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        *,
+        run_as: str | None = None,
+        preload: Sequence[str] = DEFAULT_PRELOAD,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.preload = tuple(preload)
+        self.start_timeout = start_timeout
+        self.user: tuple[int, int, str] | None = None
+        if run_as:
+            if os.geteuid() != 0:
+                raise ConfigError(
+                    f"--run-as {run_as}: the worker must run as root to start commands as"
+                    " another user (it runs as uid"
+                    f" {os.geteuid()}); drop --run-as or start the worker as root"
+                )
+            self.user = resolve_user(run_as)
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+        self._generation = 0
+        self._dir: str | None = None
+        self._closed = False
+        self.restarts = 0
+
+    # -- the fork server's life -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._ensure()
+
+    @property
+    def pid(self) -> int | None:
+        server = self._server
+        return server.proc.pid if server is not None and server.alive() else None
+
+    def _ensure(self, dead: int | None = None) -> _Server:
+        """The running fork server; a new one if there is none or generation ``dead`` died."""
+        with self._lock:
+            if self._closed:
+                raise SandboxError("the worker is stopping: no new processes")
+            server = self._server
+            if server is not None and server.alive() and server.generation != dead:
+                return server
+            if server is not None:
+                if server.generation == dead or not server.alive():
+                    server.stop()
+                    self.restarts += 1
+                    logger.warning(
+                        "the fork server (pid %d) died (%s); starting a new one",
+                        server.proc.pid,
+                        _exit_text(server.proc.returncode),
+                        extra={"action": "forkserver_restart"},
+                    )
+                else:
+                    return server
+            server = self._server = self._spawn()
+            # Stopped by close(), or when this sandbox is dropped or the interpreter exits.
+            server.stop = weakref.finalize(self, Sandbox._stop, server)
+            return server
+
+    def _spawn(self) -> _Server:
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="noetl-pgworker-fs-")
+            weakref.finalize(self, _rmdir, self._dir)
+        self._generation += 1
+        path = os.path.join(self._dir, f"fs-{self._generation}.sock")
+        config = {
+            "socket": path,
+            "limits": self.limits.as_dict(),
+            "run_as": [self.user[0], self.user[1]] if self.user else None,
+            "preload": list(self.preload),
+            "runner": str(RUNNER),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-I", str(FORKSERVER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=base_env(),
+            cwd="/",
+            start_new_session=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(config).encode() + b"\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], self.start_timeout)
+        line = proc.stdout.readline().decode(errors="replace").strip() if ready else ""
+        if line != "ready":
+            proc.kill()
+            proc.wait()
+            why = line.removeprefix("error: ") or "no answer"
+            raise ConfigError(f"cannot start the fork server: {why}")
+        return _Server(proc, path, self._generation)
+
+    @staticmethod
+    def _stop(server: _Server) -> None:
+        proc = server.proc
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # EOF: the fork server stops and kills what it started
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        with contextlib.suppress(OSError):
+            os.unlink(server.path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+        if self._dir is not None:
+            _rmdir(self._dir)
+
+    # -- running a command ------------------------------------------------------------------
+
+    def workdir(self, prefix: str) -> tempfile.TemporaryDirectory[str]:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        if self.user is not None:
+            os.chown(tmp.name, self.user[0], self.user[1])
+        return tmp
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = base_env()
+        if self.user is not None:
+            env["HOME"] = self.user[2]
+        env.update(extra or {})
+        return env
+
+    def run(
+        self,
+        request: dict[str, Any],
+        *,
+        timeout: float,
+        workdir: Path,
+        limits: Limits | None = None,
+        output_limit: int = 256 * 1024,
+        tool: str = "process",
+    ) -> Finished:
+        """Run one command's process; raise :class:`TimedOut` (after killing all it started)
+        at ``timeout``, :class:`SandboxError` if the sandbox failed it, ``OSError``-like
+        :class:`ToolError` if it could not start."""
+        deadline = _Deadline(timeout)
+        request = {
+            **request,
+            "workdir": str(workdir),
+            "limits": (limits or self.limits).as_dict(),
+        }
+        sock, pid = self._start_command(request, deadline, tool)
+        with sock:
+            status = self._wait(sock, pid, deadline, tool)
+        returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        return Finished(
+            returncode=returncode,
+            stdout=bounded(workdir / "stdout", output_limit),
+            stderr=bounded(workdir / "stderr", output_limit),
+            workdir=workdir,
+        )
+
+    def _start_command(
+        self, request: dict[str, Any], deadline: _Deadline, tool: str
+    ) -> tuple[socket.socket, int]:
+        """Hand the request to the fork server; (connection, pid). A fork server that died
+        before the command started is restarted and the command tried once more."""
+        failed: int | None = None
+        for attempt in (1, 2):
+            server = self._ensure(dead=failed)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(max(1.0, min(30.0, deadline.left())))
+                sock.connect(server.path)
+                forkserver.send_frame(sock, request)
+                reply = forkserver.recv_frame(sock)
+            except OSError:
+                reply = None
+            if isinstance(reply, dict) and "pid" in reply:
+                sock.settimeout(None)
+                return sock, int(reply["pid"])
+            sock.close()
+            if isinstance(reply, dict) and "error" in reply:
+                raise ToolError(f"{tool}: {reply['error']}")
+            failed = server.generation
+            if attempt == 2 or deadline.left() <= 0.001:
+                break
+        raise SandboxError(
+            f"{tool}: the fork server died before the command started, twice (it was"
+            " restarted each time)"
+        )
+
+    def _wait(self, sock: socket.socket, pid: int, deadline: _Deadline, tool: str) -> int:
+        ready, _, _ = select.select([sock], [], [], deadline.left())
+        if not ready:
+            try:
+                forkserver.send_frame(sock, {"kill": True})
+                sock.settimeout(15)
+                forkserver.recv_frame(sock)  # everything it started is dead now
+            except (OSError, ValueError):
+                _kill_group(pid)
+            raise TimedOut
+        try:
+            reply = forkserver.recv_frame(sock)
+        except (OSError, ValueError):
+            reply = None
+        if not isinstance(reply, dict) or reply.get("status") is None:
+            _kill_group(pid)
+            raise SandboxError(
+                f"{tool}: the command's supervisor was killed before the command ended"
+                " (its process group was killed)"
+            )
+        return int(reply["status"])
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self.at = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.at - self._clock())
+
+
+def _rmdir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _exit_text(returncode: int | None) -> str:
+    if returncode is None:
+        return "running"
+    if returncode < 0:
+        return f"killed by {signal_name(returncode)}"
+    return f"exit code {returncode}"
 
 
 def bounded(path: Path, limit: int) -> str:
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return ""
     with path.open("rb") as fh:
         data = fh.read(limit)
     text = data.decode("utf-8", errors="replace")
@@ -95,7 +398,3 @@ def signal_name(returncode: int) -> str:
         return signal.Signals(-returncode).name
     except ValueError:
         return str(-returncode)
-
-
-def workdir(prefix: str) -> tempfile.TemporaryDirectory[str]:
-    return tempfile.TemporaryDirectory(prefix=prefix)

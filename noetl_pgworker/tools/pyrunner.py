@@ -1,8 +1,9 @@
 """Runs one ``python`` command's code. Standard library only.
 
 Used two ways: imported, by the in-process ("inline") mode; and as a script, by the default
-"process" mode, in a fresh interpreter: ``python -I pyrunner.py RESULT_PATH`` with a JSON
-spec (``code``, ``args``, ``step``, ``memory_mb``) on stdin. The script writes
+"spawn" mode, in a fresh interpreter: ``python -I pyrunner.py RESULT_PATH`` with a JSON
+spec (``code``, ``args``, ``step``, ``memory_mb``) on stdin; and loaded by the fork server
+("process" mode), whose command processes call :func:`run_to_file`. The script writes
 ``{"ok": true, "result": …}`` or ``{"ok": false, "error": "<Type>: <message>", "traceback": …}``
 to RESULT_PATH; whatever the code prints goes to the process's own stdout/stderr.
 """
@@ -54,8 +55,12 @@ def run_code(code: str, args: dict[str, Any], step: str) -> Any:
 
 
 def _main() -> int:
-    result_path = sys.argv[1]
-    spec = json.loads(sys.stdin.buffer.read())
+    return run_to_file(json.loads(sys.stdin.buffer.read()), sys.argv[1])
+
+
+def run_to_file(spec: dict[str, Any], result_path: str) -> int:
+    """Run a spec (``code``, ``args``, ``step``, ``memory_mb``); write its result as JSON to
+    ``result_path``. Used by the script and by the fork server's command processes."""
     memory_mb = spec.get("memory_mb")
     if memory_mb:
         try:

@@ -6,13 +6,17 @@ called with the arguments its signature names (all of them when it takes ``**kwa
 otherwise the module-level variable ``result`` is the output. The arguments are also visible
 as module globals. An exception fails the command with ``<ExceptionType>: <message>``.
 
-By default each command runs in a fresh interpreter (``mode="process"``): a crash,
-``os._exit``, an endless loop or a memory blow-up ends that process, not the worker; it is
-killed at the command's timeout, its address space is capped (``memory_mb``), it does not
-inherit the worker's environment (which may hold the database password), and what it prints
-is captured (bounded) and returned beside the result as ``_stdout``/``_stderr``.
-``mode="inline"`` runs the code on the worker's thread: faster, and unsafe — the code can
-crash or hang the worker, and the timeout cannot stop it.
+By default (``mode="process"``) each command runs in a fresh fork of the fork server
+(:mod:`~noetl_pgworker.tools.forkserver`), a helper process that has the runner and the
+preloaded modules imported; ``mode="spawn"`` starts a new interpreter per command instead
+(slower, nothing preloaded). Either way a crash, ``os._exit``, an endless loop or a memory
+blow-up ends that process, not the worker; it is killed at the command's timeout with every
+process it started; the operator's limits (address space, processes, file size, CPU time)
+are its ceiling and ``memory_mb`` etc. can only lower them; it does not inherit the worker's
+environment; it may run as another user (``run_as``); and what it prints is captured
+(bounded) and returned beside the result as ``_stdout``/``_stderr``. ``mode="inline"`` runs
+the code on the worker's thread: faster, and unsafe — the code can crash or hang the worker,
+and the timeout cannot stop it.
 """
 
 from __future__ import annotations
@@ -29,18 +33,36 @@ from ..models import Command, ToolOutput
 from . import ToolContext, process
 from .pyrunner import NoEntryPoint, run_code
 
-RUNNER = Path(__file__).with_name("pyrunner.py")
+RUNNER = process.RUNNER
+MODES = ("process", "spawn", "inline")
 OUTPUT_LIMIT = 64 * 1024
 
 
 class PythonTool:
     kind = "python"
 
-    def __init__(self, mode: str = "process", memory_mb: int = 2048) -> None:
-        if mode not in ("process", "inline"):
-            raise ValueError("python mode must be 'process' or 'inline'")
+    def __init__(
+        self,
+        mode: str = "process",
+        memory_mb: int = 2048,
+        *,
+        sandbox: process.Sandbox | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError("python mode must be 'process', 'spawn' or 'inline'")
         self.mode = mode
         self.memory_mb = memory_mb
+        self.sandbox: process.Sandbox | None = None
+        if mode != "inline":
+            self.sandbox = sandbox or process.Sandbox(process.Limits(memory_mb=memory_mb))
+
+    def start(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.start()
+
+    def close(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.close()
 
     def run(self, command: Command, ctx: ToolContext) -> Any:
         config = command.tool_config
@@ -49,32 +71,49 @@ class PythonTool:
             if config.get(key) is not None and not isinstance(config.get(key), dict):
                 raise ToolError(f"python: tool_config.{key} must be an object")
         args: dict[str, Any] = command.args
-        if self.mode == "inline":
+        if self.sandbox is None:
             try:
                 return run_code(code, args, command.step)
             except NoEntryPoint as exc:
                 raise ToolError(str(exc)) from None
-        return self._run_process(code, args, command, ctx)
+        return self._run_process(self.sandbox, code, args, command, ctx)
 
     def _run_process(
-        self, code: str, args: dict[str, Any], command: Command, ctx: ToolContext
+        self,
+        sandbox: process.Sandbox,
+        code: str,
+        args: dict[str, Any],
+        command: Command,
+        ctx: ToolContext,
     ) -> ToolOutput:
-        memory = config_int(command.tool_config, "memory_mb", self.memory_mb)
+        limits = sandbox.limits.lowered_by(command.tool_config, "python")
+        spec = {"code": code, "args": args, "step": command.step, "memory_mb": limits.memory_mb}
         try:
-            spec = json.dumps(
-                {"code": code, "args": args, "step": command.step, "memory_mb": memory}
-            ).encode()
+            spec_text = json.dumps(spec).encode()
         except (TypeError, ValueError) as exc:
             raise ToolError(f"python: the arguments are not JSON: {exc}") from exc
-        with process.workdir("noetl-pgworker-py-") as tmp:
+        with sandbox.workdir("noetl-pgworker-py-") as tmp:
             result_path = Path(tmp) / "result.json"
+            request: dict[str, Any]
+            if self.mode == "spawn":
+                spec_path = Path(tmp) / "spec.json"
+                spec_path.write_bytes(spec_text)
+                request = {
+                    "kind": "exec",
+                    "argv": [sys.executable, "-I", str(RUNNER), str(result_path)],
+                    "stdin_path": str(spec_path),
+                }
+            else:
+                request = {"kind": "python", "spec": spec, "result_path": str(result_path)}
+            request["env"] = sandbox.env()
             try:
-                done = process.run(
-                    [sys.executable, "-I", str(RUNNER), str(result_path)],
-                    stdin=spec,
+                done = sandbox.run(
+                    request,
                     timeout=ctx.remaining(),
                     workdir=Path(tmp),
+                    limits=limits,
                     output_limit=OUTPUT_LIMIT,
+                    tool="python",
                 )
             except process.TimedOut:
                 raise ToolTimeout(
@@ -82,9 +121,11 @@ class PythonTool:
                 ) from None
             logs = {"_stdout": done.stdout, "_stderr": done.stderr}
             logs = {k: v for k, v in logs.items() if v}
-            if not result_path.exists():
-                raise ToolError(_died(done.returncode), extra=logs)
-            result = json.loads(result_path.read_text(encoding="utf-8"))
+            try:
+                text = result_path.read_text(encoding="utf-8")
+                result = json.loads(text)
+            except (OSError, ValueError):
+                raise ToolError(_died(done.returncode), extra=logs) from None
         if not result.get("ok"):
             if result.get("traceback"):
                 logs["_traceback"] = result["traceback"]

@@ -2,8 +2,12 @@
 
 Input: ``command`` (a string, run by ``/bin/sh -c``, or a list, run directly), ``cwd``,
 ``env`` (added to a minimal environment: PATH, HOME, LANG, TZ… — not the worker's own, which
-may hold the database password), ``timeout_seconds``. Output ``{returncode, stdout, stderr}``
-(each kept to 256 KiB); a non-zero exit fails the command and still carries the output.
+may hold the database password), ``timeout_seconds``, and limits that may only lower the
+operator's (``memory_mb``, ``max_procs``, ``max_file_mb``, ``cpu_seconds``). It runs through the
+fork server (see :mod:`~noetl_pgworker.tools.process`): its own session, the operator's limits,
+the ``run_as`` user, and every process it started killed when it ends or times out. Output
+``{returncode, stdout, stderr}`` (each kept to 256 KiB); a non-zero exit fails the command and
+still carries the output.
 """
 
 from __future__ import annotations
@@ -18,6 +22,15 @@ from . import ToolContext, process
 
 class ShellTool:
     kind = "shell"
+
+    def __init__(self, sandbox: process.Sandbox | None = None) -> None:
+        self.sandbox = sandbox or process.Sandbox()
+
+    def start(self) -> None:
+        self.sandbox.start()
+
+    def close(self) -> None:
+        self.sandbox.close()
 
     def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
         cfg = {**command.args, **command.tool_config}
@@ -34,19 +47,21 @@ class ShellTool:
         cwd = cfg.get("cwd")
         if cwd is not None and not isinstance(cwd, str):
             raise ToolError("shell: tool_config.cwd must be a string")
-        with process.workdir("noetl-pgworker-sh-") as tmp:
+        sandbox = self.sandbox
+        limits = sandbox.limits.lowered_by(command.tool_config, "shell")
+        with sandbox.workdir("noetl-pgworker-sh-") as tmp:
+            request = {
+                "kind": "exec",
+                "argv": argv,
+                "cwd": cwd,
+                "env": sandbox.env({str(k): str(v) for k, v in env.items()}),
+            }
             try:
-                done = process.run(
-                    argv,
-                    timeout=ctx.remaining(),
-                    workdir=Path(tmp),
-                    cwd=cwd,
-                    env=process.base_env({str(k): str(v) for k, v in env.items()}),
+                done = sandbox.run(
+                    request, timeout=ctx.remaining(), workdir=Path(tmp), limits=limits, tool="shell"
                 )
             except process.TimedOut:
                 raise ToolTimeout(f"shell: timed out after {ctx.timeout:g} s (killed)") from None
-            except OSError as exc:
-                raise ToolError(f"shell: cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
         out = {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
         if done.returncode != 0:
             if done.returncode < 0:

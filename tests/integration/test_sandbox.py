@@ -4,9 +4,15 @@ process (python, shell), its limits."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import pwd
 import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +23,10 @@ from psycopg import conninfo
 
 from noetl_pgworker.credentials import EnvCredentials
 from noetl_pgworker.dispatcher import execute
+from noetl_pgworker.enqueue import enqueue
+from noetl_pgworker.errors import ConfigError
 from noetl_pgworker.models import Command, Outcome
-from noetl_pgworker.tools import ToolRegistry
+from noetl_pgworker.tools import ToolRegistry, default_registry
 from noetl_pgworker.tools.postgres import PostgresTool
 
 pytestmark = pytest.mark.integration
@@ -192,3 +200,216 @@ def test_postgres_still_connects_with_what_the_command_gives(
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("DROP ROLE IF EXISTS pgw_sandbox_role")
+
+
+# -- python and shell children ----------------------------------------------------------------
+
+IS_ROOT = os.geteuid() == 0
+#: As root, children must run as another user for the worker to be out of their reach.
+RUN_AS = "nobody" if IS_ROOT else None
+
+
+def sandboxed(**kwargs: Any) -> ToolRegistry:
+    return default_registry(python_mode="process", run_as=RUN_AS, **kwargs)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def pids_with(marker: str) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker.encode() in cmdline and alive(int(name)):
+                found.append(int(name))
+    return found
+
+
+def test_shell_background_and_setsid_children_die_with_the_command() -> None:
+    registry = sandboxed()
+    try:
+        out = execute(
+            command("shell", {"command": "setsid sleep 1001 & sleep 1002 & nohup sleep 1003 &"}),
+            registry,
+            timeout=10,
+        )
+        assert out.ok, out.error
+        assert pids_with("1001") == [] and pids_with("1002") == [] and pids_with("1003") == []
+        timed = execute(
+            command("shell", {"command": "setsid sleep 1004 & sleep 30", "timeout": 1}),
+            registry,
+            timeout=10,
+        )
+        assert timed.error_type == "timeout"
+        assert pids_with("1004") == []
+    finally:
+        registry.close()
+
+
+@pytest.mark.parametrize("mode", ["process", "spawn"])
+def test_python_double_fork_dies_with_the_command(mode: str) -> None:
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        os.execvp('sleep', ['sleep', '1005'])\n"
+        "    os._exit(0)\n"
+        "os.wait()\n"
+        "time.sleep(0.2)\n"
+        "result = 'forked'\n"
+    )
+    # spawn runs the installed interpreter: here it may not be readable by another user
+    registry = default_registry(python_mode=mode, run_as=RUN_AS if mode == "process" else None)
+    try:
+        out = execute(command("python", {"code": code}), registry, timeout=10)
+        assert out.ok and out.data == "forked", out.error
+        assert pids_with("1005") == []
+    finally:
+        registry.close()
+
+
+def test_limits_are_a_ceiling_a_command_can_only_lower() -> None:
+    registry = sandboxed(
+        python_memory_mb=256, child_max_procs=50, child_max_file_mb=2, child_cpu_seconds=20
+    )
+    code = (
+        "import resource as r\n"
+        "result = [r.getrlimit(x)[1] for x in"
+        " (r.RLIMIT_AS, r.RLIMIT_NPROC, r.RLIMIT_FSIZE, r.RLIMIT_CPU)]\n"
+    )
+    mb = 1024 * 1024
+    try:
+        asked_more = {"memory_mb": 100_000, "max_procs": 10_000, "max_file_mb": 10_000}
+        out = execute(command("python", {"code": code, **asked_more}), registry, timeout=10)
+        assert out.ok and out.data == [256 * mb, 50, 2 * mb, 20], out.error
+        lower = {"memory_mb": 128, "cpu_seconds": 5, "max_procs": 7}
+        out = execute(command("python", {"code": code, **lower}), registry, timeout=10)
+        assert out.data == [128 * mb, 7, 2 * mb, 5]
+        sh = execute(command("shell", {"command": "cat /proc/self/limits"}), registry)
+        limits = {
+            line[:26].strip(): line[26:].split()[:2] for line in sh.data["stdout"].splitlines()
+        }
+        assert limits["Max processes"] == ["50", "50"]
+        assert limits["Max file size"] == [str(2 * mb)] * 2
+        assert limits["Max address space"] == [str(256 * mb)] * 2
+        big = execute(
+            command("shell", {"command": "head -c 3000000 /dev/zero > big; echo done"}),
+            registry,
+        )
+        assert (not big.ok and "SIGXFSZ" in (big.error or "")) or "File too large" in str(big.data)
+    finally:
+        registry.close()
+
+
+def test_cpu_time_limit_stops_a_busy_command() -> None:
+    registry = sandboxed(child_cpu_seconds=1)
+    try:
+        out = execute(command("python", {"code": "while True:\n    pass\n"}), registry, timeout=20)
+        assert (not out.ok and "SIGXCPU" in (out.error or "")) or "SIGKILL" in (out.error or "")
+        assert out.error_type != "timeout"
+    finally:
+        registry.close()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the process limit binds a user other than root")
+def test_a_fork_bomb_is_bounded_by_the_process_limit() -> None:
+    registry = sandboxed(child_max_procs=20)
+    code = (
+        "import os\n"
+        "n = 0\n"
+        "try:\n"
+        "    for _ in range(100):\n"
+        "        if os.fork() == 0:\n"
+        "            import time; time.sleep(30)\n"
+        "        n += 1\n"
+        "except OSError as exc:\n"
+        "    result = {'forked': n, 'error': type(exc).__name__}\n"
+    )
+    try:
+        out = execute(command("python", {"code": code}), registry, timeout=20)
+        assert out.ok, out.error
+        assert out.data["forked"] < 20 and out.data["error"] == "BlockingIOError"
+    finally:
+        registry.close()
+
+
+def test_run_as_needs_a_root_worker_and_a_real_user() -> None:
+    if IS_ROOT:
+        with pytest.raises(ConfigError, match="no such user"):
+            default_registry(run_as="no-such-user-pgw")
+        registry = default_registry(run_as="nobody")
+        try:
+            out = execute(command("shell", {"command": "id -u"}), registry)
+            assert out.data["stdout"].strip() == str(pwd.getpwnam("nobody").pw_uid)
+        finally:
+            registry.close()
+    else:
+        with pytest.raises(ConfigError, match="must run as root"):
+            default_registry(run_as="nobody")
+
+
+SPY = """
+import os, signal
+found = {}
+try:
+    found["environ"] = open(f"/proc/{worker}/environ", "rb").read().decode(errors="replace")
+except OSError as exc:
+    found["environ"] = type(exc).__name__
+try:
+    found["mem"] = open(f"/proc/{worker}/mem", "rb").read(1).hex()
+except OSError as exc:
+    found["mem"] = type(exc).__name__
+try:
+    os.kill(worker, signal.SIGKILL)
+    found["kill"] = "sent"
+except OSError as exc:
+    found["kill"] = type(exc).__name__
+result = found
+"""
+
+
+def test_children_cannot_read_or_kill_the_worker(dsn: str, tmp_path: Path) -> None:
+    """A real worker (the CLI) with a secret in its environment; a python and a shell command
+    try to read its environment and memory and to kill it."""
+    env = {**os.environ, "NOETL_PGWORKER_DSN": dsn, "PGPASSWORD": "worker-env-secret"}
+    args = [sys.executable, "-m", "noetl_pgworker", "start", "--concurrency", "2"]
+    args += ["--poll-interval", "0.2", "--tool-kinds", "python,shell", "--log-level", "warning"]
+    if RUN_AS:
+        args += ["--run-as", RUN_AS]
+    log = (tmp_path / "worker.log").open("wb")
+    proc = subprocess.Popen(args, env=env, stderr=log)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            enqueue(conn, tool_kind="python", tool_config={"code": SPY}, args={"worker": proc.pid})
+            shell = f"cat /proc/{proc.pid}/environ; kill -9 {proc.pid}; echo alive"
+            enqueue(conn, tool_kind="shell", tool_config={"command": shell})
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                rows = conn.execute(
+                    "SELECT tool_kind, status, result FROM noetl.command"
+                    " WHERE status IN ('COMPLETED', 'FAILED') ORDER BY tool_kind"
+                ).fetchall()
+                if len(rows) == 2:
+                    break
+                time.sleep(0.2)
+        assert proc.poll() is None, "the worker was killed by a command"
+        text = json.dumps([r[2] for r in rows])
+        assert "worker-env-secret" not in text
+        python = next(r[2] for r in rows if r[0] == "python")["context"]
+        assert python["environ"] == "PermissionError" and python["mem"] == "PermissionError"
+        if RUN_AS:
+            assert python["kill"] == "PermissionError"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

@@ -16,7 +16,7 @@ from noetl_pgworker.tools.python import PythonTool
 pytestmark = pytest.mark.unit
 
 CTX = ToolContext(timeout=30)
-MODES = ["inline", "process"]
+MODES = ["inline", "process", "spawn"]
 
 
 def cmd(kind: str = "python", config: dict | None = None, args: dict | None = None) -> Command:
@@ -33,7 +33,10 @@ def cmd(kind: str = "python", config: dict | None = None, args: dict | None = No
 def run_python(mode: str, config: dict, args: dict | None = None, timeout: float = 30):
     """The outcome of one python command, through the dispatcher's execute()."""
     registry = ToolRegistry([PythonTool(mode=mode, memory_mb=512)])
-    return execute(cmd(config=config, args=args), registry, timeout=timeout)
+    try:
+        return execute(cmd(config=config, args=args), registry, timeout=timeout)
+    finally:
+        registry.close()
 
 
 def test_noop_reports_the_step() -> None:
