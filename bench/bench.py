@@ -10,8 +10,11 @@ throwaway PostgreSQL. Prints a table and writes JSON (``--out``). Scenarios:
             ratio of the best of these.
   latency   an idle worker; 500 commands inserted one per transaction, 10 ms apart;
             insert (transaction start) to tool start: p50/p95/p99/max.
-  backlog   the claim statement with 1,000,000 terminal rows + 10,000 pending, against 10,000
-            pending alone (each claim rolled back, so the table stays as it is).
+  history   every statement the worker and its CLI run on a schedule or per command (claim,
+            reclaim, write-back, release, heartbeat, metrics sampler, status), median ms with
+            10,000 PENDING rows alone, then with --history terminal commands and
+            --events-per-command events each added (each run rolled back); then the claim with
+            100,000 PENDING rows of a kind it does not run.
   memory    the worker's RSS idle and at the end of the 1-process drain.
 """
 
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from noetl_pgworker import events, schema
 from noetl_pgworker.enqueue import enqueue, ensure_catalog
@@ -252,43 +256,213 @@ def latency(admin_dsn: str, n: int = 500) -> dict[str, Any]:
     }
 
 
-def _claim_ms(dsn: str, rounds: int = 200) -> float:
-    with psycopg.connect(dsn) as conn:
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            conn.execute(
-                query("claim_commands"), {"limit": 16, "tool_kinds": ["noop"], "worker_id": "probe"}
-            ).fetchall()
-            times.append(time.perf_counter() - t0)
-            conn.rollback()
-    return statistics.median(times) * 1000
+# What the history scenario times: every statement the worker or its CLI runs on a schedule
+# or per command. `ended_check` is the claim's look for a terminal event of the candidates'
+# executions, alone; `status_counts` is `status --exact` (a full count, by design).
+HISTORY_STATEMENTS = (
+    "claim_commands",
+    "ended_check",
+    "reclaim_commands",
+    "write_back",
+    "release_commands",
+    "held_commands",
+    "runtime_heartbeat",
+    "queue_depth",
+    "status_stuck",
+    "status_oldest_pending",
+    "status_history_estimate",
+    "status_workers",
+    "status_counts",
+)
+ENDED_CHECK = (
+    "SELECT k.execution_id, (SELECT e.event_type FROM noetl.event AS e"
+    " WHERE e.execution_id = k.execution_id AND e.event_type IN ('playbook.completed',"
+    " 'playbook.failed', 'workflow.completed', 'workflow.failed', 'execution.cancelled')"
+    " LIMIT 1) FROM unnest(%(execution_ids)s::bigint[]) AS k(execution_id)"
+)
+PROBE_KINDS = ["noop", "python"]
 
 
-def backlog(admin_dsn: str, history: int, pending: int) -> dict[str, Any]:
-    results = {}
-    for label, hist in (("empty", 0), ("history", history)):
-        with scratch_db(admin_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
-            if hist:
-                catalog = ensure_catalog(conn)
-                conn.execute(
-                    "INSERT INTO noetl.command (command_id, event_id, execution_id, catalog_id,"
-                    " step_name, tool_kind, status, context, meta, worker_id, claimed_at,"
-                    " started_at, completed_at, created_at)"
-                    " SELECT noetl.snowflake_id(), noetl.snowflake_id(), (g %% 5000) + 1, %s, 's',"
-                    " 'noop', 'COMPLETED', '{}', '{}', 'old', now(), now(), now(),"
-                    " now() - interval '1 day' FROM generate_series(1, %s) g",
-                    (catalog, hist),
-                )
-            enqueue(conn, tool_kind="noop", count=pending, executions=max(1, pending // 100))
-            conn.execute("VACUUM ANALYZE noetl.command")
-            results[label] = round(_claim_ms(dsn), 3)
+def _live_set(conn: psycopg.Connection[Any], pending: int) -> list[Command]:
+    """The same live rows in both phases: `pending` PENDING no-op commands, 40 RUNNING commands
+    of a dead worker (for the reclaim), and 16 commands claimed by worker `w`."""
+    enqueue(conn, tool_kind="noop", count=pending, executions=max(1, pending // 100))
+    enqueue(conn, tool_kind="python", count=40, executions=4)
+    conn.execute(
+        "UPDATE noetl.command SET status = 'RUNNING', worker_id = 'dead',"
+        " claimed_at = now() - interval '1 hour' WHERE tool_kind = 'python'"
+    )
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(
+            query("claim_commands"), {"limit": 16, "tool_kinds": ["noop"], "worker_id": "w"}
+        )
+        cols = [d.name for d in cur.description or []]
+        return [
+            Command.from_row(dict(zip(cols, r, strict=True)))
+            for r in cur.fetchall()
+            if r[1] is not None
+        ]
+
+
+def _history_params(held: list[Command], live: int) -> dict[str, Any]:
+    items = []
+    for cmd in held:
+        ref, out_ = cmd.ref, Outcome.success({"status": "noop", "step": cmd.ref.step})
+        evs = [events.started_event(ref, "w")]
+        evs += events.finished_events(ref, out_, "w", row_limit=1 << 20)
+        items.append(
+            WriteItem(ref, "COMPLETED", None, events.row_result(ref, out_, "w", 1 << 20), None, evs)
+        )
+    ids = {
+        "items": events.dumps(
+            [{"execution_id": c.ref.execution_id, "command_id": c.ref.command_id} for c in held]
+        ),
+        "worker_id": "w",
+        "execution_ids": sorted({c.ref.execution_id for c in held}),
+        "command_ids": [c.ref.command_id for c in held],
+    }
     return {
-        "history_rows": history,
+        "claim_commands": {"limit": 16, "tool_kinds": PROBE_KINDS, "worker_id": "probe"},
+        "ended_check": {"execution_ids": ids["execution_ids"]},
+        "reclaim_commands": {
+            "limit": 16,
+            "tool_kinds": PROBE_KINDS,
+            "worker_id": "w",
+            "known": ids["command_ids"],
+            "lease": 120,
+            "stale_after": 30,
+            "max_attempts": 3,
+        },
+        "write_back": write_back_params(items, "w"),
+        "release_commands": ids,
+        "held_commands": ids,
+        "runtime_heartbeat": {
+            "name": "w",
+            "labels": "{}",
+            "capabilities": "{}",
+            "capacity": 16,
+            "runtime": "{}",
+        },
+        "queue_depth": {},
+        "status_stuck": {"lease": 120},
+        "status_oldest_pending": {},
+        "status_history_estimate": {"live": live},
+        "status_workers": {},
+        "status_counts": {},
+    }
+
+
+def _time_statements(dsn: str, params: dict[str, Any], rounds: int) -> dict[str, float]:
+    """Median ms per statement; each run is rolled back, so the tables stay as they are."""
+    out = {}
+    with psycopg.connect(dsn) as conn:
+        for name in HISTORY_STATEMENTS:
+            stmt = sql.SQL(ENDED_CHECK) if name == "ended_check" else query(name)
+            n = 5 if name == "status_counts" else rounds
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                cur = conn.execute(stmt, params[name])
+                if cur.description is not None:
+                    cur.fetchall()
+                times.append(time.perf_counter() - t0)
+                conn.rollback()
+            out[name] = round(statistics.median(times) * 1000, 3)
+    return out
+
+
+def load_history(
+    conn: psycopg.Connection[Any], commands: int, events_per_command: int
+) -> dict[str, float]:
+    """`commands` terminal commands (5 per execution) and `events_per_command` events each
+    (one per execution a playbook.completed), one INSERT ... SELECT per table; then VACUUM
+    ANALYZE, as autovacuum would have done over the months the history took."""
+    catalog = ensure_catalog(conn)
+    conn.execute("SET synchronous_commit = off")
+    took = {}
+    t0 = time.perf_counter()
+    conn.execute(
+        "INSERT INTO noetl.command (command_id, event_id, execution_id, catalog_id, step_name,"
+        " tool_kind, status, attempt, context, meta, result, worker_id, claimed_at, started_at,"
+        " completed_at, created_at, updated_at)"
+        " SELECT g, g, 1000 + g / 5, %s, 'step_' || g %% 5,"
+        " (ARRAY['noop','python','http','postgres','duckdb'])[g %% 5 + 1],"
+        " CASE WHEN g %% 50 = 7 THEN 'FAILED' WHEN g %% 100 = 9 THEN 'CANCELLED'"
+        " ELSE 'COMPLETED' END, 1, '{\"input\": {}}', '{\"actionable\": true}',"
+        " '{\"status\": \"COMPLETED\"}', 'old-worker', t, t, t, t, t"
+        " FROM generate_series(1, %s) AS g,"
+        " LATERAL (SELECT now() - interval '90 days' + g * interval '500 us') AS x(t)",
+        (catalog, commands),
+    )
+    took["commands_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    epc = events_per_command
+    conn.execute(
+        "INSERT INTO noetl.event (execution_id, catalog_id, event_id, created_at, event_type,"
+        " node_id, node_name, status, result, worker_id, command_id)"
+        " SELECT 1000 + g / (5 * %(epc)s), %(catalog)s, g,"
+        " (now() - interval '90 days')::timestamp + g * interval '100 us',"
+        " CASE WHEN g %% (5 * %(epc)s) = 5 * %(epc)s - 1 THEN 'playbook.completed'"
+        " ELSE (ARRAY['command.issued','command.claimed','command.started','call.done',"
+        " 'command.completed'])[g %% 5 + 1] END, 'step', 'step', 'COMPLETED',"
+        " '{\"status\": \"COMPLETED\"}', 'old-worker', g / %(epc)s"
+        " FROM generate_series(5 * %(epc)s, (%(n)s + 5) * %(epc)s - 1) AS g",
+        {"epc": epc, "catalog": catalog, "n": commands},
+    )
+    took["events_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    conn.execute("VACUUM ANALYZE noetl.command")
+    conn.execute("VACUUM ANALYZE noetl.event")
+    took["vacuum_analyze_s"] = round(time.perf_counter() - t0, 1)
+    return took
+
+
+def history(
+    admin_dsn: str, commands: int, events_per_command: int, pending: int, rounds: int = 100
+) -> dict[str, Any]:
+    """Each statement with the live set alone, then with `commands` rows of history added to
+    the same database; then the claim with 100,000 PENDING rows of another kind added."""
+    with scratch_db(admin_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        held = _live_set(conn, pending)
+        conn.execute("VACUUM ANALYZE noetl.command, noetl.event")
+        live = pending + 40  # PENDING (16 of them claimed by w) and the dead worker's RUNNING
+        params = _history_params(held, live)
+        say("history: timing with no history")
+        empty = _time_statements(dsn, params, rounds)
+        say(f"history: loading {commands:,} commands, {events_per_command} events each")
+        took = load_history(conn, commands, events_per_command)
+        say(f"history: loaded in {took}; timing")
+        full = _time_statements(dsn, params, rounds)
+        say("history: 100,000 PENDING rows of a kind the probe does not claim")
+        enqueue(conn, tool_kind="http", count=100_000, executions=1000)
+        conn.execute(
+            "UPDATE noetl.command SET created_at = created_at - interval '1 day'"
+            " WHERE tool_kind = 'http' AND status = 'PENDING'"
+        )
+        conn.execute("ANALYZE noetl.command")
+        other = _time_statements(dsn, params, rounds)["claim_commands"]
+        sizes = conn.execute(
+            "SELECT pg_size_pretty((SELECT sum(pg_total_relation_size(relid))"
+            " FROM pg_partition_tree('noetl.command'))),"
+            " pg_size_pretty((SELECT sum(pg_total_relation_size(relid))"
+            " FROM pg_partition_tree('noetl.event')))"
+        ).fetchone()
+        rows = conn.execute(
+            "SELECT (SELECT count(*) FROM noetl.command), (SELECT count(*) FROM noetl.event)"
+        ).fetchone()
+    return {
+        "history_commands": commands,
+        "events_per_command": events_per_command,
         "pending_rows": pending,
-        "claim_ms_empty": results["empty"],
-        "claim_ms_history": results["history"],
-        "slowdown": round(results["history"] / results["empty"], 2),
+        "rows": {"command": rows[0], "event": rows[1]} if rows else {},
+        "sizes": {"command": sizes[0], "event": sizes[1]} if sizes else {},
+        "load_seconds": took,
+        "rounds": rounds,
+        "ms_empty": empty,
+        "ms_history": full,
+        "ratio": {k: round(full[k] / empty[k], 2) for k in HISTORY_STATEMENTS},
+        "claim_ms_other_kinds_backlog": other,
+        "claim_ratio_other_kinds_backlog": round(other / full["claim_commands"], 2),
     }
 
 
@@ -317,12 +491,13 @@ def main() -> int:
     )
     parser.add_argument("--commands", type=int, default=50_000)
     parser.add_argument("--history", type=int, default=1_000_000)
+    parser.add_argument("--events-per-command", type=int, default=5)
     parser.add_argument(
-        "--only", nargs="*", default=None, choices=["drain", "ceiling", "latency", "backlog"]
+        "--only", nargs="*", default=None, choices=["drain", "ceiling", "latency", "history"]
     )
     parser.add_argument("--out", type=Path, default=Path(".bench/results.json"))
     args = parser.parse_args()
-    wanted = set(args.only or ["drain", "ceiling", "latency", "backlog"])
+    wanted = set(args.only or ["drain", "ceiling", "latency", "history"])
     report: dict[str, Any] = {"command": " ".join(sys.argv), "started": time.strftime("%F %T")}
     with server() as admin:
         report["machine"] = machine(admin)
@@ -339,9 +514,9 @@ def main() -> int:
         if "latency" in wanted:
             say("latency")
             report["latency"] = latency(admin)
-        if "backlog" in wanted:
-            say("backlog")
-            report["backlog"] = backlog(admin, args.history, 10_000)
+        if "history" in wanted:
+            say("history")
+            report["history"] = history(admin, args.history, args.events_per_command, 10_000)
     best = max((c["commands_per_s"] for c in report.get("ceiling", [])), default=None)
     print_table(report, best)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -371,11 +546,21 @@ def print_table(report: dict[str, Any], best: float | None) -> None:
             f"latency  p50 {lat['p50_ms']} ms  p95 {lat['p95_ms']} ms  p99 {lat['p99_ms']} ms"
             f"  max {lat['max_ms']} ms"
         )
-    if "backlog" in report:
-        b = report["backlog"]
+    if "history" in report:
+        h = report["history"]
         print(
-            f"backlog  claim {b['claim_ms_empty']} ms empty, {b['claim_ms_history']} ms with"
-            f" {b['history_rows']:,} terminal rows: {b['slowdown']}x"
+            f"history  {h['history_commands']:,} terminal commands, {h['rows'].get('event', 0):,}"
+            f" event rows ({h['sizes']}), loaded in {h['load_seconds']}"
+        )
+        print(f"         {'statement':<24} {'no history':>11} {'history':>9}  ratio")
+        for name, ratio in h["ratio"].items():
+            print(
+                f"         {name:<24} {h['ms_empty'][name]:>8.3f} ms {h['ms_history'][name]:>6.3f}"
+                f" ms  {ratio}x"
+            )
+        print(
+            f"         claim with 100,000 PENDING of another kind: "
+            f"{h['claim_ms_other_kinds_backlog']} ms ({h['claim_ratio_other_kinds_backlog']}x)"
         )
 
 
