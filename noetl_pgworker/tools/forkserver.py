@@ -119,7 +119,7 @@ def close_fds(keep: tuple[int, ...]) -> None:
                 os.close(fd)
 
 
-def _child(req: dict[str, Any], config: dict[str, Any], runner: Any, err_w: int) -> None:
+def _child(req: dict[str, Any], config: dict[str, Any], runner: Any, err_w: int, go_r: int) -> None:
     """In the forked command process: never returns."""
     code = 127
     try:
@@ -134,7 +134,7 @@ def _child(req: dict[str, Any], config: dict[str, Any], runner: Any, err_w: int)
         err = os.open(os.path.join(workdir, "stderr"), flags, 0o600)
         for fd, target in ((stdin, 0), (out, 1), (err, 2)):
             os.dup2(fd, target)
-        close_fds(keep=(0, 1, 2, err_w))
+        close_fds(keep=(0, 1, 2, err_w, go_r))
         set_limits(req.get("limits") or {})
         run_as = config.get("run_as")
         if run_as:
@@ -146,6 +146,11 @@ def _child(req: dict[str, Any], config: dict[str, Any], runner: Any, err_w: int)
             os.setuid(uid)
         os.chdir(req.get("cwd") or workdir)
         env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
+        # Nothing of the command runs before the worker knows its pid (so that a command
+        # that kills the fork server is never mistaken for one that did not start).
+        if os.read(go_r, 1) != b"g":
+            os._exit(code)
+        os.close(go_r)
         if req["kind"] == "exec":
             argv = [str(a) for a in req["argv"]]
             os.set_inheritable(err_w, False)
@@ -287,17 +292,28 @@ class Server:
             conn.close()
             return
         err_r, err_w = os.pipe()
+        go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(err_r)
-            _child(req, self.config, self.runner, err_w)
+            os.close(go_w)
+            _child(req, self.config, self.runner, err_w, go_r)
         os.close(err_w)
+        os.close(go_r)
+        conn.settimeout(None)
+        self.commands[pid] = conn
+        try:
+            send_frame(conn, {"pid": pid})
+            sent = True
+        except OSError:
+            sent = False
+        with contextlib.suppress(OSError):
+            os.write(go_w, b"g" if sent else b"x")
+        os.close(go_w)
         failure = b""
         while chunk := os.read(err_r, 4096):
             failure += chunk
         os.close(err_r)
-        conn.settimeout(None)
-        self.commands[pid] = conn
         if failure:
             self.commands.pop(pid)
             with contextlib.suppress(OSError):
@@ -306,10 +322,7 @@ class Server:
             with contextlib.suppress(OSError):
                 send_frame(conn, {"error": failure.decode("utf-8", "replace")})
             conn.close()
-            return
-        try:
-            send_frame(conn, {"pid": pid})
-        except OSError:
+        elif not sent:
             self.finish(pid, killed=True)
 
     def message(self, pid: int) -> None:

@@ -224,6 +224,8 @@ class Sandbox:
         if line != "ready":
             proc.kill()
             proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()
             why = line.removeprefix("error: ") or "no answer"
             raise ConfigError(f"cannot start the fork server: {why}")
         return _Server(proc, path, self._generation)
@@ -342,11 +344,13 @@ class Sandbox:
             reply = forkserver.recv_frame(sock)
         except (OSError, ValueError):
             reply = None
+        if isinstance(reply, dict) and "error" in reply:
+            raise ToolError(f"{tool}: {reply['error']}")
         if not isinstance(reply, dict) or reply.get("status") is None:
             _kill_group(pid)
             raise SandboxError(
-                f"{tool}: the command's supervisor was killed before the command ended"
-                " (its process group was killed)"
+                f"{tool}: the fork server was killed while the command ran (the command's"
+                " process group was killed)"
             )
         return int(reply["status"])
 

@@ -1,0 +1,154 @@
+"""The fork server: restarted when it dies, commands that waited for it retried once,
+preloaded modules, nothing shared between commands."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from noetl_pgworker.dispatcher import execute
+from noetl_pgworker.errors import ConfigError
+from noetl_pgworker.models import Command, Outcome
+from noetl_pgworker.tools import ToolRegistry, default_registry
+from noetl_pgworker.tools.python import PythonTool
+
+pytestmark = pytest.mark.integration
+
+RUN_AS = "nobody" if os.geteuid() == 0 else None
+
+
+def python(code: str, **config: Any) -> Command:
+    return Command(
+        command_id="1",
+        execution_id=1,
+        step="s",
+        tool_kind="python",
+        catalog_id=1,
+        input={"tool_config": {"code": code, **config}, "input": {}},
+    )
+
+
+def sandbox_of(registry: ToolRegistry) -> Any:
+    tool = registry.get("python")
+    assert isinstance(tool, PythonTool) and tool.sandbox is not None
+    return tool.sandbox
+
+
+def test_commands_waiting_for_a_dead_fork_server_are_retried_on_a_new_one() -> None:
+    registry = default_registry(run_as=RUN_AS)
+    sandbox = sandbox_of(registry)
+    try:
+        registry.start()
+        first = sandbox.pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)  # it accepts nothing: the commands wait for it
+        outcomes: list[Outcome] = []
+        threads = [
+            threading.Thread(
+                target=lambda i=i: outcomes.append(
+                    execute(python(f"result = {i}"), registry, timeout=30)
+                )
+            )
+            for i in range(4)
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        os.kill(first, signal.SIGKILL)
+        for t in threads:
+            t.join(30)
+        assert sorted(o.data for o in outcomes) == [0, 1, 2, 3], [o.error for o in outcomes]
+        assert sandbox.restarts == 1 and sandbox.pid not in (None, first)
+    finally:
+        registry.close()
+
+
+def test_a_command_that_kills_the_fork_server_fails_and_the_next_one_runs() -> None:
+    # Without --run-as a child runs as the fork server's user and can kill it.
+    registry = default_registry()
+    sandbox = sandbox_of(registry)
+    code = "import os\nos.kill(os.getppid(), 9)\nimport time\ntime.sleep(5)\nresult = 1"
+    try:
+        for _ in range(3):
+            out = execute(python(code), registry, timeout=30)
+            assert not out.ok and out.error_type == "sandbox", out.error
+            assert "fork server was killed while the command ran" in (out.error or "")
+        ok = execute(python("result = 'fine'"), registry, timeout=30)
+        assert ok.ok and ok.data == "fine"
+        assert sandbox.restarts >= 2
+    finally:
+        registry.close()
+
+
+def test_preloaded_modules_are_imported_once_in_the_fork_server() -> None:
+    code = "import sys\nresult = ['decimal' in sys.modules, 'json' in sys.modules]"
+    warm = default_registry(python_preload=["decimal"])
+    cold = default_registry()
+    try:
+        assert execute(python(code), warm).data == [True, True]
+        assert execute(python(code), cold).data == [False, True]  # the runner's own modules
+    finally:
+        warm.close()
+        cold.close()
+    broken = default_registry(python_preload=["no_such_module_pgw"])
+    with pytest.raises(ConfigError, match="no_such_module_pgw"):
+        broken.start()
+    broken.close()
+
+
+def test_nothing_is_shared_between_commands() -> None:
+    registry = default_registry()
+    code = (
+        "import sys, random\n"
+        "seen = getattr(sys, 'pgw_seen', None)\n"
+        "sys.pgw_seen = 'mine'\n"
+        "result = [seen, random.random()]\n"
+    )
+    try:
+        a = execute(python(code), registry).data
+        b = execute(python(code), registry).data
+        assert a[0] is None and b[0] is None
+        assert a[1] != b[1]  # each fork reseeds
+    finally:
+        registry.close()
+
+
+def test_a_child_cannot_read_the_fork_server() -> None:
+    registry = default_registry(run_as=RUN_AS)
+    code = (
+        "import os\n"
+        "try:\n"
+        "    open(f'/proc/{os.getppid()}/environ', 'rb').read()\n"
+        "    result = 'read'\n"
+        "except OSError as exc:\n"
+        "    result = type(exc).__name__\n"
+    )
+    try:
+        assert execute(python(code), registry).data == "PermissionError"
+    finally:
+        registry.close()
+
+
+def test_closing_the_registry_stops_the_fork_server_and_what_it_runs() -> None:
+    registry = default_registry()
+    sandbox = sandbox_of(registry)
+    registry.start()
+    pid = sandbox.pid
+    done = threading.Event()
+    out: list[Outcome] = []
+
+    def long() -> None:
+        out.append(execute(python("import time\ntime.sleep(60)"), registry, timeout=120))
+        done.set()
+
+    threading.Thread(target=long, daemon=True).start()
+    time.sleep(0.5)
+    registry.close()
+    assert done.wait(15)
+    assert not out[0].ok
+    assert pid is not None and not os.path.exists(f"/proc/{pid}/stat")
