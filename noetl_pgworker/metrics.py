@@ -46,6 +46,9 @@ class NullMetrics:
     def queue_depth(self, depth: dict[tuple[str, str], int], stuck: int = 0) -> None:
         pass
 
+    def server_batch_failed(self) -> None:
+        pass
+
 
 class Metrics(NullMetrics):
     """Metrics on: a registry of this worker's counters, histograms and gauges."""
@@ -86,6 +89,11 @@ class Metrics(NullMetrics):
         self._fenced = Counter(
             "noetl_pgworker_writes_fenced",
             "Writes refused because the claim was lost.",
+            registry=r,
+        )
+        self._batches_failed = Counter(
+            "noetl_pgworker_server_batches_failed",
+            "Event batches the NoETL server accepted (202) and then failed.",
             registry=r,
         )
         self._duration = Histogram(
@@ -163,6 +171,9 @@ class Metrics(NullMetrics):
 
     def fenced(self) -> None:
         self._fenced.inc()
+
+    def server_batch_failed(self) -> None:
+        self._batches_failed.inc()
 
     def db_error(self, component: str) -> None:
         self._db_errors.labels(component).inc()

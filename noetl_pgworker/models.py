@@ -47,6 +47,9 @@ class CommandRef:
     parent_execution_id: int | None = None
     #: ``meta.command_id`` exactly as NoETL wrote it (an integer on 4.x servers), echoed back.
     meta_command_id: Any = None
+    #: A loop iteration's epoch and index as NoETL's ``meta`` holds them, echoed in events.
+    loop_epoch_id: Any = None
+    loop_index: Any = None
 
     @property
     def wire_command_id(self) -> Any:
@@ -63,6 +66,7 @@ class CommandRef:
             tool_kind=row.get("tool_kind"),
             parent_execution_id=row.get("parent_execution_id"),
             meta_command_id=meta.get("command_id") if isinstance(meta, dict) else None,
+            **_loop_keys(meta, row.get("loop_event_id"), row.get("iter_index")),
         )
 
 
@@ -117,6 +121,7 @@ class Command(BaseModel):
             tool_kind=self.tool_kind,
             parent_execution_id=self.parent_execution_id,
             meta_command_id=self.meta.get("command_id"),
+            **_loop_keys(self.meta, self.loop_event_id, self.iter_index),
         )
 
     def seed_json(self) -> str:
@@ -171,6 +176,16 @@ class Command(BaseModel):
                 f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
             )
             raise MalformedCommand(f"malformed command: {problems}") from exc
+
+
+def _loop_keys(meta: Any, loop_event_id: Any, iter_index: Any) -> dict[str, Any]:
+    """A loop iteration's epoch and index: from NoETL's ``meta``, else from the columns."""
+    meta = meta if isinstance(meta, dict) else {}
+    epoch = meta.get("__loop_epoch_id") or meta.get("loop_event_id") or loop_event_id
+    if epoch is None:
+        return {}
+    index = meta.get("loop_iteration_index")
+    return {"loop_epoch_id": epoch, "loop_index": iter_index if index is None else index}
 
 
 def _json_kind(value: object) -> str:

@@ -29,8 +29,9 @@ import httpx
 from psycopg_pool import ConnectionPool
 
 from . import events
+from .batches import BatchChecker
 from .errors import ToolError
-from .events import EVENT_CONTEXT_LIMIT, dumps
+from .events import dumps
 from .models import Command, CommandRef, Outcome
 from .queries import query
 from .reporter import Key, RetryLater, WriteItem
@@ -53,8 +54,38 @@ class ServerRejected(Exception):
         self.answer = answer
 
 
+#: The tool output travels whole in ``call.done|call.error``'s ``response`` (the engine stores it
+#: as the step result that later steps render); above this it is a summary. The server refuses a
+#: batch whose payloads pass 2 MiB.
+RESPONSE_LIMIT = 1536 * 1024
+#: Keys NoETL's worker never puts in a result envelope's ``context`` (data, not control).
+_BLOCKED_CONTEXT_KEYS = frozenset(
+    {
+        "_ref",
+        "_preview",
+        "_size_bytes",
+        "_store",
+        "_store_failed",
+        "_store_error",
+        "_inline",
+        "_internal_data",
+        "data",
+        "response",
+        "result",
+        "payload",
+        "rows",
+        "columns",
+    }
+)
+
+
 def _meta(ref: CommandRef, worker_id: str) -> dict[str, Any]:
-    return {"command_id": ref.wire_command_id, "worker_id": worker_id}
+    meta: dict[str, Any] = {"command_id": ref.wire_command_id, "worker_id": worker_id}
+    if ref.loop_epoch_id is not None:
+        # NoETL's engine reads a loop iteration's epoch and index from the event's meta.
+        meta["__loop_epoch_id"] = ref.loop_epoch_id
+        meta["loop_iteration_index"] = ref.loop_index
+    return meta
 
 
 def _event(
@@ -87,6 +118,55 @@ def start_events(ref: CommandRef, worker_id: str) -> list[dict[str, Any]]:
     ]
 
 
+def control_context(value: Any) -> dict[str, Any] | None:
+    """What NoETL's worker keeps of a tool output in an envelope's ``context``: its scalar
+    fields and the scalar fields of its objects; no lists, no data-carrying keys."""
+    if not isinstance(value, dict):
+        return None
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        key = str(key)
+        if key in _BLOCKED_CONTEXT_KEYS or (key.startswith("command_") and key != "command_id"):
+            continue
+        if item is None or isinstance(item, bool | int | float | str):
+            out[key] = events.clean_text(item, 1000) if isinstance(item, str) else item
+        elif isinstance(item, dict):
+            inner = {
+                str(k): (events.clean_text(v, 1000) if isinstance(v, str) else v)
+                for k, v in item.items()
+                if v is None or isinstance(v, bool | int | float | str)
+            }
+            if inner:
+                out[key] = inner
+    return out or None
+
+
+def envelope(status: str, value: Any) -> dict[str, Any]:
+    """A result envelope NoETL stores as is: ``status`` and, when there is one, ``context``.
+    Nothing else: the server copies it into events its CHECK allows only these keys in."""
+    env: dict[str, Any] = {"status": status}
+    context = control_context(value)
+    if context:
+        env["context"] = context
+    return env
+
+
+def bounded_response(data: Any, limit: int = RESPONSE_LIMIT) -> Any:
+    """The tool output, or a summary saying it was too large to send."""
+    if data is None:
+        return None
+    text = dumps(data)
+    size = len(text.encode())
+    if size <= limit:
+        return data
+    return {
+        "truncated": True,
+        "original_bytes": size,
+        "limit_bytes": limit,
+        "preview": text[:1000],
+    }
+
+
 def outcome_events(
     ref: CommandRef,
     outcome: Outcome,
@@ -95,36 +175,41 @@ def outcome_events(
     loop_event_id: str | None = None,
     iter_index: int | None = None,
 ) -> list[dict[str, Any]]:
-    """``call.done|call.error``, ``step.exit``, ``command.completed|command.failed``: one batch."""
+    """``call.done|call.error``, ``step.exit``, ``command.completed|command.failed``: one batch,
+    shaped as NoETL's own worker sends them."""
     cid = ref.wire_command_id
     status = "COMPLETED" if outcome.ok else "FAILED"
-    context = events.data_context(outcome, EVENT_CONTEXT_LIMIT)
-    envelope = {"status": status, "context": context, "command_id": cid}
-    response = outcome.data
-    if response is not None and len(dumps(response).encode()) > EVENT_CONTEXT_LIMIT:
-        response = context  # the summary that says it was truncated
-    loop = {"loop_event_id": loop_event_id, "loop_iteration_index": iter_index}
+    response = bounded_response(outcome.data)
+    loop = {
+        "loop_event_id": loop_event_id if loop_event_id is not None else ref.loop_epoch_id,
+        "loop_iteration_index": iter_index if iter_index is not None else ref.loop_index,
+    }
     error = events.clean_text(outcome.error)
     if outcome.ok:
+        result = envelope(status, response)
         call = _event(
             ref,
             "call.done",
-            {"response": response, "result": envelope, "command_id": cid, **loop},
+            {"response": response, "result": result, "command_id": cid, **loop},
             worker_id,
             actionable=True,
         )
         final = _event(
             ref,
             "command.completed",
-            {"command_id": cid, "worker_id": worker_id, "result": envelope},
+            {"command_id": cid, "worker_id": worker_id, "result": result},
             worker_id,
             actionable=False,
         )
     else:
+        failure = {"error": error, "error_type": outcome.error_type}
+        if isinstance(response, dict):
+            failure = {**response, **failure}
+        result = envelope(status, failure)
         call = _event(
             ref,
             "call.error",
-            {"error": error, "response": response, "result": envelope, "command_id": cid, **loop},
+            {"error": error, "response": response, "result": result, "command_id": cid, **loop},
             worker_id,
             actionable=True,
         )
@@ -136,14 +221,20 @@ def outcome_events(
                 "worker_id": worker_id,
                 "error": error,
                 "error_type": outcome.error_type,
+                "result": result,
             },
             worker_id,
             actionable=False,
         )
+    if outcome.extra:  # captured output: beside the data, never in the step's result
+        context = result.setdefault("context", {})
+        for key, value in outcome.extra.items():
+            if isinstance(value, str):
+                context[key] = events.clean_text(value, 4000)
     exit_ = _event(
         ref,
         "step.exit",
-        {"status": status, "result": envelope, "error": error, "command_id": cid},
+        {"status": status, "result": result, "error": error, "command_id": cid},
         worker_id,
         actionable=False,
     )
@@ -187,12 +278,16 @@ class NoetlServer:
             headers={"User-Agent": "noetl-pgworker"},
         )
         self._batch_supported = True
+        self._resolve_path = "/api/result/resolve"
 
     def close(self) -> None:
         self._client.close()
 
-    def post_batch(self, execution_id: int, worker_id: str, evs: list[dict[str, Any]]) -> None:
-        """Send one batch; raise RetryLater or ServerRejected on failure."""
+    def post_batch(
+        self, execution_id: int, worker_id: str, evs: list[dict[str, Any]]
+    ) -> str | None:
+        """Send one batch; the server's ``request_id`` for it (None if it gave none, or the
+        events went one by one). Raise RetryLater or ServerRejected on failure."""
         body = batch_body(execution_id, worker_id, evs)
         text = json.dumps(body, separators=(",", ":"))
         if self._batch_supported:
@@ -210,13 +305,36 @@ class NoetlServer:
                 self._batch_supported = False
             else:
                 self._check(resp)
-                return
+                try:
+                    answer = resp.json()
+                except ValueError:
+                    return None
+                request_id = answer.get("request_id") if isinstance(answer, dict) else None
+                return str(request_id) if request_id is not None else None
         for ev in evs:
             single = {"execution_id": str(execution_id), "worker_id": worker_id, **ev}
             self._check(self._send("POST", "/api/events", json.dumps(single), {}))
+        return None
+
+    def batch_status(self, request_id: str) -> dict[str, Any]:
+        """``GET /api/events/batch/{request_id}/status``: ``{"state": …, "message": …}``."""
+        resp = self._send("GET", f"/api/events/batch/{request_id}/status", None, {})
+        self._check(resp)
+        answer = resp.json()
+        return answer if isinstance(answer, dict) else {}
 
     def resolve(self, ref: str) -> Any:
-        resp = self._send("GET", "/api/result/resolve", None, {}, params={"ref": ref})
+        """The data behind a reference NoETL's server left in a command's context."""
+        resp = self._send("GET", self._resolve_path, None, {}, params={"ref": ref})
+        if resp.status_code == 404 and _route_missing(resp):
+            # Observed on NoETL 2.103.4: the route is mounted twice-prefixed.
+            other = "/api/api/result/resolve"
+            if self._resolve_path == other:
+                other = "/api/result/resolve"
+            again = self._send("GET", other, None, {}, params={"ref": ref})
+            if not (again.status_code == 404 and _route_missing(again)):
+                self._resolve_path = other
+                resp = again
         self._check(resp)
         return resp.json()
 
@@ -251,6 +369,14 @@ class NoetlServer:
         raise ServerRejected(resp.status_code, resp.text)
 
 
+def _route_missing(resp: httpx.Response) -> bool:
+    """A 404 for a path the server does not have (not for a reference it does not know)."""
+    try:
+        return bool(resp.json() == {"detail": "Not Found"})
+    except ValueError:
+        return True
+
+
 def _retry_after(value: str | None) -> float | None:
     try:
         return max(0.0, float(value)) if value else None
@@ -261,10 +387,17 @@ def _retry_after(value: str | None) -> float | None:
 class HttpSink:
     """Server mode's sink: events to the NoETL server, fenced by a read of the claim first."""
 
-    def __init__(self, server: NoetlServer, pool: ConnectionPool[Any], worker_id: str) -> None:
+    def __init__(
+        self,
+        server: NoetlServer,
+        pool: ConnectionPool[Any],
+        worker_id: str,
+        checker: BatchChecker | None = None,
+    ) -> None:
         self._server = server
         self._pool = pool
         self._worker_id = worker_id
+        self._checker = checker
 
     def _still_held(self, items: list[WriteItem]) -> set[Key]:
         rows = dumps(
@@ -295,13 +428,18 @@ class HttpSink:
             for chunk in _chunks(group, self._worker_id):
                 evs = [e for item in chunk for e in item_events(item, self._worker_id)]
                 try:
-                    self._server.post_batch(execution_id, self._worker_id, evs)
+                    request_id = self._server.post_batch(execution_id, self._worker_id, evs)
                 except RetryLater as exc:
                     raise RetryLater(
                         str(exc), written=written, retry_after=exc.retry_after
                     ) from exc
                 except ServerRejected as exc:
                     self._rejected(execution_id, chunk, exc)
+                else:
+                    if request_id is not None and self._checker is not None:
+                        self._checker.track(
+                            request_id, execution_id, [i.ref.command_id for i in chunk]
+                        )
                 written.update(item.key for item in chunk)
         return written
 

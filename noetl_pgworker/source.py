@@ -95,10 +95,12 @@ class PgCommandSource:
         if session is None:
             # A session of its own (tests, tools): closed with the source.
             me = weakref.ref(self)
+            conninfo = pool.conninfo if isinstance(pool.conninfo, str) else pool.conninfo()
+            kwargs = pool.kwargs if isinstance(pool.kwargs, dict) or pool.kwargs is None else {}
             session = ClaimSession(
-                pool.conninfo,
+                conninfo,
                 held=lambda: me()._held_now() if me() is not None else (),  # type: ignore[union-attr]
-                connect_options={k: v for k, v in (pool.kwargs or {}).items()},
+                connect_options=dict(kwargs or {}),
             )
             weakref.finalize(self, session.close)
         #: Claims run here; it holds a session-level lock on each claimed command.

@@ -20,6 +20,7 @@ from . import schema
 from .config import Settings
 from .credentials import EnvCredentials
 from .db import connect_kwargs, redact_dsn, redact_text, wrap_errors
+from .batches import BatchChecker
 from .dispatcher import Dispatcher, Slots
 from .errors import ConfigError, DatabaseUnavailable
 from .listener import Listener
@@ -109,6 +110,7 @@ class Worker:
         self._holders_lock = threading.Lock()
         self.reporter: Reporter | None = None
         self.source: PgCommandSource | None = None
+        self.batch_checker: BatchChecker | None = None
         self.listener: Listener | None = None
 
     # -- control from other threads ------------------------------------------------------------
@@ -165,6 +167,9 @@ class Worker:
             "completed": stats.written - stats.failed_outcomes if stats else 0,
             "failed": stats.failed_outcomes if stats else 0,
         }
+        if self.batch_checker is not None:
+            out["server_batches_failed"] = self.batch_checker.failed_total
+        return out
 
     def status_line(self) -> str:
         stats = self.reporter.stats if self.reporter else None
@@ -256,7 +261,12 @@ class Worker:
                 ) from exc
             self.health.start()
         server = NoetlServer(s.server_url) if s.server_url else None
-        sink: Sink = HttpSink(server, pool, s.worker_id) if server else PgSink(pool, s.worker_id)
+        checker = self.batch_checker = (
+            BatchChecker(server, metrics=self.metrics) if server else None
+        )
+        sink: Sink = (
+            HttpSink(server, pool, s.worker_id, checker) if server else PgSink(pool, s.worker_id)
+        )
         reporter = self.reporter = Reporter(
             sink,
             s.worker_id,
@@ -310,6 +320,8 @@ class Worker:
         listener.start()
         if cmd_heartbeats is not None:
             cmd_heartbeats.start()
+        if checker is not None:
+            checker.start()
         if not listener.wait_connected(s.connect_timeout):
             logger.warning(
                 "listener not connected yet; polling every %.1f s meanwhile", s.poll_interval
@@ -367,6 +379,10 @@ class Worker:
             listener.stop()
             if cmd_heartbeats is not None:
                 cmd_heartbeats.stop()
+            if checker is not None:
+                # Learn how the last batches ended before going offline (bounded).
+                checker.drain(timeout=min(10.0, max(1.0, s.shutdown_timeout)))
+                checker.stop()
             if server is not None:
                 server.close()
             heartbeat.stop(mark_offline=True)

@@ -1,10 +1,25 @@
 """A small fake NoETL server for the tests of server mode.
 
-It validates requests with the strict field rules of NoETL 2.103.4 (string execution_id;
-events of name/payload/step/actionable/informative/meta only; 422 otherwise), de-duplicates
-batches by Idempotency-Key, and applies what the real server applies: command status on
-``command.started`` and terminal events, an audit row in noetl.event, and, for a playbook of
-steps, the next command issued on ``call.done`` and ``playbook.completed`` after the last step.
+Every rule it enforces was observed on a real NoETL server (the note says where); it is a
+hypothesis about NoETL only as far as those notes go:
+
+- 2.103.4: a batch body has only ``execution_id`` (a string), ``worker_id``, ``events``; an
+  event only ``step``/``name``/``payload``/``actionable``/``informative``/``meta``; else 422.
+- 2.103.4 and 4.26: ``payload.result`` may hold only ``status``, ``reference``, ``context``,
+  ``command_id`` (else the batch is refused with a 5xx ``enqueue_error``).
+- 4.26: ``/api/events/batch`` answers 202 with a ``request_id`` *before* applying the events.
+  The command rows are updated, but the server copies ``payload.result`` verbatim into the
+  ``workflow.completed``/``playbook.completed`` events it writes, whose CHECK
+  ``chk_event_result_shape`` allows only ``status``, ``reference``, ``context``: with any other
+  key (``command_id`` included) the batch fails afterwards, a ``batch.failed`` event is written,
+  and the workflow does not advance. ``GET /api/events/batch/{request_id}/status`` says
+  ``completed`` or ``failed`` (with the message).
+- 2.103.4: the result resolver is mounted at ``/api/api/result/resolve`` (``resolve_prefix``).
+
+It de-duplicates batches by Idempotency-Key and applies what the real server applies: command
+status on ``command.started`` and terminal events, an audit row in noetl.event, and, for a
+playbook of steps, the next command issued on ``call.done`` and ``playbook.completed`` after
+the last step.
 """
 
 from __future__ import annotations
@@ -49,6 +64,10 @@ class FakeNoetl:
         self.down = False
         self.drop_after_apply = 0  # apply, then drop the connection (a lost answer) this often
         self.no_batch = False
+        self.resolve_path = "/api/result/resolve"
+        self.fail_batches: str | None = None  # fail every batch after accepting it, saying this
+        self.batches: dict[str, dict[str, Any]] = {}  # request_id -> {state, message}
+        self._next_request = 1000
         self.lock = threading.Lock()
         self.conn = psycopg.connect(dsn, autocommit=True)
         fake = self
@@ -96,7 +115,17 @@ class FakeNoetl:
             h.close_connection = True
             return
         url = urlsplit(h.path)
-        if method == "GET" and url.path == "/api/result/resolve":
+        if method == "GET" and url.path.startswith("/api/events/batch/"):
+            request_id = url.path.split("/")[4]
+            if request_id not in self.batches:
+                self._reply(h, 404, {"detail": f"Batch request not found: {request_id}"})
+            else:
+                self._reply(h, 200, {"request_id": request_id, **self.batches[request_id]})
+            return
+        if method == "GET" and url.path in ("/api/result/resolve", "/api/api/result/resolve"):
+            if url.path != self.resolve_path:
+                self._reply(h, 404, {"detail": "Not Found"})
+                return
             ref = parse_qs(url.query).get("ref", [""])[0]
             if ref in self.refs:
                 self._reply(h, 200, {"data": self.refs[ref]})
@@ -112,15 +141,37 @@ class FakeNoetl:
                 return
             key = str(h.headers["Idempotency-Key"])
             with self.lock:
+                self._next_request += 1
+                request_id = str(self._next_request)
                 if key not in self.keys:
                     self.keys.add(key)
+                    problem = self._check_stored_results(body["events"])
                     for ev in body["events"]:
-                        self._apply(int(body["execution_id"]), body["worker_id"], ev)
+                        self._apply(
+                            int(body["execution_id"]), body["worker_id"], ev, advance=not problem
+                        )
+                    self.batches[request_id] = (
+                        {"state": "failed", "status": "FAILED", "message": problem}
+                        if problem
+                        else {"state": "completed", "status": "COMPLETED", "message": None}
+                    )
+                    if problem:
+                        self._audit(int(body["execution_id"]), "batch.failed")
+                else:
+                    self.batches[request_id] = {"state": "completed", "status": "COMPLETED"}
             if self.drop_after_apply:
                 self.drop_after_apply -= 1
                 h.close_connection = True
                 return
-            self._reply(h, 202, {"status": "accepted", "event_count": len(body["events"])})
+            self._reply(
+                h,
+                202,
+                {
+                    "status": "accepted",
+                    "request_id": request_id,
+                    "event_count": len(body["events"]),
+                },
+            )
         elif url.path == "/api/events":
             extra = set(body) - SINGLE_KEYS
             if extra or not isinstance(body.get("execution_id"), str) or "name" not in body:
@@ -156,9 +207,24 @@ class FakeNoetl:
             return "Idempotency-Key must be <worker_id>:<execution_id>:<uuid>"
         return None
 
+    def _check_stored_results(self, evs: list[dict[str, Any]]) -> str | None:
+        """4.26: the envelope is copied into events under chk_event_result_shape."""
+        if self.fail_batches:
+            return self.fail_batches
+        for ev in evs:
+            result = (ev.get("payload") or {}).get("result")
+            if isinstance(result, dict) and set(result) - {"status", "reference", "context"}:
+                return (
+                    'new row for relation "event" violates check constraint'
+                    f' "chk_event_result_shape" (payload.result has {sorted(result)})'
+                )
+        return None
+
     # -- what the real server does with an event --------------------------------------------
 
-    def _apply(self, execution_id: int, worker_id: str | None, ev: dict[str, Any]) -> None:
+    def _apply(
+        self, execution_id: int, worker_id: str | None, ev: dict[str, Any], advance: bool = True
+    ) -> None:
         self.received.append({"execution_id": execution_id, **ev})
         name, payload = ev["name"], ev.get("payload") or {}
         command_id = int(payload.get("command_id") or ev.get("meta", {}).get("command_id"))
@@ -211,13 +277,13 @@ class FakeNoetl:
                 ),
             )
             step = self.playbook.get(ev["step"])
-            if step and step[2] is None and name == "command.completed":
+            if advance and step and step[2] is None and name == "command.completed":
                 for final in ("workflow.completed", "playbook.completed"):
                     self._audit(execution_id, final)
-            if name == "command.failed":
+            if advance and name == "command.failed":
                 for final in ("workflow.failed", "playbook.failed"):
                     self._audit(execution_id, final)
-        elif name == "call.done" and ev.get("actionable"):
+        elif name == "call.done" and ev.get("actionable") and advance:
             step = self.playbook.get(ev["step"])
             if step and step[2] is not None and step[3] is not None:
                 nxt = step[2]

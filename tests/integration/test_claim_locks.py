@@ -33,14 +33,18 @@ def test_a_claimed_command_stays_locked_until_its_outcome_is_written(
     )
     running = start_worker(poll_interval=0.2)
     wait_until(
-        lambda: scalar(conn, "SELECT status FROM noetl.command WHERE command_id = %s", (command_id,))
-        in ("CLAIMED", "RUNNING")
+        lambda: (
+            scalar(conn, "SELECT status FROM noetl.command WHERE command_id = %s", (command_id,))
+            in ("CLAIMED", "RUNNING")
+        )
     )
     # The claim transaction committed long ago: only a session-level lock can refuse this.
     assert not server_claim_would_lock(dsn, command_id)
     wait_until(
-        lambda: scalar(conn, "SELECT status FROM noetl.command WHERE command_id = %s", (command_id,))
-        == "COMPLETED"
+        lambda: (
+            scalar(conn, "SELECT status FROM noetl.command WHERE command_id = %s", (command_id,))
+            == "COMPLETED"
+        )
     )
     # Given back within a poll interval of the write.
     wait_until(lambda: server_claim_would_lock(dsn, command_id), timeout=5)

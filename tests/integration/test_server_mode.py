@@ -220,3 +220,116 @@ def test_a_poison_command_is_reported_to_the_server(
     assert [e["name"] for e in fake.received] == ["call.error", "step.exit", "command.failed"]
     assert scalar(conn, "SELECT status FROM noetl.command") == "FAILED"
     assert not fake.rejections
+
+
+def test_the_fake_fails_a_batch_whose_envelope_the_real_check_refuses(
+    conn: psycopg.Connection[Any], fake: FakeNoetl
+) -> None:
+    """Pins the rule observed on NoETL 4.26 (chk_event_result_shape): the envelope the worker
+    sent before this rule was known ({status, context, command_id}) is accepted with 202, then
+    the batch fails and the workflow does not advance."""
+    import httpx
+
+    execution_id = start_execution(conn, fake)
+    command_id = int(scalar(conn, "SELECT command_id FROM noetl.command"))
+    old = {"status": "COMPLETED", "context": {"msg": "x"}, "command_id": command_id}
+    body = {
+        "execution_id": str(execution_id),
+        "worker_id": "old",
+        "events": [
+            {
+                "step": "start",
+                "name": "call.done",
+                "payload": {"response": {"msg": "x"}, "result": old, "command_id": command_id},
+                "actionable": True,
+                "informative": True,
+                "meta": {"command_id": command_id},
+            }
+        ],
+    }
+    answer = httpx.post(
+        f"{fake.url}/api/events/batch",
+        json=body,
+        headers={"Idempotency-Key": f"old:{execution_id}:1"},
+    )
+    assert answer.status_code == 202
+    status = httpx.get(f"{fake.url}/api/events/batch/{answer.json()['request_id']}/status")
+    assert status.json()["state"] == "failed"
+    assert "chk_event_result_shape" in status.json()["message"]
+    assert scalar(conn, "SELECT count(*) FROM noetl.command WHERE step_name = 'middle'") == 0
+
+
+def test_a_batch_the_server_fails_after_accepting_it_is_reported(
+    start_worker: Callable[..., RunningWorker],
+    conn: psycopg.Connection[Any],
+    fake: FakeNoetl,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake.fail_batches = "deadlock detected"
+    start_execution(conn, fake)
+    running = start_worker(server_url=fake.url, worker_id="srv-bf", metrics_port=0)
+    worker = running.worker
+    wait_until(lambda: worker.batch_checker is not None and worker.batch_checker.failed_total > 0)
+    assert any(
+        "failed batch" in r.getMessage() and "deadlock detected" in r.getMessage()
+        for r in caplog.records
+    )
+    from prometheus_client import generate_latest
+
+    from noetl_pgworker.metrics import Metrics
+
+    assert isinstance(worker.metrics, Metrics)
+    text = generate_latest(worker.metrics.registry).decode()
+    failed = [
+        line
+        for line in text.splitlines()
+        if line.startswith("noetl_pgworker_server_batches_failed")
+    ]
+    assert failed and float(failed[0].split()[-1]) >= 1
+    # Published in the worker's runtime row, which `status` reads.
+    wait_until(
+        lambda: (
+            int(
+                scalar(
+                    conn,
+                    "SELECT COALESCE((runtime ->> 'server_batches_failed')::int, 0)"
+                    " FROM noetl.runtime WHERE name = 'srv-bf'",
+                )
+                or 0
+            )
+            > 0
+        )
+    )
+    running.stop()
+
+
+def test_results_are_resolved_on_the_older_servers_route(
+    start_worker: Callable[..., RunningWorker], conn: psycopg.Connection[Any], fake: FakeNoetl
+) -> None:
+    """Observed on NoETL 2.103.4: the resolver answers at /api/api/result/resolve."""
+    fake.resolve_path = "/api/api/result/resolve"
+    execution_id = int(scalar(conn, "SELECT noetl.snowflake_id()"))
+    ref = f"noetl://execution/{execution_id}/result/input/1"
+    fake.refs[ref] = {"greeting": "old route"}
+    fake.issue(
+        execution_id,
+        "start",
+        "python",
+        {"code": "def main(greeting):\n    return {'msg': greeting}\n"},
+        {},
+        catalog_id=ensure_catalog(conn),
+    )
+    conn.execute(
+        "UPDATE noetl.command SET context = jsonb_set(context, '{input}',"
+        " jsonb_build_object('kind', 'result_ref', 'ref', %s::text))",
+        (ref,),
+    )
+    start_worker(server_url=fake.url, worker_id="srv-old")
+    wait_until(
+        lambda: (
+            scalar(conn, "SELECT status FROM noetl.command WHERE step_name = 'start'")
+            == "COMPLETED"
+        )
+    )
+    response = next(e for e in fake.received if e["name"] == "call.done")["payload"]["response"]
+    assert response == {"msg": "old route"}

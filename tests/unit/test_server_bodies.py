@@ -56,7 +56,9 @@ def test_start_events() -> None:
 def test_success_events_carry_response_and_envelope() -> None:
     evs = outcome_events(REF, Outcome.success({"msg": "hi world", "n": 1}), "w1")
     cid = 771281642072571914
-    envelope = {"status": "COMPLETED", "context": {"msg": "hi world", "n": 1}, "command_id": cid}
+    # Observed on NoETL 4.26: the server copies payload.result into the workflow.completed and
+    # playbook.completed events it writes, whose CHECK allows only status/reference/context.
+    envelope = {"status": "COMPLETED", "context": {"msg": "hi world", "n": 1}}
     meta = {"command_id": cid, "worker_id": "w1"}
     assert evs == [
         {
@@ -102,25 +104,48 @@ def test_failure_events_carry_error_and_type() -> None:
     assert [e["name"] for e in evs] == ["call.error", "step.exit", "command.failed"]
     call, exit_, final = (e["payload"] for e in evs)
     assert call["error"] == "ValueError: boom" and call["response"] is None
-    assert call["result"] == {
+    envelope = {
         "status": "FAILED",
         "context": {"error": "ValueError: boom", "error_type": "exception"},
-        "command_id": 771281642072571914,
     }
+    assert call["result"] == envelope
     assert exit_["status"] == "FAILED"
     assert final == {
         "command_id": 771281642072571914,
         "worker_id": "w1",
         "error": "ValueError: boom",
         "error_type": "exception",
+        "result": envelope,
     }
-    for ev in evs:  # what NoETL accepts in payload.result
-        assert set(ev["payload"].get("result") or {}) <= {
-            "status",
-            "reference",
-            "context",
-            "command_id",
+    for ev in evs:  # what NoETL's event CHECK accepts once the server copies it
+        assert set(ev["payload"].get("result") or {}) <= {"status", "reference", "context"}
+
+
+def test_envelope_context_keeps_only_control_fields() -> None:
+    data = {"rows": [{"a": 1}], "columns": ["a"], "row_count": 1, "meta": {"x": 1, "l": [1]}}
+    (call, exit_, _) = outcome_events(REF, Outcome.success(data), "w1")
+    assert call["payload"]["response"] == data  # the step result travels whole
+    assert exit_["payload"]["result"] == {
+        "status": "COMPLETED",
+        "context": {"row_count": 1, "meta": {"x": 1}},
+    }
+
+
+def test_loop_iterations_echo_noetl_loop_keys() -> None:
+    ref = CommandRef.from_row(
+        {
+            "execution_id": 1,
+            "command_id": 2,
+            "catalog_id": 3,
+            "step_name": "each",
+            "meta": {"command_id": 2, "__loop_epoch_id": "ep-1", "loop_iteration_index": 4},
         }
+    )
+    call, exit_, _ = outcome_events(ref, Outcome.success({"v": 1}), "w1")
+    assert call["payload"]["loop_event_id"] == "ep-1"
+    assert call["payload"]["loop_iteration_index"] == 4
+    assert call["meta"]["__loop_epoch_id"] == "ep-1"
+    assert call["meta"]["loop_iteration_index"] == 4
 
 
 def test_batch_body_and_idempotency_key() -> None:
