@@ -162,7 +162,7 @@ class Worker:
     def _runtime_stats(self) -> dict[str, int]:
         """What the heartbeat publishes in ``noetl.runtime.runtime`` (for ``status --watch``)."""
         stats = self.reporter.stats if self.reporter else None
-        return {
+        out = {
             "in_flight": self.in_flight(),
             "completed": stats.written - stats.failed_outcomes if stats else 0,
             "failed": stats.failed_outcomes if stats else 0,
