@@ -77,10 +77,13 @@ def test_the_role_runs_every_worker_statement(
     )
     with ConnectionPool(limited_dsn, min_size=1, max_size=2, open=True) as pool:
         src = source(pool, "limited")
-        src._claim(10)
-        assert src.cancelled_total == 1 and src.poisoned_total == 1
-        assert src.buffered() == 4  # 3 noop + 1 reclaimed python
-        assert src.release_unstarted() == 4
+        try:
+            src._claim(10)
+            assert src.cancelled_total == 1 and src.poisoned_total == 1
+            assert src.buffered() == 4  # 3 noop + 1 reclaimed python
+            assert src.release_unstarted() == 4
+        finally:
+            src.close()
     assert count_status(conn, "PENDING") == 4
     assert count_status(conn, "CANCELLED") == 1 and count_status(conn, "FAILED") == 1
 
