@@ -16,6 +16,9 @@ throwaway PostgreSQL. Prints a table and writes JSON (``--out``). Scenarios:
             --events-per-command events each added (each run rolled back); then the claim with
             100,000 PENDING rows of a kind it does not run.
   memory    the worker's RSS idle and at the end of the 1-process drain.
+  python    400 python commands (--python-commands) drained by one worker, --concurrency 8, per
+            --python-mode (inline, process = fork server, spawn = new interpreter); an idle
+            worker's RSS with its fork server; one step's p50 time per mode, sequentially.
 """
 
 from __future__ import annotations
@@ -466,6 +469,106 @@ def history(
     }
 
 
+PY_STEP = 'def main(x):\n    return {"y": x * 2}\n'
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def python_drain(admin_dsn: str, n: int, mode: str) -> dict[str, Any]:
+    """N python commands, one worker, --concurrency 8, --python-mode MODE."""
+    with scratch_db(admin_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        enqueue(conn, tool_kind="python", tool_config={"code": PY_STEP}, args={"x": 21}, count=n)
+        conn.execute("VACUUM ANALYZE noetl.command")
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "noetl_pgworker", "start", "--dsn", dsn),
+                *("--worker-id", f"bench-py-{mode}", "--concurrency", "8"),
+                *("--poll-interval", "0.5", "--tool-kinds", "python"),
+                *("--python-mode", mode, "--log-level", "warning"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_terminal(conn, n, timeout=600)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+            if proc.returncode != 0:
+                say(f"worker exited {proc.returncode}: {err.decode()[-500:]}")
+        row = conn.execute(
+            "SELECT EXTRACT(epoch FROM max(completed_at) - min(claimed_at)),"
+            " count(*) FILTER (WHERE status = 'COMPLETED') FROM noetl.command"
+        ).fetchone()
+        assert row is not None
+    return {
+        "mode": mode,
+        "commands": n,
+        "completed": int(row[1]),
+        "commands_per_s": round(n / float(row[0]), 1),
+    }
+
+
+def python_idle(admin_dsn: str, rounds: int = 300) -> dict[str, Any]:
+    """An idle worker: its RSS and its fork server's once started; and the time one python
+    step takes on the tool path, sequentially, inline and isolated (p50)."""
+    from noetl_pgworker.dispatcher import execute
+    from noetl_pgworker.tools import default_registry
+
+    with scratch_db(admin_dsn) as dsn:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "noetl_pgworker", "start", "--dsn", dsn),
+                *("--worker-id", "bench-py-idle", "--tool-kinds", "python,noop"),
+                *("--log-level", "warning"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(2.0)
+            helpers = _children(proc.pid)
+            rss = {"worker": rss_kib(proc.pid), "fork_server": sum(map(rss_kib, helpers))}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    step = Command(
+        command_id="1",
+        execution_id=1,
+        step="s",
+        tool_kind="python",
+        catalog_id=1,
+        input={"tool_config": {"code": PY_STEP}, "input": {"x": 21}},
+    )
+    p50: dict[str, float] = {}
+    for mode in ("inline", "process", "spawn"):
+        registry = default_registry(python_mode=mode)
+        try:
+            registry.start()
+            for _ in range(20):
+                execute(step, registry)
+            times = []
+            for _ in range(rounds if mode != "spawn" else rounds // 10):
+                t0 = time.perf_counter()
+                out = execute(step, registry)
+                times.append((time.perf_counter() - t0) * 1000)
+                assert out.ok, out.error
+            p50[mode] = round(statistics.median(times), 2)
+        finally:
+            registry.close()
+    return {
+        "rss_kib": rss,
+        "rss_total_mib": round((rss["worker"] + rss["fork_server"]) / 1024, 1),
+        "step_p50_ms": p50,
+        "overhead_p50_ms": round(p50["process"] - p50["inline"], 2),
+    }
+
+
 def machine(dsn: str) -> dict[str, Any]:
     with psycopg.connect(dsn) as conn:
         version = conn.execute("SHOW server_version").fetchone()
@@ -493,8 +596,12 @@ def main() -> int:
     parser.add_argument("--history", type=int, default=1_000_000)
     parser.add_argument("--events-per-command", type=int, default=5)
     parser.add_argument(
-        "--only", nargs="*", default=None, choices=["drain", "ceiling", "latency", "history"]
+        "--only",
+        nargs="*",
+        default=None,
+        choices=["drain", "ceiling", "latency", "history", "python"],
     )
+    parser.add_argument("--python-commands", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path(".bench/results.json"))
     args = parser.parse_args()
     wanted = set(args.only or ["drain", "ceiling", "latency", "history"])
@@ -514,6 +621,13 @@ def main() -> int:
         if "latency" in wanted:
             say("latency")
             report["latency"] = latency(admin)
+        if "python" in wanted:
+            report["python"] = {"drain": []}
+            for mode in ("inline", "process", "spawn"):
+                say(f"python drain, --python-mode {mode}")
+                report["python"]["drain"].append(python_drain(admin, args.python_commands, mode))
+            say("python, idle worker")
+            report["python"]["idle"] = python_idle(admin)
         if "history" in wanted:
             say("history")
             report["history"] = history(admin, args.history, args.events_per_command, 10_000)
@@ -545,6 +659,20 @@ def print_table(report: dict[str, Any], best: float | None) -> None:
         print(
             f"latency  p50 {lat['p50_ms']} ms  p95 {lat['p95_ms']} ms  p99 {lat['p99_ms']} ms"
             f"  max {lat['max_ms']} ms"
+        )
+    if "python" in report:
+        py = report["python"]
+        rates = {d["mode"]: d["commands_per_s"] for d in py["drain"]}
+        for d in py["drain"]:
+            print(
+                f"python   {d['mode']:<8} {d['commands_per_s']:>9.0f} commands/s"
+                f"  {d['commands_per_s'] / rates['inline']:.0%} of inline"
+            )
+        idle = py["idle"]
+        print(
+            f"python   step p50 {idle['step_p50_ms']} ms; isolated overhead"
+            f" {idle['overhead_p50_ms']} ms; idle RSS worker + fork server"
+            f" {idle['rss_total_mib']} MiB"
         )
     if "history" in report:
         h = report["history"]
