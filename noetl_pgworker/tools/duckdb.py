@@ -1,6 +1,7 @@
 """``duckdb``: run SQL on DuckDB (optional: ``pip install 'noetl-pgworker[duckdb]'``).
 
-Input: ``query`` | ``command`` | ``sql`` (string, several statements allowed, or a list),
+Input: the SQL as for ``postgres`` (string, several statements allowed, or a list; a Jinja
+template rendered against the command's context with the step's arguments, rendered, over it),
 ``params`` (a list or an object, used with a single statement), ``db_path`` (default: an
 in-memory database). Output as for ``postgres``. Interrupted at the command's timeout.
 """
@@ -12,9 +13,9 @@ from typing import Any
 
 from ..errors import ToolError, ToolTimeout
 from ..models import Command
+from ..render import render_sql
 from . import ToolContext
-from .postgres import shape, statements_of
-from .values import statement_result
+from .postgres import command_result, rows_result, shape, statements_of
 
 INSTALL_HINT = "duckdb is not installed on this worker: pip install 'noetl-pgworker[duckdb]'"
 
@@ -28,7 +29,7 @@ class DuckdbTool:
         except ImportError:
             raise ToolError(f"duckdb: {INSTALL_HINT}") from None
         cfg = {**command.args, **command.tool_config}
-        texts = statements_of(cfg, "duckdb")
+        texts = statements_of(cfg, "duckdb", lambda sql: render_sql(command, sql, quote=False))
         params = cfg.get("params")
         if params is not None and not isinstance(params, dict | list):
             raise ToolError("duckdb: tool_config.params must be an object or a list")
@@ -53,9 +54,9 @@ class DuckdbTool:
                         rel = con.execute(stmt)
                     if rel.description:
                         columns = [d[0] for d in rel.description]
-                        results.append(statement_result(columns, rel.fetchall()))
+                        results.append(rows_result(columns, rel.fetchall()))
                     else:
-                        results.append({"affected_rows": -1})
+                        results.append(command_result(-1))
         except duckdb.InterruptException:
             raise ToolTimeout(f"duckdb: interrupted after {ctx.timeout:g} s") from None
         except duckdb.Error as exc:

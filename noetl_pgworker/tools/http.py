@@ -25,6 +25,7 @@ import httpx
 from ..credentials import Credential, auth_alias
 from ..errors import CredentialError, ToolError, ToolTimeout
 from ..models import Command
+from ..render import render_http
 from . import ToolContext
 
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
@@ -68,7 +69,7 @@ class HttpTool:
             self._clients.clear()
 
     def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
-        cfg = {**command.args, **command.tool_config}
+        cfg = render_http(command, {**command.args, **command.tool_config})
         url = cfg.get("url") or cfg.get("endpoint")
         if not isinstance(url, str) or not url:
             raise ToolError("http: tool_config.url (or endpoint) is required")

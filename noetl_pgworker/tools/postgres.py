@@ -1,18 +1,25 @@
 """``postgres``: run SQL on a PostgreSQL database.
 
-Input: ``query`` | ``command`` | ``sql`` (a string — several statements allowed when there are
-no ``params`` — or a list of strings), ``params`` (an object for ``%(name)s`` placeholders, or
-a list for ``%s``), and the connection: ``connection_string`` | ``dsn``, or ``auth`` (a
-credential alias whose ``dsn`` is used). All statements run in one transaction, with
-``statement_timeout`` set to the command's remaining time.
+Input: the SQL under ``query`` | ``queries`` | ``command`` | ``commands`` | ``cmd`` | ``cmds``
+| ``sql`` (a string — several statements allowed when there are no ``params`` — or a list of
+strings), or base64-encoded under ``query_b64`` | ``command_b64`` | ``commands_b64``;
+``params`` (an object for ``%(name)s`` placeholders, or a list for ``%s``); and the
+connection: ``connection_string`` | ``dsn``, or ``auth`` (a credential alias whose ``dsn`` is
+used). The SQL is a Jinja template, rendered as NoETL's worker renders it (the command's render
+context, the step's arguments over it with ``'`` doubled). All statements run in one
+transaction, with ``statement_timeout`` set to the command's remaining time.
 
-Output, per statement, ``{columns, rows, row_count}`` (rows as objects) or
-``{affected_rows}``; one statement gives its object, several give ``{"results": [...]}``.
-Values are converted on purpose (see :mod:`noetl_pgworker.tools.values`).
+Output, as NoETL's: the last statement's result — ``{status, rows (as objects), row_count,
+columns}`` for a statement that returns rows, ``{status, row_count, message, affected_rows}``
+for one that does not — plus ``statement_count``, and ``results`` (every statement's result)
+when there are several. Values are converted on purpose (see
+:mod:`noetl_pgworker.tools.values`).
 """
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -21,22 +28,75 @@ from ..credentials import auth_alias
 from ..db import first_line, redact_dsn, redact_text
 from ..errors import ToolError, ToolTimeout
 from ..models import Command
+from ..render import render_sql
 from . import ToolContext
 from .pgconnect import tool_conninfo
 from .values import statement_result
 
+#: Where the SQL may be, in NoETL's order (base64 first), and ``sql`` (this worker's).
+SQL_KEYS = ("query", "queries", "command", "commands", "cmd", "cmds", "sql")
+SQL_B64_KEYS = ("command_b64", "commands_b64", "query_b64")
 
-def statements_of(cfg: dict[str, Any], tool: str) -> list[str]:
-    sql = cfg.get("query", cfg.get("command", cfg.get("sql")))
-    if isinstance(sql, str) and sql.strip():
-        return [sql]
-    if isinstance(sql, list) and sql and all(isinstance(s, str) and s.strip() for s in sql):
-        return list(sql)
+
+def sql_of(cfg: dict[str, Any], tool: str) -> Any:
+    """The SQL as given (a string or a list), base64 decoded; ToolError if there is none."""
+    for key in SQL_B64_KEYS:
+        if key in cfg:
+            try:
+                return base64.b64decode(str(cfg[key]).encode("ascii"), validate=True).decode()
+            except (ValueError, UnicodeError) as exc:
+                raise ToolError(
+                    f"{tool}: tool_config.{key} is not base64 UTF-8 text: {exc}"
+                ) from None
+    for key in SQL_KEYS:
+        if cfg.get(key) is not None:
+            return cfg[key]
     raise ToolError(f"{tool}: tool_config.query (a string or a list of strings) is required")
 
 
+def statements_of(
+    cfg: dict[str, Any], tool: str, render: Callable[[Any], Any] | None = None
+) -> list[str]:
+    """The SQL texts to run, after ``render``; empty when it renders to nothing."""
+    sql = sql_of(cfg, tool)
+    if not (
+        (isinstance(sql, str) and sql.strip())
+        or (isinstance(sql, list) and sql and all(isinstance(s, str) and s.strip() for s in sql))
+    ):
+        raise ToolError(f"{tool}: tool_config.query (a string or a list of strings) is required")
+    if render is not None:
+        sql = render(sql)
+    if isinstance(sql, str):
+        return [sql] if sql.strip() else []
+    if isinstance(sql, list) and all(isinstance(s, str) for s in sql):
+        return [s for s in sql if s.strip()]
+    raise ToolError(f"{tool}: the SQL rendered to a {type(sql).__name__}, not text")
+
+
+def rows_result(columns: list[str], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """A statement that returned rows, as NoETL reports it."""
+    return {"status": "success", **statement_result(columns, rows)}
+
+
+def command_result(rowcount: int) -> dict[str, Any]:
+    """A statement without rows, as NoETL reports it, plus ``affected_rows`` (ours)."""
+    return {
+        "status": "success",
+        "row_count": rowcount,
+        "message": f"Command executed. {rowcount} rows affected.",
+        "affected_rows": rowcount,
+    }
+
+
 def shape(results: list[dict[str, Any]]) -> dict[str, Any]:
-    return results[0] if len(results) == 1 else {"results": results}
+    """The step's result: the last statement's, ``statement_count``, and ``results`` (every
+    statement's) when there are several."""
+    if not results:
+        return {"status": "success", "message": "No SQL statements executed", "statement_count": 0}
+    out = {**results[-1], "statement_count": len(results)}
+    if len(results) > 1:
+        out["results"] = results
+    return out
 
 
 class PostgresTool:
@@ -44,7 +104,7 @@ class PostgresTool:
 
     def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
         cfg = {**command.args, **command.tool_config}
-        statements = statements_of(cfg, "postgres")
+        statements = statements_of(cfg, "postgres", lambda sql: render_sql(command, sql))
         params = cfg.get("params")
         if params is not None and not isinstance(params, dict | list):
             raise ToolError("postgres: tool_config.params must be an object or a list")
@@ -79,11 +139,12 @@ class PostgresTool:
                 for sql in statements:
                     cur.execute(sql.encode(), params or None)
                     while True:
+                        status = cur.pgresult.status if cur.pgresult is not None else None
                         if cur.description is not None:
                             columns = [d.name for d in cur.description]
-                            results.append(statement_result(columns, cur.fetchall()))
-                        else:
-                            results.append({"affected_rows": cur.rowcount})
+                            results.append(rows_result(columns, cur.fetchall()))
+                        elif status != psycopg.pq.ExecStatus.EMPTY_QUERY:  # not just comments
+                            results.append(command_result(cur.rowcount))
                         if not cur.nextset():
                             break
         except psycopg.errors.QueryCanceled:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import ToolError, ToolTimeout
 from ..models import Command
+from ..render import render_shell
 from . import ToolContext, process
 
 
@@ -33,7 +34,7 @@ class ShellTool:
         self.sandbox.close()
 
     def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
-        cfg = {**command.args, **command.tool_config}
+        cfg = render_shell(command, {**command.args, **command.tool_config})
         cmd = cfg.get("command", cfg.get("cmd"))
         if isinstance(cmd, str) and cmd.strip():
             argv = ["/bin/sh", "-c", cmd]

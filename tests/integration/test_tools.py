@@ -176,7 +176,13 @@ def test_postgres_statements_params_and_types(dsn: str) -> None:
         {"dsn": dsn, "query": "SELECT %(n)s::int + 1 AS n, 'x' AS s", "params": {"n": 41}},
     )
     assert out.ok, out.error
-    assert out.data == {"columns": ["n", "s"], "rows": [{"n": 42, "s": "x"}], "row_count": 1}
+    assert out.data == {  # NoETL's keys for one statement
+        "status": "success",
+        "columns": ["n", "s"],
+        "rows": [{"n": 42, "s": "x"}],
+        "row_count": 1,
+        "statement_count": 1,
+    }
     script = run(
         "postgres",
         {
@@ -194,7 +200,15 @@ def test_postgres_statements_params_and_types(dsn: str) -> None:
     )
     assert script.ok, script.error
     create, insert, select = script.data["results"]
-    assert create == {"affected_rows": -1} and insert == {"affected_rows": 1}
+    assert create == {
+        "status": "success",
+        "row_count": -1,
+        "message": "Command executed. -1 rows affected.",
+        "affected_rows": -1,
+    }
+    assert insert["row_count"] == insert["affected_rows"] == 1
+    # the step's result is the last statement's, as NoETL's, with every statement's beside it
+    assert script.data["statement_count"] == 3 and script.data["rows"] == select["rows"]
     row = select["rows"][0]
     assert row["price"] == "9.99" and row["at"].startswith("2026-01-02T03:04:05")
     assert row["u"] == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11" and row["b"] == "AQI="

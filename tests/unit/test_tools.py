@@ -242,7 +242,13 @@ def test_duckdb_runs_sql_with_params_and_several_statements() -> None:
     assert out.ok, out.error
     assert out.data["results"][-1]["rows"] == [{"a": 1, "b": "x", "d": "1.50"}]
     one = execute(cmd("duckdb", {"query": "SELECT ? + 1 AS n", "params": [41]}), default_registry())
-    assert one.data == {"columns": ["n"], "rows": [{"n": 42}], "row_count": 1}
+    assert one.data == {
+        "status": "success",
+        "columns": ["n"],
+        "rows": [{"n": 42}],
+        "row_count": 1,
+        "statement_count": 1,
+    }
     bad = execute(cmd("duckdb", {"query": "SELEC 1"}), default_registry())
     assert not bad.ok and bad.error and bad.error.startswith("duckdb: ParserException")
 
