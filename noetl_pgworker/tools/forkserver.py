@@ -139,8 +139,6 @@ def _child(req: dict[str, Any], config: dict[str, Any], runner: Any, err_w: int,
         run_as = config.get("run_as")
         if run_as:
             uid, gid = int(run_as[0]), int(run_as[1])
-            os.fchown(1, uid, gid)
-            os.fchown(2, uid, gid)
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)

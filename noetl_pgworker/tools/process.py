@@ -258,10 +258,23 @@ class Sandbox:
     # -- running a command ------------------------------------------------------------------
 
     def workdir(self, prefix: str) -> tempfile.TemporaryDirectory[str]:
-        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        """A directory for one command. With ``run_as`` it stays the worker's, shared with the
+        user's group (so the worker needs no CAP_DAC_OVERRIDE to read and remove it)."""
+        tmp = tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True)
         if self.user is not None:
-            os.chown(tmp.name, self.user[0], self.user[1])
+            os.chown(tmp.name, os.geteuid(), self.user[1])
+            os.chmod(tmp.name, 0o770)
         return tmp
+
+    def shared_file(self, path: Path) -> None:
+        """Create ``path`` empty, writable by the ``run_as`` user's group, readable by us."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            if self.user is not None:
+                os.fchown(fd, os.geteuid(), self.user[1])
+                os.fchmod(fd, 0o660)
+        finally:
+            os.close(fd)
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         env = base_env()

@@ -94,6 +94,7 @@ class PythonTool:
             raise ToolError(f"python: the arguments are not JSON: {exc}") from exc
         with sandbox.workdir("noetl-pgworker-py-") as tmp:
             result_path = Path(tmp) / "result.json"
+            sandbox.shared_file(result_path)
             request: dict[str, Any]
             if self.mode == "spawn":
                 spec_path = Path(tmp) / "spec.json"
