@@ -114,6 +114,7 @@ def default_registry(
     from .process import DEFAULT_PRELOAD, Limits, Sandbox
     from .python import PythonTool
     from .shell import ShellTool
+    from .task_sequence import TaskSequenceTool
 
     limits = Limits(
         memory_mb=python_memory_mb,
@@ -123,7 +124,7 @@ def default_registry(
     )
     preload = DEFAULT_PRELOAD if python_preload is None else tuple(python_preload)
     sandbox = Sandbox(limits, run_as=run_as, preload=preload)
-    return ToolRegistry(
+    registry = ToolRegistry(
         [
             NoopTool(),
             PythonTool(mode=python_mode, memory_mb=python_memory_mb, sandbox=sandbox),
@@ -133,6 +134,8 @@ def default_registry(
             DuckdbTool(),
         ]
     )
+    registry.register(TaskSequenceTool(registry))  # runs its tasks through the others
+    return registry
 
 
 __all__ = ["Tool", "ToolContext", "ToolRegistry", "command_timeout", "default_registry"]
