@@ -178,7 +178,15 @@ def test_unknown_kind_fails_with_a_clear_error() -> None:
 
 
 def test_registry_lists_kinds_sorted() -> None:
-    assert default_registry().kinds() == ("duckdb", "http", "noop", "postgres", "python", "shell")
+    assert default_registry().kinds() == (
+        "duckdb",
+        "http",
+        "noop",
+        "postgres",
+        "python",
+        "shell",
+        "task_sequence",
+    )
     assert "python" in default_registry()
 
 
