@@ -125,6 +125,45 @@ def test_http_sends_method_params_headers_and_bodies(server: str) -> None:
     assert form["body"] == "k=v"
 
 
+def test_http_and_shell_render_their_templates(server: str) -> None:
+    command = Command(
+        command_id="1",
+        execution_id=1,
+        step="s",
+        tool_kind="http",
+        catalog_id=1,
+        input={
+            "tool_config": {
+                "url": "{{ api.base }}/echo",
+                "method": "POST",
+                "params": {"page": "{{ iter.page }}"},
+                "headers": {"X-Who": "{{ who }}"},
+                "payload": {"ids": "{{ ids }}", "n": "{{ input.n }}"},
+            },
+            "input": {"n": 3},
+            "render_context": {
+                "api": {"base": server},
+                "iter": {"page": 2},
+                "who": "ann",
+                "ids": [1, 2],
+            },
+        },
+    )
+    echo = execute(command, REGISTRY).data["data"]
+    assert echo["path"] == "/echo?page=2" and echo["headers"]["x-who"] == "ann"
+    assert json.loads(echo["body"]) == {"ids": [1, 2], "n": 3}
+    shell = command.model_copy(
+        update={
+            "tool_kind": "shell",
+            "input": {
+                "tool_config": {"command": "echo {{ who }} $N", "env": {"N": "{{ iter.page }}"}},
+                "render_context": {"who": "ann", "iter": {"page": 2}},
+            },
+        }
+    )
+    assert execute(shell, REGISTRY).data["stdout"] == "ann 2\n"
+
+
 @pytest.mark.parametrize(
     ("path", "error"),
     [("/404", "HTTP 404: Not Found"), ("/500", "HTTP 500: Internal Server Error")],
