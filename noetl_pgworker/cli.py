@@ -27,7 +27,7 @@ from . import enqueue as enqueue_mod
 from . import logs, schema
 from . import status as status_mod
 from .config import Settings
-from .db import connect, redact_dsn, wrap_errors
+from .db import connect, redact_dsn, redact_secrets, wrap_errors
 from .errors import ConfigError, PgWorkerError
 from .sdnotify import Notifier
 from .tools import default_registry
@@ -92,9 +92,9 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except PgWorkerError as exc:
-            if verbose:
-                traceback.print_exc()
-            click.echo(f"noetl-pgworker: error: {exc.message}", err=True)
+            if verbose:  # the driver's own message may quote a DSN whole
+                click.echo(redact_secrets(traceback.format_exc()).rstrip(), err=True)
+            click.echo(f"noetl-pgworker: error: {redact_secrets(exc.message)}", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
@@ -297,6 +297,15 @@ def main() -> None:
     " status and event rows directly.  [default: direct mode]",
 )
 @click.option(
+    "--session-dsn",
+    envvar=_env("SESSION_DSN"),
+    show_envvar=True,
+    default=None,
+    help="A direct connection to PostgreSQL for what needs a session (LISTEN, the claim"
+    " session's advisory locks) when --dsn goes through a transaction-pooling proxy."
+    "  [default: --dsn]",
+)
+@click.option(
     "--metrics-port",
     envvar=_env("METRICS_PORT"),
     show_envvar=True,
@@ -308,18 +317,9 @@ def main() -> None:
     "--metrics-host",
     envvar=_env("METRICS_HOST"),
     show_envvar=True,
-    default="0.0.0.0",
+    default="127.0.0.1",
     show_default=True,
-    help="Address the metrics server listens on.",
-)
-@click.option(
-    "--session-dsn",
-    envvar=_env("SESSION_DSN"),
-    show_envvar=True,
-    default=None,
-    help="A direct connection to PostgreSQL for what needs a session (LISTEN, the claim"
-    " session's advisory locks) when --dsn goes through a transaction-pooling proxy."
-    "  [default: --dsn]",
+    help="Address the metrics server listens on (0.0.0.0: every interface).",
 )
 @click.option(
     "--skip-schema-check",
@@ -353,6 +353,7 @@ def start(
     child_cpu_seconds: int,
     python_memory_mb: int,
     server_url: str | None,
+    session_dsn: str | None,
     metrics_port: int | None,
     metrics_host: str,
     skip_schema_check: bool,
@@ -379,11 +380,6 @@ def start(
         "command_timeout": command_timeout,
         "python_mode": python_mode,
         "python_memory_mb": python_memory_mb,
-        "python_preload": python_preload or None,
-        "run_as": run_as or None,
-        "child_max_procs": child_max_procs,
-        "child_max_file_mb": child_max_file_mb,
-        "child_cpu_seconds": child_cpu_seconds,
         "python_preload": python_preload or None,
         "run_as": run_as or None,
         "child_max_procs": child_max_procs,

@@ -85,7 +85,9 @@ class Settings(BaseModel):
         default=None, description="report to this NoETL server instead of writing rows"
     )
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = Field(
+        default="127.0.0.1", description="the metrics server's address; 0.0.0.0 exposes it"
+    )
 
     @model_validator(mode="after")
     def _liveness_is_consistent(self) -> Settings:
