@@ -34,6 +34,29 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 #: Transient errors, and a pool that could not hand out a connection in time.
 RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, PoolTimeout)
 
+#: SQLSTATE classes that say "this row's data is refused": only these fail an item. Every
+#: other database error (connection 08, read-only transaction 25 during a failover,
+#: serialization 40, resources 53, lock timeout 55, operator intervention 57, system 58, …)
+#: says nothing against the item, and is retried.
+ITEM_ERROR_CLASSES = frozenset({"22", "23"})
+
+
+def is_item_error(exc: BaseException) -> bool:
+    """True when the database refused this particular data (SQLSTATE class 22 or 23)."""
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    if state:
+        return state[:2] in ITEM_ERROR_CLASSES
+    return isinstance(exc, psycopg.DataError | psycopg.IntegrityError)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A database error worth retrying later: anything but an item's own data error."""
+    if isinstance(exc, RETRYABLE_ERRORS):
+        return True
+    return isinstance(exc, psycopg.Error) and not is_item_error(exc)
+
 
 def redact_secrets(text: str) -> str:
     """``text`` with every URL password and ``password=`` value replaced by ``***``.

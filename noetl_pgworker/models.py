@@ -8,6 +8,7 @@ are frozen dataclasses. The first five fields of ``Command`` serialise to the sa
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -57,7 +58,12 @@ class CommandRef:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> CommandRef:
-        meta = row.get("meta")
+        try:
+            meta = _json_column(row.get("meta"))
+        except MalformedCommand:
+            meta = None
+        if not isinstance(meta, dict) and row.get("meta_command_id") is not None:
+            meta = {"command_id": row["meta_command_id"]}
         return cls(
             execution_id=int(row["execution_id"]),
             command_id=int(row["command_id"]),
@@ -130,8 +136,25 @@ class Command(BaseModel):
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Command:
-        """Map a ``noetl.command`` row; raise :class:`MalformedCommand` saying why it cannot be."""
-        context = row.get("context")
+        """Map a ``noetl.command`` row; raise :class:`MalformedCommand` saying why it cannot be.
+
+        ``context`` and ``meta`` may come as JSON text (the claim returns them so, to parse each
+        row alone); whatever cannot be parsed or mapped is a malformed command, never a crash.
+        """
+        try:
+            return cls._from_row(row)
+        except MalformedCommand:
+            raise
+        except RecursionError:
+            raise MalformedCommand("malformed command: nested too deeply to be read") from None
+        except Exception as exc:
+            raise MalformedCommand(
+                f"malformed command: cannot be read ({type(exc).__name__}: {exc})"[:500]
+            ) from None
+
+    @classmethod
+    def _from_row(cls, row: Mapping[str, Any]) -> Command:
+        context = _json_column(row.get("context"), "context")
         if context is None:
             context = {}
         if not isinstance(context, dict):
@@ -144,7 +167,7 @@ class Command(BaseModel):
                 raise MalformedCommand(
                     f"malformed command: context.{key} is a JSON {_json_kind(value)}, not an object"
                 )
-        meta = row.get("meta")
+        meta = _json_column(row.get("meta"), "meta")
         if meta is None:
             meta = {}
         if not isinstance(meta, dict):
@@ -176,6 +199,18 @@ class Command(BaseModel):
                 f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
             )
             raise MalformedCommand(f"malformed command: {problems}") from exc
+
+
+def _json_column(value: Any, name: str = "meta") -> Any:
+    """A jsonb column's value, parsed when it came as text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except RecursionError:
+        raise MalformedCommand(f"malformed command: {name} is nested too deeply") from None
+    except ValueError as exc:
+        raise MalformedCommand(f"malformed command: {name} is not JSON ({exc})") from None
 
 
 def _loop_keys(meta: Any, loop_event_id: Any, iter_index: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from . import events
-from .db import RETRYABLE_ERRORS, first_line
+from .db import first_line, is_retryable
 from .events import dumps
 from .metrics import NullMetrics
 from .models import CommandRef, CommandStatus, Outcome
@@ -253,10 +253,11 @@ class Reporter:
                 if len(self._entries) < self._flush_max and self._flush_interval > 0:
                     # Gather more for a moment: one transaction for many commands.
                     self._cond.wait(timeout=self._flush_interval)
-                batch = self._take_batch()
-            if not batch:
-                continue
             try:
+                with self._cond:
+                    batch = self._take_batch()
+                if not batch:
+                    continue
                 self._write(batch)
             except Exception as exc:  # one bad batch must not kill the writer
                 self.stats.write_errors += 1
@@ -289,7 +290,24 @@ class Reporter:
         for entry in self._entries.values():
             if len(batch) >= self._flush_max:
                 break
-            item = self._item(entry)
+            try:
+                item = self._item(entry)
+            except Exception as exc:  # one outcome that cannot be shaped fails alone
+                logger.warning(
+                    "command %s: its outcome cannot be stored (%s); storing the failure instead",
+                    entry.ref.command_id,
+                    events.clean_text(f"{type(exc).__name__}: {exc}", 300),
+                    extra={"action": "unstorable", "command_id": str(entry.ref.command_id)},
+                )
+                entry.outcome = Outcome.failure(
+                    events.clean_text(
+                        f"the outcome could not be stored: {type(exc).__name__}: {exc}"
+                    )
+                    or "the outcome could not be stored",
+                    error_type="serialisation",
+                    duration=entry.outcome.duration if entry.outcome else 0.0,
+                )
+                item = self._item(entry)
             if item is not None:
                 batch.append((entry, item))
         return batch
@@ -356,9 +374,11 @@ class Reporter:
         except RetryLater as exc:
             self._apply([p for p in batch if p[1].key in exc.written], exc.written)
             raise
-        except RETRYABLE_ERRORS:
-            raise
         except psycopg.Error as exc:
+            if is_retryable(exc):
+                # Connection, read-only (a failover), serialization, resources, lock timeout…:
+                # nothing against these items; keep them and retry.
+                raise
             if len(batch) == 1:
                 written = self._write_poisoned(batch[0], exc)
             else:

@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
+import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -28,6 +29,9 @@ from .queries import query
 from .session import ClaimSession
 
 logger = logging.getLogger(__name__)
+
+#: Every database error pauses claiming, none ends it (see ``PgCommandSource.next``).
+_CLAIM_PAUSING: tuple[type[BaseException], ...] = (*RETRYABLE_ERRORS, psycopg.Error)
 
 
 @runtime_checkable
@@ -150,7 +154,9 @@ class PgCommandSource:
             self._wake.clear()
             try:
                 got_rows = self._claim(1 + max(0, self._free_slots()))
-            except RETRYABLE_ERRORS as exc:
+            except _CLAIM_PAUSING as exc:
+                # Every database error pauses claiming, none ends it: an outage, a read-only
+                # primary during a failover, a lock or statement timeout, even a refused row.
                 self._metrics.db_error("claim")
                 backoff = min(5.0, max(0.1, backoff * 2))
                 if self._healthy:
@@ -328,6 +334,7 @@ class PgCommandSource:
             )
             row = cur.fetchone()
         self.session.done(i["command_id"] for i in items)
+        self.session.unlock_pending()
         self._buffer.clear()
         return int(row[0]) if row else 0
 

@@ -17,12 +17,12 @@ from typing import Any
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import schema
+from .batches import BatchChecker
 from .config import Settings
 from .credentials import EnvCredentials
 from .db import connect_kwargs, redact_dsn, redact_text, wrap_errors
-from .batches import BatchChecker
 from .dispatcher import Dispatcher, Slots
-from .errors import ConfigError, DatabaseUnavailable
+from .errors import ConfigError, DatabaseUnavailable, PgWorkerError
 from .listener import Listener
 from .metrics import HealthServer, Metrics, NullMetrics
 from .models import Command, CommandRef, Outcome
@@ -36,6 +36,10 @@ from .source import PgCommandSource
 from .tools import ToolRegistry, default_registry
 
 logger = logging.getLogger(__name__)
+
+
+class WorkerThreadDied(PgWorkerError):
+    """A thread the worker needs has died."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,8 @@ class Worker:
         self.reporter: Reporter | None = None
         self.source: PgCommandSource | None = None
         self.batch_checker: BatchChecker | None = None
+        #: Threads that must live as long as the worker runs; one that ends stops the worker.
+        self._watched: list[threading.Thread] = []
         self.listener: Listener | None = None
 
     # -- control from other threads ------------------------------------------------------------
@@ -126,15 +132,34 @@ class Worker:
 
     def _tick(self) -> None:
         self._progress = time.monotonic()
+        dead = self.dead_thread()
+        if dead is not None:
+            raise WorkerThreadDied(
+                f"internal thread {dead} died; stopping so that this worker's claims are taken"
+                " back (see its traceback above)"
+            )
+
+    def dead_thread(self) -> str | None:
+        """The name of a thread this worker started that ended while it runs, if any."""
+        if self._stop.is_set():
+            return None
+        for thread in self._watched:
+            if not thread.is_alive():
+                return thread.name
+        return None
 
     def loop_alive(self, max_age: float) -> bool:
-        """The claim loop showed progress within ``max_age`` seconds (the watchdog's test)."""
-        return time.monotonic() - self._progress < max_age
+        """The claim loop showed progress within ``max_age`` seconds and no internal thread
+        died (the watchdog's test: a wedged worker must not keep feeding it)."""
+        return time.monotonic() - self._progress < max_age and self.dead_thread() is None
 
     def readiness(self) -> tuple[bool, str]:
         """``/readyz``: database reachable (a recent heartbeat), listener up, not stopping."""
         if self._stop.is_set():
             return False, "shutting down"
+        dead = self.dead_thread()
+        if dead is not None:
+            return False, f"internal thread {dead} died"
         hb = self.heartbeat
         if hb is None or hb.last_ok is None:
             return False, "starting"
@@ -336,6 +361,18 @@ class Worker:
             " (drain mode)" if s.drain else "",
             extra={"action": "started"},
         )
+        self._watched = [
+            t
+            for t in (
+                getattr(reporter, "_thread", None),
+                getattr(heartbeat, "_thread", None),
+                getattr(listener, "_thread", None),
+                getattr(cmd_heartbeats, "_thread", None),
+                checker.thread if checker is not None else None,
+                *(getattr(self.health, "_threads", None) or []),
+            )
+            if isinstance(t, threading.Thread)
+        ]
         self._ready.set()
         sampler = None
         if s.metrics_port is not None:
@@ -343,6 +380,7 @@ class Worker:
                 target=self._sample_queue, args=(pool,), name="noetl-pgworker-sampler", daemon=True
             )
             sampler.start()
+            self._watched.append(sampler)
         if self.notifier is not None:
             notifier = self.notifier
 

@@ -89,9 +89,12 @@ claimed AS (
     FROM to_claim AS t
     WHERE c.execution_id = t.execution_id
       AND c.command_id = t.command_id
+    -- context and meta as text: the worker parses each row alone, so that one row it cannot
+    -- parse (nested thousands deep, say) fails alone instead of failing the whole claim.
     RETURNING c.command_id, c.event_id, c.execution_id, c.catalog_id, c.parent_execution_id,
-              c.parent_command_id, c.step_name, c.tool_kind, c.attempt, c.context, c.meta,
-              c.loop_event_id, c.iter_index, c.created_at, t.claim_event_id
+              c.parent_command_id, c.step_name, c.tool_kind, c.attempt, c.context::text AS context,
+              c.meta::text AS meta, c.meta -> 'command_id' AS meta_command_id, c.loop_event_id,
+              c.iter_index, c.created_at, t.claim_event_id
 ),
 claim_events AS (
     INSERT INTO noetl.event (
@@ -102,7 +105,7 @@ claim_events AS (
            'command.claimed', m.step_name, m.step_name, 'RUNNING',
            jsonb_build_object('status', 'RUNNING',
                               'context', jsonb_build_object('command_id', m.command_id)),
-           jsonb_build_object('command_id', COALESCE(m.meta -> 'command_id', to_jsonb(m.command_id)),
+           jsonb_build_object('command_id', COALESCE(m.meta_command_id, to_jsonb(m.command_id)),
                               'worker_id', %(worker_id)s::text,
                               'actionable', false,
                               'informative', true),
@@ -204,9 +207,9 @@ reclaimed AS (
     FROM locked AS l
     WHERE NOT l.poisoned AND c.execution_id = l.execution_id AND c.command_id = l.command_id
     RETURNING c.command_id, c.event_id, c.execution_id, c.catalog_id, c.parent_execution_id,
-              c.parent_command_id, c.step_name, c.tool_kind, c.attempt, c.context, c.meta,
-              c.loop_event_id, c.iter_index, c.created_at, l.event_id AS claim_event_id,
-              l.old_worker, l.reason
+              c.parent_command_id, c.step_name, c.tool_kind, c.attempt, c.context::text AS context,
+              c.meta::text AS meta, c.meta -> 'command_id' AS meta_command_id, c.loop_event_id,
+              c.iter_index, c.created_at, l.event_id AS claim_event_id, l.old_worker, l.reason
 ),
 reclaim_events AS (
     INSERT INTO noetl.event (
@@ -217,7 +220,7 @@ reclaim_events AS (
            'command.claimed', m.step_name, m.step_name, 'RUNNING',
            jsonb_build_object('status', 'RUNNING',
                               'context', jsonb_build_object('command_id', m.command_id)),
-           jsonb_build_object('command_id', COALESCE(m.meta -> 'command_id', to_jsonb(m.command_id)),
+           jsonb_build_object('command_id', COALESCE(m.meta_command_id, to_jsonb(m.command_id)),
                               'worker_id', %(worker_id)s::text,
                               'actionable', false,
                               'informative', true,
@@ -236,7 +239,8 @@ FROM (
            jsonb_agg(jsonb_build_object(
                'execution_id', p.execution_id, 'command_id', p.command_id,
                'catalog_id', p.catalog_id, 'step_name', p.step_name,
-               'parent_execution_id', p.parent_execution_id, 'meta', p.meta,
+               'parent_execution_id', p.parent_execution_id,
+               'meta', jsonb_build_object('command_id', p.meta -> 'command_id'),
                'error', p.error)) AS poisoned
     FROM poisoned AS p
 ) AS x

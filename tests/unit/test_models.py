@@ -73,7 +73,12 @@ def base_row(**changes: object) -> dict:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"context": "a string"}, "context is a JSON string, not an object"),
+        # The claim returns context and meta as JSON text, parsed row by row.
+        ({"context": '"a string"'}, "context is a JSON string, not an object"),
+        ({"context": "[" * 3000 + "]" * 3000}, "context is nested too deeply"),
+        ({"context": '{"input": ' * 3000 + "1" + "}" * 3000}, "context is nested too deeply"),
+        ({"context": "{not json"}, "context is not JSON"),
+        ({"meta": "[" * 3000 + "]" * 3000}, "meta is nested too deeply"),
         ({"context": [1, 2]}, "context is a JSON array, not an object"),
         ({"context": 3}, "context is a JSON number, not an object"),
         ({"context": {"tool_config": "x"}}, "context.tool_config is a JSON string"),

@@ -141,7 +141,7 @@ def test_loop_iterations_echo_noetl_loop_keys() -> None:
             "meta": {"command_id": 2, "__loop_epoch_id": "ep-1", "loop_iteration_index": 4},
         }
     )
-    call, exit_, _ = outcome_events(ref, Outcome.success({"v": 1}), "w1")
+    call, _, _ = outcome_events(ref, Outcome.success({"v": 1}), "w1")
     assert call["payload"]["loop_event_id"] == "ep-1"
     assert call["payload"]["loop_iteration_index"] == 4
     assert call["meta"]["__loop_epoch_id"] == "ep-1"

@@ -1,0 +1,127 @@
+"""Rows and failures that once killed or wedged a worker: each now fails alone, or waits."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from noetl_pgworker.worker import WorkerThreadDied
+
+from ..helpers import insert_raw_command, scalar, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def status_of(conn: psycopg.Connection[Any], command_id: int) -> tuple[str, str | None]:
+    row = conn.execute(
+        "SELECT status, error FROM noetl.command WHERE command_id = %s", (command_id,)
+    ).fetchone()
+    assert row is not None
+    return str(row[0]), row[1]
+
+
+def test_a_context_nested_thousands_deep_fails_alone(
+    conn: psycopg.Connection[Any], start_worker: Callable[..., Any]
+) -> None:
+    deep = '{"input": {"x": ' + "[" * 3000 + "]" * 3000 + "}}"
+    _, bad = insert_raw_command(conn, tool_kind="noop", context=deep)
+    good = [insert_raw_command(conn, tool_kind="noop", context="{}")[1] for _ in range(3)]
+    summary = start_worker(drain=True, concurrency=4).join(60)
+    status, error = status_of(conn, bad)
+    assert status == "FAILED"
+    assert error is not None and "nested too deeply" in error
+    assert all(status_of(conn, g)[0] == "COMPLETED" for g in good)
+    assert summary.unwritten == 0
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+def test_lone_surrogates_in_results_and_errors_are_stored(
+    mode: str, conn: psycopg.Connection[Any], start_worker: Callable[..., Any]
+) -> None:
+    ok_code = 'def main():\n    return {"s": "\\ud800", "k\\udcff": 1}\n'
+    bad_code = 'def main():\n    raise ValueError("bad \\udcff byte")\n'
+    _, ok = insert_raw_command(
+        conn, tool_kind="python", context=json.dumps({"tool_config": {"code": ok_code}})
+    )
+    _, bad = insert_raw_command(
+        conn, tool_kind="python", context=json.dumps({"tool_config": {"code": bad_code}})
+    )
+    _, after = insert_raw_command(conn, tool_kind="noop", context="{}")
+    start_worker(drain=True, python_mode=mode).join(60)
+    assert status_of(conn, ok)[0] == "COMPLETED"
+    result = scalar(conn, "SELECT result FROM noetl.command WHERE command_id = %s", (ok,))
+    assert result["context"]["s"] == "\ufffd"
+    status, error = status_of(conn, bad)
+    assert status == "FAILED" and error is not None and "bad \ufffd byte" in error
+    assert status_of(conn, after)[0] == "COMPLETED"  # the writer lived on
+
+
+def test_a_dead_internal_thread_makes_the_worker_unready_and_stop_non_zero(
+    start_worker: Callable[..., Any],
+) -> None:
+    running = start_worker(poll_interval=0.2)
+    worker = running.worker
+    assert worker.readiness()[0] or worker.readiness()[1] != "ready"
+    reporter = worker.reporter
+    assert reporter is not None
+
+    def explode() -> bool:
+        raise SystemExit("simulated writer crash")  # BaseException: ends the thread
+
+    original = threading.excepthook
+    threading.excepthook = lambda args: None  # the traceback is expected; keep output clean
+    try:
+        reporter._writable = explode  # type: ignore[method-assign]
+        with reporter._cond:
+            reporter._cond.notify_all()
+        wait_until(lambda: not reporter._thread.is_alive(), timeout=10)
+        ready, why = worker.readiness()
+        assert not ready and "noetl-pgworker-reporter" in why
+        assert not worker.loop_alive(60)  # the systemd watchdog is no longer fed
+        with pytest.raises(WorkerThreadDied, match="noetl-pgworker-reporter"):
+            running.join(30)
+    finally:
+        threading.excepthook = original
+
+
+def test_a_read_only_database_pauses_the_worker_and_fails_nothing(
+    dsn: str, conn: psycopg.Connection[Any], start_worker: Callable[..., Any]
+) -> None:
+    """A failover looks like ``default_transaction_read_only``: outcomes wait, claims pause."""
+    dbname = scalar(conn, "SELECT current_database()")
+    code = "import time\ndef main():\n    time.sleep(2)\n    return {'ok': True}\n"
+    _, slow = insert_raw_command(
+        conn, tool_kind="python", context=json.dumps({"tool_config": {"code": code}})
+    )
+    running = start_worker(poll_interval=0.2, python_mode="inline")
+    wait_until(lambda: status_of(conn, slow)[0] in ("CLAIMED", "RUNNING"))
+
+    def kick_worker_sessions() -> None:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND application_name LIKE 'noetl-pgworker%%'"
+        )
+
+    conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    try:
+        kick_worker_sessions()
+        # New commands arrive meanwhile (this session predates the setting).
+        later = [insert_raw_command(conn, tool_kind="noop", context="{}")[1] for _ in range(3)]
+        import time
+
+        time.sleep(4)  # the slow command finished; its outcome cannot be written yet
+        assert status_of(conn, slow)[0] in ("CLAIMED", "RUNNING")
+        assert running.thread.is_alive()
+    finally:
+        conn.execute(f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+    kick_worker_sessions()
+    wait_until(lambda: status_of(conn, slow)[0] == "COMPLETED", timeout=60)
+    wait_until(lambda: all(status_of(conn, c)[0] == "COMPLETED" for c in later), timeout=60)
+    assert scalar(conn, "SELECT count(*) FROM noetl.command WHERE status = 'FAILED'") == 0
+    running.stop()
