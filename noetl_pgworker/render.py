@@ -191,9 +191,19 @@ ENV.filters["b64encode"] = _b64encode
 ENV.policies["json.dumps_function"] = _dumps
 
 
+#: Templates up to this size are kept compiled (a task sequence renders the same ones often).
+MAX_CACHED_TEMPLATE = 16 * 1024
+
+
 @functools.lru_cache(maxsize=512)
-def _compile(source: str) -> Template:
+def _compile_cached(source: str) -> Template:
     return ENV.from_string(source)
+
+
+def _compile(source: str) -> Template:
+    if len(source) > MAX_CACHED_TEMPLATE:
+        return ENV.from_string(source)
+    return _compile_cached(source)
 
 
 def template_context(context: Mapping[str, Any]) -> dict[str, Any]:
