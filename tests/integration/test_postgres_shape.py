@@ -123,3 +123,41 @@ def test_a_template_that_cannot_render_is_sent_as_written(dsn: str) -> None:
     )
     assert out.ok, out.error
     assert [r["rows"] for r in out.data["results"]] == [[{"kept": "{{ nope.attr }}"}], [{"n": 1}]]
+
+
+def test_a_task_sequence_threads_postgres_rows_into_python(dsn: str) -> None:
+    from noetl_pgworker.tools import default_registry
+
+    registry = default_registry()  # python in its own process: its output is unwrapped
+    try:
+        tasks = [
+            {
+                "name": "load",
+                "kind": "postgres",
+                "dsn": "{{ workload.dsn }}",
+                "query": "SELECT g AS n FROM generate_series(1, {{ workload.top }}) g",
+            },
+            {
+                "name": "total",
+                "kind": "python",
+                "code": "def main(rows):\n    return sum(r['n'] for r in rows)\n",
+                "input": {"rows": "{{ _prev.rows }}"},
+            },
+        ]
+        command = Command(
+            command_id="8",
+            execution_id=42,
+            step="sum:task_sequence",
+            tool_kind="task_sequence",
+            catalog_id=1,
+            input={
+                "tool_config": {"tasks": tasks},
+                "render_context": {"workload": {"dsn": dsn, "top": 4}},
+            },
+        )
+        out = execute(command, registry, timeout=60)
+    finally:
+        registry.close()
+    assert out.ok, out.error
+    assert out.data["status"] == "ok" and out.data["_prev"] == 10
+    assert out.data["results"]["load"]["row_count"] == 4
