@@ -19,7 +19,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from . import schema
 from .batches import BatchChecker
 from .config import Settings
-from .credentials import EnvCredentials
+from .credentials import CredentialProvider, EnvCredentials
 from .db import connect_kwargs, redact_dsn, redact_text, wrap_errors
 from .dispatcher import Dispatcher, Slots
 from .errors import ConfigError, DatabaseUnavailable, PgWorkerError
@@ -31,6 +31,7 @@ from .reporter import PgSink, Reporter, Sink
 from .runtime import Heartbeat
 from .sdnotify import Notifier
 from .server import CommandHeartbeats, HttpSink, NoetlServer, resolver
+from .server_credentials import ServerCredentials
 from .session import ClaimSession
 from .source import PgCommandSource
 from .tools import ToolRegistry, default_registry
@@ -85,8 +86,13 @@ class Worker:
             child_cpu_seconds=settings.child_cpu_seconds,
             python_preload=settings.python_preload,
         )
-        self.credentials = EnvCredentials()
-        self.credentials.check()
+        local = EnvCredentials()
+        local.check()
+        # In server mode an `auth` key the worker does not know is asked of NoETL's server, as
+        # NoETL's own worker does (GET /api/credentials/{key}).
+        self.credentials: CredentialProvider = (
+            ServerCredentials(settings.server_url, local=local) if settings.server_url else local
+        )
         kinds = settings.tool_kinds or self.registry.kinds()
         unknown = [k for k in kinds if k not in self.registry]
         if unknown:
@@ -425,6 +431,8 @@ class Worker:
                 server.close()
             heartbeat.stop(mark_offline=True)
             self.registry.close()
+            if isinstance(self.credentials, ServerCredentials):
+                self.credentials.close()
             if self.health is not None:
                 self.health.stop()
             if self.notifier is not None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..errors import ToolError, ToolTimeout
 from ..models import Command, ToolOutput
+from ..render import render_args
 from . import ToolContext, process
 from .pyrunner import NoEntryPoint, run_code
 
@@ -70,7 +71,8 @@ class PythonTool:
         for key in ("args", "input"):
             if config.get(key) is not None and not isinstance(config.get(key), dict):
                 raise ToolError(f"python: tool_config.{key} must be an object")
-        args: dict[str, Any] = command.args
+        # NoETL's worker renders the arguments' templates against the render context.
+        args: dict[str, Any] = render_args(command, command.args)
         if self.sandbox is None:
             try:
                 return run_code(code, args, command.step)

@@ -265,3 +265,27 @@ def test_duckdb_without_the_extra_says_how_to_install(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "duckdb", None)  # as if it were not installed
     out = execute(cmd("duckdb", {"query": "SELECT 1"}), default_registry())
     assert not out.ok and "pip install 'noetl-pgworker[duckdb]'" in (out.error or "")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_python_arguments_are_rendered_against_the_render_context(mode: str) -> None:
+    # NoETL's worker renders argument templates the server left (a bare `{{ name }}` of a
+    # context key keeps its value, the rest render to text); the render context holds earlier
+    # steps' results by name.
+    command = Command(
+        command_id="1",
+        execution_id=1,
+        step="s",
+        tool_kind="python",
+        catalog_id=1,
+        input={
+            "tool_config": {"code": "def main(x, label):\n    return {'x': x, 'label': label}\n"},
+            "input": {"x": "{{ start }}", "label": "n={{ start.x + 1 }}"},
+            "render_context": {"start": {"x": 41}},
+        },
+    )
+    registry = ToolRegistry([PythonTool(mode=mode)])
+    out = execute(command, registry, timeout=30)
+    registry.close()
+    assert out.ok, out.error
+    assert out.data == {"x": {"x": 41}, "label": "n=42"}
