@@ -470,18 +470,28 @@ class HttpSink:
 
 
 def _chunks(items: list[WriteItem], worker_id: str) -> Iterable[list[WriteItem]]:
-    """Batches within the server's limits; one command's events are never split."""
+    """Batches within the server's limits; one command's events are never split, and a batch
+    carries at most one outcome.
+
+    Observed on NoETL 4.26: the batch handler hands only the *last* actionable event of a
+    request to the workflow engine, so two ``call.done`` in one batch advance the workflow
+    once (a loop or a fan-out then waits forever). NoETL's own worker sends one batch per
+    command outcome; so does this. Start events (not actionable) may share a batch."""
     chunk: list[WriteItem] = []
     count = size = 0
+    has_outcome = False
     for item in items:
-        n = len(item_events(item, worker_id))
-        b = len(dumps(item_events(item, worker_id)).encode())
-        if chunk and (count + n > MAX_EVENTS or size + b > MAX_BYTES - 4096):
+        evs = item_events(item, worker_id)
+        n = len(evs)
+        b = len(dumps(evs).encode())
+        full = count + n > MAX_EVENTS or size + b > MAX_BYTES - 4096
+        if chunk and (full or (has_outcome and item.outcome is not None)):
             yield chunk
-            chunk, count, size = [], 0, 0
+            chunk, count, size, has_outcome = [], 0, 0, False
         chunk.append(item)
         count += n
         size += b
+        has_outcome = has_outcome or item.outcome is not None
     if chunk:
         yield chunk
 

@@ -15,6 +15,8 @@ hypothesis about NoETL only as far as those notes go:
   and the workflow does not advance. ``GET /api/events/batch/{request_id}/status`` says
   ``completed`` or ``failed`` (with the message).
 - 2.103.4: the result resolver is mounted at ``/api/api/result/resolve`` (``resolve_prefix``).
+- 4.26: only the *last* actionable event of a batch (not a ``command.*``/``step.enter``) is
+  handed to the workflow engine: two ``call.done`` in one batch advance the workflow once.
 
 It de-duplicates batches by Idempotency-Key and applies what the real server applies: command
 status on ``command.started`` and terminal events, an audit row in noetl.event, and, for a
@@ -36,6 +38,16 @@ import psycopg
 from noetl_pgworker.events import event_status
 
 EVENT_KEYS = {"step", "name", "payload", "actionable", "informative", "meta"}
+#: Events the batch handler never hands to the workflow engine (4.26, batch.py).
+NOT_FOR_ENGINE = {
+    "command.claimed",
+    "command.heartbeat",
+    "command.started",
+    "command.completed",
+    "command.failed",
+    "step.enter",
+    "step.exit",
+}
 BATCH_KEYS = {"execution_id", "worker_id", "events"}
 SINGLE_KEYS = {
     "execution_id",
@@ -146,9 +158,19 @@ class FakeNoetl:
                 if key not in self.keys:
                     self.keys.add(key)
                     problem = self._check_stored_results(body["events"])
-                    for ev in body["events"]:
+                    # 4.26: only the last actionable event of a batch reaches the engine.
+                    engine = [
+                        i
+                        for i, ev in enumerate(body["events"])
+                        if ev.get("actionable") and ev["name"] not in NOT_FOR_ENGINE
+                    ]
+                    last = engine[-1] if engine else -1
+                    for i, ev in enumerate(body["events"]):
                         self._apply(
-                            int(body["execution_id"]), body["worker_id"], ev, advance=not problem
+                            int(body["execution_id"]),
+                            body["worker_id"],
+                            ev,
+                            advance=not problem and (i == last or ev["name"] in NOT_FOR_ENGINE),
                         )
                     self.batches[request_id] = (
                         {"state": "failed", "status": "FAILED", "message": problem}

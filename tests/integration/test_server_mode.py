@@ -333,3 +333,28 @@ def test_results_are_resolved_on_the_older_servers_route(
     )
     response = next(e for e in fake.received if e["name"] == "call.done")["payload"]["response"]
     assert response == {"msg": "old route"}
+
+
+def test_each_outcome_travels_in_a_batch_of_its_own(
+    start_worker: Callable[..., RunningWorker], conn: psycopg.Connection[Any], fake: FakeNoetl
+) -> None:
+    """Observed on NoETL 4.26: only the last call.done of a batch advances the workflow, so
+    two outcomes of one execution in one batch left a fan-out waiting forever."""
+    execution_id = start_execution(conn, fake)
+    fake.issue(execution_id, "start", *PLAYBOOK["start"][:2], {"greeting": "hey"})
+    # Both finish together and reach the writer in one flush.
+    start_worker(server_url=fake.url, worker_id="srv-fan", concurrency=2, flush_interval=0.3)
+    wait_until(
+        lambda: (
+            scalar(
+                conn,
+                "SELECT count(*) FROM noetl.command WHERE step_name = 'finish'"
+                " AND status = 'COMPLETED'",
+            )
+            == 2
+        ),
+        timeout=60,
+    )
+    for _path, _headers, body in fake.requests:
+        outcomes = [e for e in body["events"] if e["name"] in ("call.done", "call.error")]
+        assert len(outcomes) <= 1
