@@ -3,7 +3,9 @@
 Input: the SQL as for ``postgres`` (string, several statements allowed, or a list; a Jinja
 template rendered against the command's context with the step's arguments, rendered, over it),
 ``params`` (a list or an object, used with a single statement), ``db_path`` (default: an
-in-memory database). Output as for ``postgres``. Interrupted at the command's timeout.
+in-memory database). Output as for ``postgres``, plus NoETL's duckdb keys (``executed_commands``,
+``command_<n>_rows``, ``command_<n>_sample`` — first five rows as lists — ``task_id``,
+``execution_id``, ``database_path``, ``secrets_created``). Interrupted at the command's timeout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..models import Command
 from ..render import render_sql
 from . import ToolContext
 from .postgres import command_result, rows_result, shape, statements_of
+from .values import to_json
 
 INSTALL_HINT = "duckdb is not installed on this worker: pip install 'noetl-pgworker[duckdb]'"
 
@@ -44,6 +47,7 @@ class DuckdbTool:
         timer.daemon = True
         timer.start()
         results: list[dict[str, Any]] = []
+        noetl: dict[str, Any] = {}  # NoETL's own keys: command_<n>_rows, command_<n>_sample
         try:
             for text in texts:
                 statements = duckdb.extract_statements(text)
@@ -54,7 +58,12 @@ class DuckdbTool:
                         rel = con.execute(stmt)
                     if rel.description:
                         columns = [d[0] for d in rel.description]
-                        results.append(rows_result(columns, rel.fetchall()))
+                        rows = rel.fetchall()
+                        results.append(rows_result(columns, rows))
+                        if rows:
+                            n = len(results)
+                            noetl[f"command_{n}_rows"] = len(rows)
+                            noetl[f"command_{n}_sample"] = to_json([list(r) for r in rows[:5]])
                     else:
                         results.append(command_result(-1))
         except duckdb.InterruptException:
@@ -64,4 +73,14 @@ class DuckdbTool:
         finally:
             timer.cancel()
             con.close()
-        return shape(results)
+        # NoETL's duckdb result (a later step may read `{{ step.executed_commands }}`) beside
+        # the shape shared with postgres.
+        return {
+            **shape(results),
+            "executed_commands": len(results),
+            "task_id": command.command_id,
+            "execution_id": str(command.execution_id),
+            "database_path": db_path,
+            "secrets_created": 0,
+            **noetl,
+        }

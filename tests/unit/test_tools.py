@@ -220,7 +220,24 @@ def test_shell_failures_carry_the_output() -> None:
     missing = execute(cmd("shell", {"command": ["/no/such/binary"]}), default_registry())
     assert not missing.ok and "cannot run '/no/such/binary'" in (missing.error or "")
     bad = execute(cmd("shell", {"command": 5}), default_registry())
-    assert not bad.ok and "must be a string or a list" in (bad.error or "")
+    assert not bad.ok and "cmds (a list of command lines) or command" in (bad.error or "")
+
+
+def test_shell_runs_noetls_cmds_lines_in_turn_and_stops_at_the_first_failure() -> None:
+    # Observed with NoETL 4.26 playbooks: `tool: {kind: shell, cmds: [...]}` is NoETL's form.
+    registry = default_registry()
+    try:
+        out = execute(cmd("shell", {"cmds": ["echo one", "echo two >&2"]}), registry)
+        assert out.ok, out.error
+        assert out.data["returncode"] == 0
+        assert out.data["stdout"] == "one\n" and out.data["stderr"] == "two\n"
+        assert [c["cmd_preview"] for c in out.data["commands"]] == ["echo one", "echo two >&2"]
+        assert isinstance(out.data["duration_ms"], int)
+        failed = execute(cmd("shell", {"cmds": ["echo a", "exit 3", "echo never"]}), registry)
+        assert not failed.ok and failed.error == "shell: exit code 3"
+        assert [c["returncode"] for c in failed.data["commands"]] == [0, 3]
+    finally:
+        registry.close()
 
 
 def test_shell_is_killed_at_the_timeout_with_its_children() -> None:
@@ -256,7 +273,17 @@ def test_duckdb_runs_sql_with_params_and_several_statements() -> None:
         "rows": [{"n": 42}],
         "row_count": 1,
         "statement_count": 1,
+        # NoETL's duckdb keys (a playbook on NoETL 4.26 read `{{ step.executed_commands }}`)
+        "executed_commands": 1,
+        "command_1_rows": 1,
+        "command_1_sample": [[42]],
+        "task_id": "1",
+        "execution_id": "2",
+        "database_path": ":memory:",
+        "secrets_created": 0,
     }
+    assert out.data["executed_commands"] == 3 and out.data["command_3_sample"] == [[1, "x", "1.50"]]
+    assert "command_1_rows" not in out.data  # CREATE TABLE returns no rows
     bad = execute(cmd("duckdb", {"query": "SELEC 1"}), default_registry())
     assert not bad.ok and bad.error and bad.error.startswith("duckdb: ParserException")
 
