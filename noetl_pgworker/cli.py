@@ -134,7 +134,7 @@ def main() -> None:
     "--tool-kinds",
     envvar=_env("TOOL_KINDS"),
     show_envvar=True,
-    default="",
+    default=None,
     help="Comma-separated tool kinds to claim; nothing else is claimed."
     "  [default: every kind this worker has]",
 )
@@ -334,7 +334,7 @@ def start(
     dsn: str,
     worker_id: str | None,
     concurrency: int,
-    tool_kinds: str,
+    tool_kinds: str | None,
     poll_interval: float,
     drain: bool,
     heartbeat_interval: float,
@@ -367,7 +367,7 @@ def start(
     values: dict[str, Any] = {
         "dsn": dsn,
         "concurrency": concurrency,
-        "tool_kinds": tool_kinds or None,
+        "tool_kinds": tool_kinds,
         "poll_interval": poll_interval,
         "drain": drain,
         "heartbeat_interval": heartbeat_interval,
@@ -396,7 +396,10 @@ def start(
     try:
         settings = Settings(**values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
         raise ConfigError(f"invalid settings: {problems}") from exc
     if not worker_id:
         logs.configure(log_level, log_format, settings.worker_id)

@@ -112,5 +112,11 @@ class Settings(BaseModel):
             value = [part.strip() for part in value.split(",")]
         if isinstance(value, list | tuple):
             kinds = tuple(dict.fromkeys(str(k).strip() for k in value if str(k).strip()))
-            return kinds or None
+            if not kinds:
+                # Fail closed: an empty list must not mean "every kind" (python and shell
+                # included) by accident, e.g. an unset variable in a unit file.
+                raise ValueError(
+                    "names no tool kind; leave it out to claim every kind this worker runs"
+                )
+            return kinds
         return value

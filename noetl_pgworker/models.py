@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import MalformedCommand
+
+#: What a tool kind looks like (NoETL's are all so); the claim fails any other as malformed.
+_KIND = re.compile(r"[a-z][a-z0-9_]*")
 
 #: The fields shared with the Rust ``Command``, in its order.
 SEED_FIELDS = ("command_id", "execution_id", "step", "tool_kind", "input")
@@ -177,6 +181,11 @@ class Command(BaseModel):
         tool_kind = row.get("tool_kind")
         if not tool_kind or not str(tool_kind).strip():
             raise MalformedCommand("malformed command: tool_kind is empty")
+        if not _KIND.fullmatch(str(tool_kind)):
+            raise MalformedCommand(
+                f"malformed command: tool_kind {str(tool_kind)!r} is not a tool kind"
+                " (lowercase letters, digits and _, starting with a letter)"
+            )
         iter_index = row.get("iter_index")
         try:
             return cls(

@@ -34,12 +34,14 @@ WITH candidate AS MATERIALIZED (
         UNION ALL
         SELECT n.execution_id, n.command_id, n.created_at
         FROM (
+            -- No kind, or not a kind at all ('', ' python ', 'Python'): every worker claims
+            -- these, to fail them as malformed (pgworker_command_badkind_idx holds only them).
             SELECT c.execution_id, c.command_id, c.created_at
             FROM noetl.command AS c
             WHERE c.status = 'PENDING'
-              AND c.tool_kind IS NULL
+              AND (c.tool_kind IS NULL OR c.tool_kind !~ '^[a-z][a-z0-9_]*$')
               AND c.step_name <> '__orchestrate__'
-            ORDER BY c.tool_kind, c.created_at, c.command_id
+            ORDER BY c.created_at, c.command_id
             LIMIT %(limit)s
             FOR UPDATE SKIP LOCKED
         ) AS n
@@ -144,13 +146,15 @@ WITH candidate AS MATERIALIZED (
           (c.worker_id = %(worker_id)s AND NOT (c.command_id = ANY(%(known)s::bigint[])))
           OR (
               c.worker_id IS DISTINCT FROM %(worker_id)s
-              AND c.claimed_at < now() - make_interval(secs => %(lease)s)
+              -- A row put in flight without claimed_at (by hand, or another tool) ages from
+              -- its last update instead of never.
+              AND COALESCE(c.claimed_at, c.updated_at) < now() - make_interval(secs => %(lease)s)
               AND (r.name IS NULL
                    OR r.status <> 'ready'
                    OR r.heartbeat < now() - make_interval(secs => %(stale_after)s))
           )
       )
-    ORDER BY c.claimed_at
+    ORDER BY COALESCE(c.claimed_at, c.updated_at)
     LIMIT %(limit)s
     FOR UPDATE OF c SKIP LOCKED
 ),
@@ -429,7 +433,7 @@ WHERE status = 'PENDING';
 SELECT count(*) AS stuck
 FROM noetl.command
 WHERE status IN ('CLAIMED', 'RUNNING')
-  AND claimed_at < now() - make_interval(secs => %(lease)s);
+  AND COALESCE(claimed_at, updated_at) < now() - make_interval(secs => %(lease)s);
 
 -- name: status_workers
 SELECT name, status, capacity,
@@ -516,7 +520,8 @@ FROM (VALUES
         WHERE tgrelid = to_regclass('noetl.command') AND tgname = 'pgworker_command_notify')),
     ('index noetl.pgworker_command_claim_idx', to_regclass('noetl.pgworker_command_claim_idx') IS NOT NULL),
     ('index noetl.pgworker_command_kind_claim_idx', to_regclass('noetl.pgworker_command_kind_claim_idx') IS NOT NULL),
-    ('index noetl.pgworker_command_inflight_idx', to_regclass('noetl.pgworker_command_inflight_idx') IS NOT NULL)
+    ('index noetl.pgworker_command_inflight_idx', to_regclass('noetl.pgworker_command_inflight_idx') IS NOT NULL),
+    ('index noetl.pgworker_command_badkind_idx', to_regclass('noetl.pgworker_command_badkind_idx') IS NOT NULL)
 ) AS v(object, present);
 
 -- name: verify_columns

@@ -44,6 +44,12 @@ CREATE INDEX IF NOT EXISTS pgworker_command_kind_claim_idx
     ON noetl.command (tool_kind, created_at, command_id)
     WHERE status = 'PENDING';
 
+-- PENDING rows whose tool_kind is missing or not a kind ('', ' python ', 'Python'): every worker
+-- claims them, to fail them as malformed instead of leaving them PENDING forever.
+CREATE INDEX IF NOT EXISTS pgworker_command_badkind_idx
+    ON noetl.command (created_at, command_id)
+    WHERE status = 'PENDING' AND (tool_kind IS NULL OR tool_kind !~ '^[a-z][a-z0-9_]*$');
+
 -- Recovery looks for claims older than the lease; this keeps that look cheap however large
 -- the table's history grows.
 CREATE INDEX IF NOT EXISTS pgworker_command_inflight_idx

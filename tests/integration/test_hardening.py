@@ -125,3 +125,43 @@ def test_a_read_only_database_pauses_the_worker_and_fails_nothing(
     wait_until(lambda: all(status_of(conn, c)[0] == "COMPLETED" for c in later), timeout=60)
     assert scalar(conn, "SELECT count(*) FROM noetl.command WHERE status = 'FAILED'") == 0
     running.stop()
+
+
+@pytest.mark.parametrize("kind", ["", " python ", "Python", "no op"])
+def test_a_row_whose_tool_kind_is_not_a_kind_ends_failed(
+    kind: str, conn: psycopg.Connection[Any], start_worker: Callable[..., Any]
+) -> None:
+    _, bad = insert_raw_command(conn, tool_kind=kind, context="{}")
+    _, good = insert_raw_command(conn, tool_kind="noop", context="{}")
+    # A worker that runs only noop still takes it: such a row is nobody's kind.
+    start_worker(drain=True, tool_kinds=("noop",)).join(60)
+    status, error = status_of(conn, bad)
+    assert status == "FAILED", (status, error)
+    assert error is not None and ("is not a tool kind" in error or "is empty" in error)
+    assert status_of(conn, good)[0] == "COMPLETED"
+
+
+def test_an_in_flight_row_without_claimed_at_is_taken_back(
+    conn: psycopg.Connection[Any], start_worker: Callable[..., Any]
+) -> None:
+    _, lost = insert_raw_command(conn, tool_kind="noop", context="{}")
+    conn.execute(
+        "UPDATE noetl.command SET status = 'RUNNING', worker_id = 'gone', claimed_at = NULL,"
+        " updated_at = now() - interval '1 hour' WHERE command_id = %s",
+        (lost,),
+    )
+    from noetl_pgworker.status import read_status
+
+    assert read_status(conn, lease=60).stuck == 1  # shown
+    start_worker(drain=True, lease=60).join(60)
+    assert status_of(conn, lost)[0] == "COMPLETED"  # and taken back
+
+
+def test_an_empty_tool_kind_list_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from noetl_pgworker.config import Settings
+
+    for value in ("", " , ", ()):
+        with pytest.raises(ValidationError, match="names no tool kind"):
+            Settings(dsn="x", tool_kinds=value)

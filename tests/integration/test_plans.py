@@ -227,7 +227,7 @@ def test_claim_still_takes_rows_without_a_tool_kind_oldest_first(
         assert len(claimed) == OWN_PENDING - 16 + 1
         assert kinds.count(None) == 1 and set(kinds) == {"noop", None}
         assert all(r[7] != "__orchestrate__" for r in claimed)
-        created = [r[14] for r in claimed]
+        created = [r[15] for r in claimed]  # created_at
         assert created == sorted(created)
 
 
