@@ -24,6 +24,8 @@ class WorkerInfo:
     in_flight: int = 0
     completed: int = 0
     failed: int = 0
+    #: Server mode: event batches the NoETL server accepted (202) and then failed.
+    server_batches_failed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,7 @@ def _worker(w: WorkerInfo) -> dict[str, Any]:
         "in_flight": w.in_flight,
         "completed": w.completed,
         "failed": w.failed,
+        "server_batches_failed": w.server_batches_failed,
     }
 
 
@@ -89,8 +92,10 @@ def read_status(
         stuck_row = cur.fetchone()
         cur.execute(query("status_workers"))
         workers = [
-            WorkerInfo(str(name), str(st), cap, float(age or 0.0), int(fl), int(done), int(fail))
-            for name, st, cap, age, fl, done, fail in cur.fetchall()
+            WorkerInfo(
+                str(name), str(st), cap, float(age or 0.0), int(fl), int(done), int(fail), int(bf)
+            )
+            for name, st, cap, age, fl, done, fail, bf in cur.fetchall()
         ]
     return QueueStatus(
         counts,
@@ -139,6 +144,12 @@ def format_status(st: QueueStatus, rates: dict[str, float] | None = None) -> str
         lines.append(line)
     if not st.workers:
         lines.append("(no workers registered)")
+    for w in st.workers:
+        if w.server_batches_failed:
+            lines.append(
+                f"! {w.name}: {w.server_batches_failed} event batch(es) accepted by the NoETL"
+                " server and then failed there (see the worker's log)"
+            )
     return "\n".join(lines)
 
 

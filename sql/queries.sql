@@ -440,7 +440,9 @@ SELECT name, status, capacity,
        EXTRACT(epoch FROM now() - heartbeat)::double precision AS heartbeat_age_seconds,
        COALESCE((runtime ->> 'in_flight')::int, 0) AS in_flight,
        COALESCE((runtime ->> 'completed')::bigint, 0) AS completed,
-       COALESCE((runtime ->> 'failed')::bigint, 0) AS failed
+       COALESCE((runtime ->> 'failed')::bigint, 0) AS failed,
+       -- server mode: event batches the NoETL server accepted and then failed
+       COALESCE((runtime ->> 'server_batches_failed')::bigint, 0) AS server_batches_failed
 FROM noetl.runtime
 WHERE kind = 'worker_pool'
 ORDER BY name;

@@ -57,7 +57,9 @@ def test_redact_text_removes_the_password_from_driver_messages() -> None:
 
 def test_settings_split_tool_kinds_and_reject_nonsense() -> None:
     assert Settings(tool_kinds="noop, python,noop").tool_kinds == ("noop", "python")
-    assert Settings(tool_kinds="").tool_kinds is None
+    assert Settings().tool_kinds is None  # not given: every kind the worker runs
+    with pytest.raises(ValueError, match="names no tool kind"):
+        Settings(tool_kinds="")  # given but empty: refused, never "every kind"
     with pytest.raises(ValueError):
         Settings(concurrency=0)
 
