@@ -303,7 +303,7 @@ def test_a_batch_the_server_fails_after_accepting_it_is_reported(
     from noetl_pgworker.status import format_status, read_status
 
     st = read_status(conn)
-    assert [w.server_batches_failed for w in st.workers if w.name == "srv-bf"][0] > 0
+    assert next(w.server_batches_failed for w in st.workers if w.name == "srv-bf") > 0
     assert "accepted by the NoETL server and then failed" in format_status(st)
     running.stop()
 
