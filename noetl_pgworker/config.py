@@ -45,6 +45,11 @@ class Settings(BaseModel):
     drain: bool = False
     heartbeat_interval: float = Field(default=5.0, gt=0, le=15)
     shutdown_timeout: float = Field(default=30.0, ge=0)
+    spool_dir: str | None = Field(
+        default=None,
+        description="where outcomes that cannot be written at shutdown are kept for the next"
+        " start (default: systemd's $STATE_DIRECTORY, else none)",
+    )
     connect_timeout: float = Field(default=10.0, gt=0)
     flush_interval: float = Field(
         default=0.0, ge=0, le=1, description="how long the writer gathers outcomes"

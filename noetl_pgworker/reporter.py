@@ -27,6 +27,7 @@ from .events import dumps
 from .metrics import NullMetrics
 from .models import CommandRef, CommandStatus, Outcome
 from .queries import query
+from .spool import Spool, Spooled
 
 logger = logging.getLogger(__name__)
 
@@ -221,24 +222,71 @@ class Reporter:
                 self._cond.wait(min(remaining, 0.05))
         return True
 
-    def close(self, timeout: float) -> bool:
-        """Flush (up to ``timeout``), then stop the thread. True if nothing was left unwritten."""
+    def close(self, timeout: float, spool: Spool | None = None) -> bool:
+        """Flush (up to ``timeout``), then stop the thread. True if nothing was left unwritten.
+
+        What could not be written is kept in ``spool`` when there is one (the next start under
+        this worker id writes it), else its claims are recovered after the lease."""
         flushed = self.flush(timeout)
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
         if self._thread.is_alive():
-            self._thread.join(timeout=max(1.0, timeout))
+            # A write under way ends within its statement timeout; do not wait longer.
+            self._thread.join(timeout=min(5.0, max(1.0, timeout)))
             if self._thread.is_alive():
                 logger.error("the reporter thread did not stop", extra={"action": "stop"})
         if not flushed:
-            logger.error(
-                "%d command outcome(s) could not be written before shutdown; their claims will"
-                " be recovered after the lease",
-                self.pending(),
-                extra={"action": "unwritten_outcomes"},
-            )
+            left = self.unwritten()
+            kept = spool.save(left) if spool is not None else 0
+            if kept:
+                logger.warning(
+                    "%d command outcome(s) could not be written before shutdown; kept in %s for"
+                    " the next start under this worker id",
+                    kept,
+                    spool.path if spool is not None else "",
+                    extra={"action": "outcomes_spooled"},
+                )
+            else:
+                logger.error(
+                    "%d command outcome(s) could not be written before shutdown; their claims"
+                    " will be recovered after the lease (give --spool-dir to keep them)",
+                    self.pending(),
+                    extra={"action": "unwritten_outcomes"},
+                )
         return flushed
+
+    def unwritten(self) -> list[Spooled]:
+        """Finished commands whose outcome is not written yet."""
+        with self._cond:
+            return [
+                Spooled(
+                    e.ref,
+                    e.outcome,
+                    e.started_at,
+                    e.loop_event_id,
+                    e.iter_index,
+                    e.unfenced,
+                    e.start_written,
+                )
+                for e in self._entries.values()
+                if e.outcome is not None
+            ]
+
+    def restore(self, items: list[Spooled]) -> None:
+        """Outcomes an earlier run kept on disk: written like fresh ones (and fenced)."""
+        with self._cond:
+            for item in items:
+                self._entries[(item.ref.execution_id, item.ref.command_id)] = _Entry(
+                    item.ref,
+                    item.loop_event_id,
+                    item.iter_index,
+                    item.started_at,
+                    item.start_written,
+                    item.outcome,
+                    item.unfenced,
+                )
+            self._cond.notify()
 
     # -- the writer ----------------------------------------------------------------------------
 
@@ -271,6 +319,8 @@ class Reporter:
                         self.pending(),
                         extra={"action": "write_paused"},
                     )
+                if self._stop.is_set():
+                    return  # stopping: what is left goes to the spool, not another retry
                 retry_after = getattr(exc, "retry_after", None)
                 self._stop.wait(max(backoff, min(60.0, retry_after or 0.0)))
                 continue

@@ -315,14 +315,14 @@ class PgCommandSource:
         """Close the claim session (its locks go with it)."""
         self.session.close()
 
-    def release_unstarted(self) -> int:
+    def release_unstarted(self, timeout: float = 10.0) -> int:
         """Put commands claimed but never handed out back to PENDING; returns how many."""
         if not self._buffer:
             return 0
         items = [
             {"execution_id": c.execution_id, "command_id": int(c.command_id)} for c in self._buffer
         ]
-        with self._pool.connection(timeout=10) as conn, conn.cursor() as cur:
+        with self._pool.connection(timeout=timeout) as conn, conn.cursor() as cur:
             cur.execute(
                 query("release_commands"),
                 {

@@ -165,3 +165,51 @@ def test_an_empty_tool_kind_list_is_refused() -> None:
     for value in ("", " , ", ()):
         with pytest.raises(ValidationError, match="names no tool kind"):
             Settings(dsn="x", tool_kinds=value)
+
+
+def test_outcomes_that_cannot_be_written_at_shutdown_are_kept_and_written_next_start(
+    conn: psycopg.Connection[Any], start_worker: Callable[..., Any], tmp_path: Any
+) -> None:
+    """A stop during an outage: bounded, and the finished command's outcome is not dropped
+    (it is not run again either)."""
+    import time
+
+    dbname = scalar(conn, "SELECT current_database()")
+    marker = tmp_path / "runs"
+    code = (
+        "import time\n"
+        f"def main():\n    with open({str(marker)!r}, 'a') as fh:\n        fh.write('x')\n"
+        "    time.sleep(1.5)\n"
+        "    return {'ok': 1}\n"
+    )
+    _, cid = insert_raw_command(
+        conn, tool_kind="python", context=json.dumps({"tool_config": {"code": code}})
+    )
+    spool = tmp_path / "spool"
+    first = start_worker(
+        worker_id="spooler", python_mode="inline", spool_dir=str(spool), shutdown_timeout=2
+    )
+    wait_until(lambda: marker.exists())
+    # While it runs the database turns read-only (a failover): its outcome cannot be written.
+    conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    try:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND application_name LIKE 'noetl-pgworker%%'"
+        )
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        summary = first.stop(60)
+        took = time.monotonic() - t0
+    finally:
+        conn.execute(f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+    assert took < 2 + 15, took  # --shutdown-timeout plus the documented few seconds
+    assert summary.unwritten == 1
+    assert (spool / "spooler.jsonl").exists()
+    assert status_of(conn, cid)[0] in ("CLAIMED", "RUNNING")
+    second = start_worker(worker_id="spooler", python_mode="inline", spool_dir=str(spool))
+    wait_until(lambda: status_of(conn, cid)[0] == "COMPLETED")
+    second.stop()
+    assert marker.read_text() == "x"  # ran once: the kept outcome was written, not rerun
+    assert not (spool / "spooler.jsonl").exists()
