@@ -157,7 +157,12 @@ def _ceiling_loop(dsn: str, worker_id: str, batch: int, out: Any) -> None:
             with conn.cursor() as cur:
                 cur.execute(
                     query("claim_commands"),
-                    {"limit": batch, "tool_kinds": ["noop"], "worker_id": worker_id},
+                    {
+                        "limit": batch,
+                        "tool_kinds": ["noop"],
+                        "worker_id": worker_id,
+                        "session_locks": True,
+                    },
                 )
                 rows = [r for r in cur.fetchall() if r[1] is not None]
                 conn.commit()
@@ -297,7 +302,8 @@ def _live_set(conn: psycopg.Connection[Any], pending: int) -> list[Command]:
     )
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(
-            query("claim_commands"), {"limit": 16, "tool_kinds": ["noop"], "worker_id": "w"}
+            query("claim_commands"),
+            {"limit": 16, "tool_kinds": ["noop"], "worker_id": "w", "session_locks": True},
         )
         cols = [d.name for d in cur.description or []]
         return [
@@ -325,7 +331,12 @@ def _history_params(held: list[Command], live: int) -> dict[str, Any]:
         "command_ids": [c.ref.command_id for c in held],
     }
     return {
-        "claim_commands": {"limit": 16, "tool_kinds": PROBE_KINDS, "worker_id": "probe"},
+        "claim_commands": {
+            "limit": 16,
+            "tool_kinds": PROBE_KINDS,
+            "worker_id": "probe",
+            "session_locks": True,
+        },
         "ended_check": {"execution_ids": ids["execution_ids"]},
         "reclaim_commands": {
             "limit": 16,
@@ -335,6 +346,7 @@ def _history_params(held: list[Command], live: int) -> dict[str, Any]:
             "lease": 120,
             "stale_after": 30,
             "max_attempts": 3,
+            "session_locks": True,
         },
         "write_back": write_back_params(items, "w"),
         "release_commands": ids,

@@ -306,6 +306,18 @@ def main() -> None:
     "  [default: --dsn]",
 )
 @click.option(
+    "--pool-mode",
+    envvar=_env("POOL_MODE"),
+    show_envvar=True,
+    type=click.Choice(["direct", "session", "transaction"]),
+    default="direct",
+    show_default=True,
+    help="How --dsn reaches PostgreSQL: directly, or through a pooling proxy such as PgBouncer"
+    " pooling sessions or transactions. transaction: no server-side prepared statements, and"
+    " LISTEN and the claim session's locks only over --session-dsn (without it the worker"
+    " polls every --poll-interval).",
+)
+@click.option(
     "--metrics-port",
     envvar=_env("METRICS_PORT"),
     show_envvar=True,
@@ -354,6 +366,7 @@ def start(
     python_memory_mb: int,
     server_url: str | None,
     session_dsn: str | None,
+    pool_mode: str,
     metrics_port: int | None,
     metrics_host: str,
     skip_schema_check: bool,
@@ -387,6 +400,7 @@ def start(
         "child_cpu_seconds": child_cpu_seconds,
         "server_url": server_url or None,
         "session_dsn": session_dsn or None,
+        "pool_mode": pool_mode,
         "metrics_port": metrics_port,
         "metrics_host": metrics_host,
         "verify_schema": not skip_schema_check,

@@ -36,6 +36,11 @@ class Settings(BaseModel):
         description="a direct connection for what needs a session (LISTEN, the claim session's"
         " advisory locks) when `dsn` goes through a transaction-pooling proxy",
     )
+    pool_mode: Literal["direct", "session", "transaction"] = Field(
+        default="direct",
+        description="how `dsn` reaches PostgreSQL: directly, or through a pooling proxy"
+        " (PgBouncer) in session or transaction pooling mode",
+    )
     worker_id: str = Field(default_factory=default_worker_id, min_length=1, max_length=200)
     concurrency: int = Field(default=8, ge=1, le=1024)
     tool_kinds: tuple[str, ...] | None = Field(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import conninfo
@@ -123,9 +123,25 @@ def redact_text(text: str, dsn: str) -> str:
     return redact_secrets(text)
 
 
-def connect_kwargs(application_name: str, connect_timeout: float) -> dict[str, Any]:
-    """Connection parameters added to the user's DSN (which libpq reads untouched)."""
-    return {
+#: How the worker's connections reach PostgreSQL (``--pool-mode``): ``direct``, or through a
+#: pooling proxy such as PgBouncer that pools ``session``s or ``transaction``s.
+PoolMode = Literal["direct", "session", "transaction"]
+POOL_MODES: tuple[PoolMode, ...] = ("direct", "session", "transaction")
+
+
+def connect_kwargs(
+    application_name: str, connect_timeout: float, pool_mode: PoolMode = "direct"
+) -> dict[str, Any]:
+    """Connection parameters added to the user's DSN (which libpq reads untouched).
+
+    Through a pooler (``session``, ``transaction``) only startup parameters PgBouncer accepts
+    are sent: no ``options`` (PgBouncer refuses unknown startup parameters; a setting the
+    worker needs there goes per transaction, ``SET LOCAL``). Through ``transaction`` pooling
+    no server-side prepared statement is made (``prepare_threshold=None``): consecutive
+    transactions of one connection run on different server connections, which neither have
+    nor keep the statements this connection prepared.
+    """
+    kwargs: dict[str, Any] = {
         "application_name": application_name[:63],
         "connect_timeout": max(1, int(connect_timeout)),
         # A dead peer is noticed within about half a minute instead of the kernel's hours.
@@ -134,6 +150,9 @@ def connect_kwargs(application_name: str, connect_timeout: float) -> dict[str, A
         "keepalives_interval": 5,
         "keepalives_count": 3,
     }
+    if pool_mode == "transaction":
+        kwargs["prepare_threshold"] = None
+    return kwargs
 
 
 def connect(
@@ -143,11 +162,14 @@ def connect(
     connect_timeout: float = 10.0,
     autocommit: bool = False,
 ) -> psycopg.Connection[Any]:
-    """Open one connection; an unreachable database raises :class:`DatabaseUnavailable`."""
+    """Open one connection; an unreachable database raises :class:`DatabaseUnavailable`.
+
+    It prepares no statement on the server: these connections (the CLI's, the listener's)
+    gain nothing from it, and they may go through a transaction-pooling proxy.
+    """
+    kwargs = {**connect_kwargs(application_name, connect_timeout), "prepare_threshold": None}
     try:
-        return psycopg.connect(
-            dsn, autocommit=autocommit, **connect_kwargs(application_name, connect_timeout)
-        )
+        return psycopg.connect(dsn, autocommit=autocommit, **kwargs)
     except psycopg.Error as exc:
         raise DatabaseUnavailable(
             f"cannot connect to {redact_dsn(dsn)}: {redact_text(first_line(exc), dsn)}"
@@ -168,6 +190,25 @@ def wrap_errors(dsn: str, doing: str) -> Iterator[None]:
         ) from exc
     except psycopg.Error as exc:
         raise PgWorkerError(f"{doing}: {redact_text(first_line(exc), dsn)}") from exc
+
+
+def pooler_hint(exc: BaseException) -> str:
+    """A hint when an error says that --dsn goes through transaction pooling unannounced.
+
+    psycopg names its prepared statements ``_pg3_<n>``; a statement that "already exists" or
+    "does not exist" on the server means the connection's transactions run on different server
+    connections.
+    """
+    if (
+        isinstance(exc, psycopg.Error)
+        and exc.sqlstate in ("42P05", "26000")
+        and "_pg3_" in str(exc)
+    ):
+        return (
+            "; --dsn seems to go through a transaction-pooling proxy (PgBouncer"
+            " pool_mode=transaction): start the worker with --pool-mode transaction"
+        )
+    return ""
 
 
 def first_line(exc: BaseException) -> str:

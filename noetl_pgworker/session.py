@@ -11,6 +11,11 @@ again on the new connection.
 
 The same session holds a lock on the worker id, so that a second process started with the same
 ``--worker-id`` refuses to run instead of taking back the first one's claims.
+
+Through a transaction-pooling proxy (PgBouncer ``pool_mode = transaction``) without a session
+DSN there is no session to hold a lock in: a session lock would stay on whichever server
+connection ran the claim, held for no one. Such a claim session (``session_locks=False``) takes
+transaction-level locks only, and nothing of its work depends on state between transactions.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
-from .db import connect_kwargs
+from .db import PoolMode, connect_kwargs
 from .errors import PgWorkerError
 from .queries import query
 
@@ -51,11 +56,15 @@ class ClaimSession:
         connect_timeout: float = 10.0,
         held: Callable[[], Iterable[int]] = tuple,
         connect_options: dict[str, Any] | None = None,
+        pool_mode: PoolMode = "direct",
     ) -> None:
         self._dsn = dsn
-        self._worker_id = worker_id
+        #: Session-level locks (per claimed command, and on the worker id) are taken only on a
+        #: real session: not through transaction pooling.
+        self.session_locks = pool_mode != "transaction"
+        self._worker_id = worker_id if self.session_locks else None
         self._kwargs = {
-            **connect_kwargs(application_name, connect_timeout),
+            **connect_kwargs(application_name, connect_timeout, pool_mode),
             **(connect_options or {}),
         }
         self._held = held
@@ -80,7 +89,7 @@ class ClaimSession:
         try:
             if self._worker_id is not None:
                 self._lock_worker_id(conn, self._worker_id)
-            if self.reconnects:
+            if self.reconnects and self.session_locks:
                 # The old connection's locks died with it: take them again for what is held.
                 ids = sorted(set(self._held()))
                 if ids:
@@ -122,7 +131,7 @@ class ClaimSession:
                 with conn.transaction():
                     yield conn
             except BaseException:
-                if not conn.closed and not conn.broken:
+                if self.session_locks and not conn.closed and not conn.broken:
                     with contextlib.suppress(psycopg.Error):
                         self._reconcile(conn)
                 raise
@@ -138,6 +147,8 @@ class ClaimSession:
 
     def done(self, command_ids: Iterable[int]) -> None:
         """These commands' outcomes are written (or given up): unlock them soon."""
+        if not self.session_locks:
+            return
         with self._done_lock:
             self._done.update(command_ids)
 
@@ -175,6 +186,8 @@ class ClaimSession:
 
     def held_locks(self) -> set[int]:
         """The command ids this session holds a lock on (for tests and diagnostics)."""
+        if not self.session_locks:
+            return set()
         with self._lock:
             conn = self._connection()
             return {int(r[0]) for r in conn.execute(query("session_held_locks")).fetchall()}

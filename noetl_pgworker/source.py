@@ -20,7 +20,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from .db import RETRYABLE_ERRORS, first_line
+from .db import RETRYABLE_ERRORS, first_line, pooler_hint
 from .errors import MalformedCommand
 from .events import dumps
 from .metrics import NullMetrics
@@ -162,8 +162,9 @@ class PgCommandSource:
                 if self._healthy:
                     self._healthy = False
                     logger.warning(
-                        "claiming paused: database unavailable (%s); retrying with backoff",
+                        "claiming paused: database unavailable (%s); retrying with backoff%s",
                         first_line(exc),
+                        pooler_hint(exc),
                         extra={"action": "claim_paused"},
                     )
                 self._stop.wait(backoff)
@@ -219,6 +220,7 @@ class PgCommandSource:
                         "lease": self._lease,
                         "stale_after": self._stale_after,
                         "max_attempts": self._max_attempts,
+                        "session_locks": self.session.session_locks,
                     },
                 )
                 found = cur.fetchall()
@@ -229,7 +231,12 @@ class PgCommandSource:
             if limit > 0:
                 cur.execute(
                     query("claim_commands"),
-                    {"limit": limit, "tool_kinds": self._tool_kinds, "worker_id": self._worker_id},
+                    {
+                        "limit": limit,
+                        "tool_kinds": self._tool_kinds,
+                        "worker_id": self._worker_id,
+                        "session_locks": self.session.session_locks,
+                    },
                 )
                 rows = cur.fetchall()
         if time.monotonic() >= self._next_reclaim:

@@ -20,7 +20,7 @@ from . import schema
 from .batches import BatchChecker
 from .config import Settings
 from .credentials import CredentialProvider, EnvCredentials
-from .db import connect_kwargs, redact_dsn, redact_text, wrap_errors
+from .db import PoolMode, connect_kwargs, redact_dsn, redact_text, wrap_errors
 from .dispatcher import Dispatcher, Slots
 from .errors import ConfigError, DatabaseUnavailable, PgWorkerError
 from .listener import Listener
@@ -124,6 +124,8 @@ class Worker:
         #: Threads that must live as long as the worker runs; one that ends stops the worker.
         self._watched: list[threading.Thread] = []
         self.listener: Listener | None = None
+        #: False through a transaction-pooling proxy without a session DSN: no LISTEN, polling.
+        self._listens = settings.pool_mode != "transaction" or bool(settings.session_dsn)
 
     # -- control from other threads ------------------------------------------------------------
 
@@ -171,7 +173,7 @@ class Worker:
             return False, "starting"
         if time.monotonic() - hb.last_ok > 3 * self.settings.heartbeat_interval:
             return False, "database unreachable (heartbeat failing)"
-        if self.listener is None or not self.listener.connected:
+        if self._listens and (self.listener is None or not self.listener.connected):
             return False, "listener down (polling)"
         return True, "ready"
 
@@ -223,7 +225,7 @@ class Worker:
             s.dsn,
             min_size=3,
             max_size=4,
-            kwargs=connect_kwargs(app, s.connect_timeout),
+            kwargs=connect_kwargs(app, s.connect_timeout, s.pool_mode),
             name="noetl-pgworker",
             open=False,
             timeout=30,
@@ -246,13 +248,20 @@ class Worker:
             with wrap_errors(s.dsn, "checking the schema"), pool.connection(timeout=10) as conn:
                 schema.require(conn)
         session_dsn = s.session_dsn or s.dsn
+        # A session DSN is a session (direct, or a session-pooling proxy); else the claim
+        # session goes where --dsn goes, and through transaction pooling holds no session lock.
+        session_mode: PoolMode = s.pool_mode
+        if s.session_dsn and s.pool_mode == "transaction":
+            session_mode = "session"
         session = ClaimSession(
             session_dsn,
             worker_id=s.worker_id,
             application_name=f"noetl-pgworker-claim:{s.worker_id}",
             connect_timeout=s.connect_timeout,
             held=self._held_ids,
+            pool_mode=session_mode,
         )
+        self._log_pool_mode(session.session_locks)
         with wrap_errors(session_dsn, "opening the claim session"):
             session.open()  # refuses a second process with this worker id
         try:
@@ -327,12 +336,16 @@ class Worker:
             on_poisoned=self._poisoned if server else None,
             session=session,
         )
-        listener = self.listener = Listener(
-            s.session_dsn or s.dsn,
-            self._wake,
-            application_name=f"noetl-pgworker-listener:{s.worker_id}",
-            connect_timeout=s.connect_timeout,
-            check_interval=s.listener_check_interval,
+        listener = self.listener = (
+            Listener(
+                s.session_dsn or s.dsn,
+                self._wake,
+                application_name=f"noetl-pgworker-listener:{s.worker_id}",
+                connect_timeout=s.connect_timeout,
+                check_interval=s.listener_check_interval,
+            )
+            if self._listens
+            else None
         )
         dispatcher = Dispatcher(
             self.registry,
@@ -348,12 +361,13 @@ class Worker:
         )
         reporter.start()
         heartbeat.start()
-        listener.start()
+        if listener is not None:
+            listener.start()
         if cmd_heartbeats is not None:
             cmd_heartbeats.start()
         if checker is not None:
             checker.start()
-        if not listener.wait_connected(s.connect_timeout):
+        if listener is not None and not listener.wait_connected(s.connect_timeout):
             logger.warning(
                 "listener not connected yet; polling every %.1f s meanwhile", s.poll_interval
             )
@@ -420,7 +434,8 @@ class Worker:
                     extra={"action": "shutdown_timeout"},
                 )
             reporter.close(timeout=max(5.0, s.shutdown_timeout))
-            listener.stop()
+            if listener is not None:
+                listener.stop()
             if cmd_heartbeats is not None:
                 cmd_heartbeats.stop()
             if checker is not None:
@@ -461,6 +476,40 @@ class Worker:
             extra={"action": "stopped"},
         )
         return summary
+
+    def _log_pool_mode(self, session_locks: bool) -> None:
+        """Say once at start how the worker reaches PostgreSQL and what that costs."""
+        s = self.settings
+        if s.pool_mode == "direct":
+            logger.info(
+                "pool mode direct: --dsn connects to PostgreSQL itself", extra={"action": "pool"}
+            )
+            return
+        how = (
+            "pool mode session: --dsn goes through a session-pooling proxy (no `options`"
+            " startup parameter)"
+            if s.pool_mode == "session"
+            else "pool mode transaction: --dsn goes through a transaction-pooling proxy"
+            " (no server-side prepared statements, nothing kept between transactions)"
+        )
+        if s.pool_mode == "transaction" and s.session_dsn:
+            how += f"; LISTEN and the claim session over --session-dsn {redact_dsn(s.session_dsn)}"
+        logger.info(how, extra={"action": "pool"})
+        if not self._listens:
+            logger.warning(
+                "pool mode transaction without --session-dsn: no LISTEN (a proxy that pools"
+                " transactions cannot deliver notifications); new commands are found by polling"
+                " every %.1f s",
+                s.poll_interval,
+                extra={"action": "pool_polling"},
+            )
+        if not session_locks:
+            logger.warning(
+                "pool mode transaction without --session-dsn: claimed commands hold no session"
+                " lock (NoETL's server could claim one in the moment after our claim commits),"
+                " and one process per --worker-id is not enforced",
+                extra={"action": "pool_no_session_locks"},
+            )
 
     def _sample_queue(self, pool: ConnectionPool[Any]) -> None:
         """Queue depth for the metrics, every 15 s (sampled, not per scrape)."""

@@ -64,10 +64,13 @@ locked AS MATERIALIZED (
 to_claim AS MATERIALIZED (
     -- A session-level lock too (granted at once: this session holds the transaction-level
     -- one), held by the claim session until the outcome is written, so that NoETL's HTTP claim
-    -- cannot take the row in the moment after this transaction commits.
+    -- cannot take the row in the moment after this transaction commits. Not when
+    -- `session_locks` is false (a transaction-pooling proxy: there is no session to hold it).
     SELECT l.execution_id, l.command_id, noetl.snowflake_id() AS claim_event_id
     FROM locked AS l
-    WHERE CASE WHEN l.ended_by IS NULL THEN pg_try_advisory_lock(l.command_id) ELSE false END
+    WHERE CASE WHEN l.ended_by IS NULL
+               THEN (NOT %(session_locks)s::boolean OR pg_try_advisory_lock(l.command_id))
+               ELSE false END
 ),
 cancelled AS (
     UPDATE noetl.command AS c
@@ -161,7 +164,8 @@ WITH candidate AS MATERIALIZED (
 locked AS MATERIALIZED (
     -- Taken back: locked at session level like a fresh claim (see claim_commands).
     SELECT k.*, noetl.snowflake_id() AS event_id, k.attempt >= %(max_attempts)s AS poisoned,
-           CASE WHEN k.attempt < %(max_attempts)s THEN pg_try_advisory_lock(k.command_id)
+           CASE WHEN k.attempt < %(max_attempts)s
+                THEN (NOT %(session_locks)s::boolean OR pg_try_advisory_lock(k.command_id))
                 ELSE false END AS session_locked
     FROM candidate AS k
     WHERE pg_try_advisory_xact_lock(k.command_id)

@@ -123,6 +123,9 @@ class PostgresTool:
                 conninfo,
                 connect_timeout=max(1, min(10, int(remaining))),
                 application_name="noetl-pgworker-tool",
+                # One command's connection: preparing buys nothing, and the target may be
+                # behind a transaction-pooling proxy (PgBouncer), where it breaks.
+                prepare_threshold=None,
             )
         except psycopg.Error as exc:
             raise ToolError(

@@ -135,7 +135,10 @@ def test_skip_locked_hands_each_row_to_one_claimer(
 ) -> None:
     enqueue(conn, tool_kind="noop", count=5)
     with psycopg.connect(dsn) as other, other.cursor() as cur:
-        cur.execute(query("claim_commands"), {"limit": 3, "tool_kinds": ["noop"], "worker_id": "x"})
+        cur.execute(
+            query("claim_commands"),
+            {"limit": 3, "tool_kinds": ["noop"], "worker_id": "x", "session_locks": True},
+        )
         # `other` has not committed: its three rows are locked, not visible as CLAIMED yet.
         got = make_source(pool).claim(10)
         assert len(got) == 2
@@ -213,7 +216,7 @@ def test_claim_query_uses_the_partial_index_with_100k_rows_of_history(
     conn.execute("ANALYZE noetl.command")
     plan = conn.execute(
         sql.SQL("EXPLAIN (FORMAT JSON) ") + query("claim_commands"),
-        {"limit": 16, "tool_kinds": ["noop", "python"], "worker_id": "w"},
+        {"limit": 16, "tool_kinds": ["noop", "python"], "worker_id": "w", "session_locks": True},
     ).fetchone()[0]  # type: ignore[index]
     # Partial indexes that hold live rows only: the worker's two claim indexes (kinds are read
     # from the per-kind one) and NoETL's index of PENDING/CLAIMED rows.

@@ -95,7 +95,8 @@ def history(pg_server: Any) -> Iterator[History]:
             )
             with conn.transaction():
                 rows = conn.execute(
-                    query("claim_commands"), {"limit": 16, "tool_kinds": KINDS, "worker_id": WORKER}
+                    query("claim_commands"),
+                    {"limit": 16, "tool_kinds": KINDS, "worker_id": WORKER, "session_locks": True},
                 )
                 cols = [d.name for d in rows.description or []]
                 held = [
@@ -193,7 +194,7 @@ def test_claim_reads_neither_history_nor_other_kinds_backlog(
     scans = assert_flat(
         hconn,
         "claim_commands",
-        {"limit": 16, "tool_kinds": KINDS, "worker_id": "probe"},
+        {"limit": 16, "tool_kinds": KINDS, "worker_id": "probe", "session_locks": True},
         bound=16 * (len(KINDS) + 1) * 4 + 200,
     )
     # The ended-execution check reads NoETL's events of the candidates' executions by index.
@@ -206,7 +207,7 @@ def test_claim_still_takes_rows_without_a_tool_kind_oldest_first(
 ) -> None:
     from ..helpers import insert_raw_command
 
-    params = {"tool_kinds": KINDS, "worker_id": "probe"}
+    params = {"tool_kinds": KINDS, "worker_id": "probe", "session_locks": True}
     with hconn.transaction(force_rollback=True):
         oldest = [
             r[0]
@@ -243,6 +244,7 @@ def test_reclaim_reads_only_live_claims(history: History, hconn: psycopg.Connect
             "lease": 120,
             "stale_after": 30,
             "max_attempts": 3,
+            "session_locks": True,
         },
         bound=1_000,
     )
