@@ -173,6 +173,15 @@ def main() -> None:
     help="On SIGTERM/SIGINT, seconds to let running commands finish.",
 )
 @click.option(
+    "--spool-dir",
+    envvar=_env("SPOOL_DIR"),
+    show_envvar=True,
+    default=None,
+    help="Keep outcomes that cannot be written at shutdown (database away) in this directory;"
+    " the next start under the same worker id writes them.  [default: $STATE_DIRECTORY under"
+    " systemd, else not kept: their commands run again after the lease]",
+)
+@click.option(
     "--connect-timeout",
     envvar=_env("CONNECT_TIMEOUT"),
     show_envvar=True,
@@ -351,6 +360,7 @@ def start(
     drain: bool,
     heartbeat_interval: float,
     shutdown_timeout: float,
+    spool_dir: str | None,
     connect_timeout: float,
     max_result_bytes: int,
     lease: float,
@@ -398,6 +408,7 @@ def start(
         "child_max_procs": child_max_procs,
         "child_max_file_mb": child_max_file_mb,
         "child_cpu_seconds": child_cpu_seconds,
+        "spool_dir": spool_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or None,
         "server_url": server_url or None,
         "session_dsn": session_dsn or None,
         "pool_mode": pool_mode,

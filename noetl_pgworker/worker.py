@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -34,9 +35,16 @@ from .server import CommandHeartbeats, HttpSink, NoetlServer, resolver
 from .server_credentials import ServerCredentials
 from .session import ClaimSession
 from .source import PgCommandSource
+from .spool import Spool
 from .tools import ToolRegistry, default_registry
 
 logger = logging.getLogger(__name__)
+
+
+#: At shutdown, outcomes get at least this long to be written, whatever --shutdown-timeout.
+STOP_WRITE_MIN = 5.0
+#: Each other step of a shutdown (release claims, go offline, …) waits at most this long.
+STOP_STEP_TIMEOUT = 2.0
 
 
 class WorkerThreadDied(PgWorkerError):
@@ -359,6 +367,17 @@ class Worker:
         cmd_heartbeats = (
             CommandHeartbeats(server, s.worker_id, self._running_since) if server else None
         )
+        spool = Spool(Path(s.spool_dir), s.worker_id) if s.spool_dir else None
+        if spool is not None:
+            kept = spool.take()
+            if kept:
+                logger.warning(
+                    "writing %d outcome(s) an earlier run kept in %s",
+                    len(kept),
+                    spool.path,
+                    extra={"action": "spool_restored"},
+                )
+                reporter.restore(kept)
         reporter.start()
         heartbeat.start()
         if listener is not None:
@@ -415,10 +434,14 @@ class Worker:
             self._claim_loop(source, dispatcher)
         finally:
             self._stop.set()
+            # Bounded: running commands get --shutdown-timeout, writing their outcomes what is
+            # left of it (at least STOP_WRITE_MIN); the rest (release, offline, closing) takes
+            # a few seconds more at most, each step with its own timeout.
+            stop_deadline = time.monotonic() + s.shutdown_timeout
             if self.notifier is not None:
                 self.notifier.stopping()
             try:
-                released = source.release_unstarted()
+                released = source.release_unstarted(timeout=STOP_STEP_TIMEOUT)
             except Exception as exc:
                 logger.warning(
                     "could not put %d unstarted command(s) back to PENDING (%s); they will be"
@@ -433,18 +456,20 @@ class Worker:
                     s.shutdown_timeout,
                     extra={"action": "shutdown_timeout"},
                 )
-            reporter.close(timeout=max(5.0, s.shutdown_timeout))
+            reporter.close(
+                timeout=max(STOP_WRITE_MIN, stop_deadline - time.monotonic()), spool=spool
+            )
             if listener is not None:
                 listener.stop()
             if cmd_heartbeats is not None:
                 cmd_heartbeats.stop()
             if checker is not None:
                 # Learn how the last batches ended before going offline (bounded).
-                checker.drain(timeout=min(10.0, max(1.0, s.shutdown_timeout)))
+                checker.drain(timeout=min(STOP_STEP_TIMEOUT, max(0.5, s.shutdown_timeout)))
                 checker.stop()
             if server is not None:
                 server.close()
-            heartbeat.stop(mark_offline=True)
+            heartbeat.stop(mark_offline=True, timeout=STOP_STEP_TIMEOUT)
             self.registry.close()
             if isinstance(self.credentials, ServerCredentials):
                 self.credentials.close()
