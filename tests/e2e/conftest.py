@@ -360,6 +360,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for key, value in item.user_properties:
             if key == "execution":
                 rep.sections.append(("noetl events", str(value)))
+        proc = getattr(item, "funcargs", {}).get("worker")
+        if isinstance(proc, WorkerProcess):
+            rep.sections.append((f"worker {proc.worker_id} log (tail)", proc.tail(30)))
     return rep
 
 

@@ -133,3 +133,29 @@ def test_task_sequence(run: Run) -> None:
     report("task_sequence", ex, "use")
     completed(ex)
     assert ex.done("use")[-1]["b"] == 60
+
+
+def test_large_context(run: Run) -> None:
+    """A result big enough that NoETL moves the next command's context out of the row."""
+    ex = run("large_context", {"size": 20000})
+    report("large_context", ex, "consume")
+    completed(ex)
+    assert ex.done("consume")[-1] == {"n": 3, "length": 20000}
+
+
+def test_http_error_status(run: Run, local_http: LocalHttp) -> None:
+    ex = run("http_error", {"base_url": local_http.url})
+    report("http_error", ex, "missing")
+    assert ex.terminal == "playbook.failed", ex.describe()
+    assert any(
+        e["event_type"] == "call.error" and e["node_name"] == "missing" for e in ex.events
+    ), ex.describe()
+
+
+def test_loop_over_step_result(run: Run) -> None:
+    """A loop over a list an earlier step returned, its iterations reading fields of `iter`."""
+    ex = run("loop_rows")
+    report("loop_rows", ex, "greet")
+    completed(ex)
+    got = sorted((r["greeting"], r["next_age"]) for r in ex.done("greet"))
+    assert got == [("hi ada", 37), ("hi bob", 42), ("hi cy", 30)]
