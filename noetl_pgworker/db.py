@@ -155,6 +155,29 @@ def connect_kwargs(
     return kwargs
 
 
+#: Set on the worker's own sessions (direct mode): no statement of the worker waits behind a
+#: table lock or runs unbounded, and a role's or database's shorter setting (which would make a
+#: claim or a write fail for ever) is overridden. Startup options win over ALTER ROLE/DATABASE.
+WORKER_SESSION_SETTINGS = {
+    "lock_timeout": "5s",
+    "statement_timeout": "60s",
+    "idle_in_transaction_session_timeout": "60s",
+}
+
+
+def worker_session_kwargs(dsn: str, pool_mode: PoolMode) -> dict[str, Any]:
+    """``options`` for the worker's own sessions, added to what the DSN's ``options`` hold;
+    nothing through a pooler (PgBouncer refuses an ``options`` startup parameter)."""
+    if pool_mode != "direct":
+        return {}
+    try:
+        given = conninfo.conninfo_to_dict(dsn).get("options") if dsn else None
+    except psycopg.ProgrammingError:
+        given = None
+    ours = " ".join(f"-c {k}={v}" for k, v in WORKER_SESSION_SETTINGS.items())
+    return {"options": f"{given} {ours}" if given else ours}
+
+
 def connect(
     dsn: str,
     *,

@@ -21,7 +21,14 @@ from . import schema
 from .batches import BatchChecker
 from .config import Settings
 from .credentials import CredentialProvider, EnvCredentials
-from .db import PoolMode, connect_kwargs, redact_dsn, redact_text, wrap_errors
+from .db import (
+    PoolMode,
+    connect_kwargs,
+    redact_dsn,
+    redact_text,
+    worker_session_kwargs,
+    wrap_errors,
+)
 from .dispatcher import Dispatcher, Slots
 from .errors import ConfigError, DatabaseUnavailable, PgWorkerError
 from .listener import Listener
@@ -233,7 +240,10 @@ class Worker:
             s.dsn,
             min_size=3,
             max_size=4,
-            kwargs=connect_kwargs(app, s.connect_timeout, s.pool_mode),
+            kwargs={
+                **connect_kwargs(app, s.connect_timeout, s.pool_mode),
+                **worker_session_kwargs(s.dsn, s.pool_mode),
+            },
             name="noetl-pgworker",
             open=False,
             timeout=30,
@@ -268,6 +278,7 @@ class Worker:
             connect_timeout=s.connect_timeout,
             held=self._held_ids,
             pool_mode=session_mode,
+            connect_options=worker_session_kwargs(session_dsn, session_mode),
         )
         self._log_pool_mode(session.session_locks)
         with wrap_errors(session_dsn, "opening the claim session"):

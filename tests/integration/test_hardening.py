@@ -213,3 +213,36 @@ def test_outcomes_that_cannot_be_written_at_shutdown_are_kept_and_written_next_s
     second.stop()
     assert marker.read_text() == "x"  # ran once: the kept outcome was written, not rerun
     assert not (spool / "spooler.jsonl").exists()
+
+
+def test_the_workers_own_timeouts_override_a_databases_shorter_ones(
+    conn: psycopg.Connection[Any], start_worker: Callable[..., Any]
+) -> None:
+    """A role or database with a tiny statement_timeout made every claim and write fail, and
+    the writer retry for ever; the worker sets its own on its sessions."""
+    dbname = scalar(conn, "SELECT current_database()")
+    ids = [insert_raw_command(conn, tool_kind="noop", context="{}")[1] for _ in range(20)]
+    conn.execute(f'ALTER DATABASE "{dbname}" SET statement_timeout = \'1ms\'')
+    conn.execute(f'ALTER DATABASE "{dbname}" SET lock_timeout = \'1ms\'')
+    try:
+        summary = start_worker(drain=True).join(60)
+    finally:
+        conn.execute(f'ALTER DATABASE "{dbname}" RESET statement_timeout')
+        conn.execute(f'ALTER DATABASE "{dbname}" RESET lock_timeout')
+    assert summary.completed == 20
+    assert all(status_of(conn, c)[0] == "COMPLETED" for c in ids)
+
+
+def test_a_table_lock_does_not_hold_a_stop_past_its_bound(
+    conn: psycopg.Connection[Any], start_worker: Callable[..., Any], dsn: str
+) -> None:
+    import time
+
+    running = start_worker(shutdown_timeout=1)
+    with psycopg.connect(dsn) as locker:
+        locker.execute("LOCK TABLE noetl.runtime, noetl.command IN ACCESS EXCLUSIVE MODE")
+        t0 = time.monotonic()
+        running.stop(60)
+        took = time.monotonic() - t0
+        locker.rollback()
+    assert took < 1 + 20, took  # --shutdown-timeout plus the documented bound of the rest
