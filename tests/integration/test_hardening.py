@@ -222,8 +222,8 @@ def test_the_workers_own_timeouts_override_a_databases_shorter_ones(
     the writer retry for ever; the worker sets its own on its sessions."""
     dbname = scalar(conn, "SELECT current_database()")
     ids = [insert_raw_command(conn, tool_kind="noop", context="{}")[1] for _ in range(20)]
-    conn.execute(f'ALTER DATABASE "{dbname}" SET statement_timeout = \'1ms\'')
-    conn.execute(f'ALTER DATABASE "{dbname}" SET lock_timeout = \'1ms\'')
+    conn.execute(f"ALTER DATABASE \"{dbname}\" SET statement_timeout = '1ms'")
+    conn.execute(f"ALTER DATABASE \"{dbname}\" SET lock_timeout = '1ms'")
     try:
         summary = start_worker(drain=True).join(60)
     finally:
