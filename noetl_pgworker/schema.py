@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 
-from .errors import SchemaMissing
+from .errors import PgWorkerError, SchemaMissing
 from .queries import query, read_sql_file
 
 NOETL_TABLES_FILE = "noetl_tables.sql"
@@ -30,14 +30,48 @@ def schema_sql(*, with_noetl_tables: bool = False, with_role: bool = False) -> s
 def apply(
     conn: psycopg.Connection[Any], *, with_noetl_tables: bool = False, with_role: bool = False
 ) -> None:
-    """Create what is missing, in one transaction; applying twice changes nothing."""
+    """Create what is missing, in one transaction; applying twice changes nothing.
+
+    A login that lacks a privilege it needs (a managed database's worker login, say) gets
+    :class:`MissingPrivilege` naming each one, before anything runs.
+    """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_APPLY_LOCK_KEY,))
         if not with_noetl_tables:
             missing = [m for m in _missing(conn) if "pgworker" not in m]
             if missing:
                 raise SchemaMissing(missing)
-        conn.execute(schema_sql(with_noetl_tables=with_noetl_tables, with_role=with_role).encode())
+        lacking = [
+            str(need)
+            for need, has in conn.execute(
+                query("apply_privileges"),
+                {"with_noetl_tables": with_noetl_tables, "with_role": with_role},
+            ).fetchall()
+            if not has
+        ]
+        user = conn.execute("SELECT current_user").fetchone()
+        if lacking:
+            raise MissingPrivilege(str(user[0]) if user else "?", lacking)
+        try:
+            conn.execute(
+                schema_sql(with_noetl_tables=with_noetl_tables, with_role=with_role).encode()
+            )
+        except psycopg.errors.InsufficientPrivilege as exc:
+            first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise MissingPrivilege(str(user[0]) if user else "?", [first]) from exc
+
+
+class MissingPrivilege(PgWorkerError):
+    """The login running `schema apply` lacks a privilege it needs."""
+
+    def __init__(self, user: str, lacking: list[str]) -> None:
+        self.lacking = lacking
+        super().__init__(
+            f"`schema apply` as {user} lacks: "
+            + "; ".join(lacking)
+            + ". Run it as the owner of NoETL's tables; the worker itself needs only a login"
+            " granted noetl_pgworker (`schema apply --with-role`)"
+        )
 
 
 def _missing(conn: psycopg.Connection[Any]) -> list[str]:

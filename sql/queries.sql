@@ -555,6 +555,30 @@ FROM (VALUES
     ('runtime', 'capacity'), ('runtime', 'runtime'), ('runtime', 'heartbeat')
 ) AS v(tbl, col);
 
+-- name: apply_privileges
+-- What `schema apply` needs of the login that runs it, one row per need: whether it has it.
+-- Readable by any login (a managed database's worker login owns nothing).
+SELECT v.need, v.has
+FROM (VALUES
+    ('CREATE on database ' || quote_ident(current_database()) || ' (to create schema noetl)',
+     NOT %(with_noetl_tables)s::boolean OR to_regnamespace('noetl') IS NOT NULL
+     OR has_database_privilege(current_database(), 'CREATE')),
+    ('CREATE on schema noetl (the doorbell function)',
+     to_regnamespace('noetl') IS NULL OR has_schema_privilege('noetl', 'CREATE')),
+    ('ownership of noetl.command (owner: '
+     || COALESCE((SELECT r.rolname FROM pg_class AS c JOIN pg_roles AS r ON r.oid = c.relowner
+                   WHERE c.oid = to_regclass('noetl.command')), '?')
+     || '; its trigger and indexes)',
+     to_regclass('noetl.command') IS NULL
+     OR pg_has_role((SELECT relowner FROM pg_class WHERE oid = to_regclass('noetl.command')),
+                    'USAGE')),
+    ('CREATEROLE (to create the role noetl_pgworker)',
+     NOT %(with_role)s::boolean
+     OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'noetl_pgworker')
+     OR (SELECT r.rolcreaterole OR r.rolsuper FROM pg_roles AS r
+          WHERE r.rolname = current_user))
+) AS v(need, has);
+
 -- name: held_commands
 -- Server mode's fence: which of these commands this worker still holds (not terminal).
 SELECT c.execution_id, c.command_id
