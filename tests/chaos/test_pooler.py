@@ -100,7 +100,11 @@ def test_drain_through_pgbouncer_transaction_pooling(
             assert listening.stop() == 0, listening.text()
             polled = start_latencies(conn)
             assert max(polled) < 0.5 + 0.5, polled
-            locks = scalar(conn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+            locks = scalar(
+                conn,
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database ="
+                " (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
             assert locks == 0, "session locks taken through the transaction pooler"
             assert polling.stop() == 0, polling.text()
 
