@@ -225,6 +225,7 @@ def test_claim_query_uses_the_partial_index_with_100k_rows_of_history(
         for idx in (
             "noetl.pgworker_command_claim_idx",
             "noetl.pgworker_command_kind_claim_idx",
+            "noetl.pgworker_command_badkind_idx",
             "noetl.idx_command_status_active",
         )
         for r in conn.execute(
@@ -240,9 +241,17 @@ def test_claim_query_uses_the_partial_index_with_100k_rows_of_history(
     # The candidate scan (the CTE that picks rows) is what must not read history.
     (candidate,) = [n for n in walk(plan[0]["Plan"]) if n.get("Subplan Name") == "CTE candidate"]
     nodes = list(walk(candidate))
-    scans = [n for n in nodes if n.get("Relation Name", "").startswith("command_p")]
+    # A partition that no execution hashed to is empty: reading it whole costs nothing, and the
+    # planner may rightly choose to.
+    filled = {
+        str(r[0]).removeprefix("noetl.")
+        for r in conn.execute("SELECT DISTINCT tableoid::regclass FROM noetl.command")
+    }
+    scans = [n for n in nodes if n.get("Relation Name", "") in filled]
     assert scans, json.dumps(plan)[:2000]
-    assert not [n for n in scans if n["Node Type"] == "Seq Scan"], json.dumps(plan)[:3000]
+    assert not [n for n in scans if n["Node Type"] == "Seq Scan"], [
+        (n.get("Relation Name"), n.get("Filter")) for n in scans if n["Node Type"] == "Seq Scan"
+    ]
     used = {n.get("Index Name") for n in scans if "Index" in n["Node Type"]}
     used = {f"noetl.{u}" for u in used if u}
     assert used and used <= claim_indexes, (used, claim_indexes)
