@@ -24,6 +24,8 @@ class Notifier:
         self.watchdog_interval = watchdog_usec / 1e6 if watchdog_usec else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._send_lock = threading.Lock()
+        self._stopping = False
 
     @classmethod
     def from_env(cls) -> Notifier | None:
@@ -51,7 +53,9 @@ class Notifier:
         self.send(f"STATUS={status}")
 
     def stopping(self) -> None:
-        self.send("STOPPING=1", "STATUS=stopping")
+        with self._send_lock:
+            self._stopping = True  # no watchdog ping may follow STOPPING=1
+            self.send("STOPPING=1", "STATUS=stopping")
 
     def start_watchdog(self, alive: Callable[[float], bool], status: Callable[[], str]) -> None:
         """Ping at half the watchdog interval while ``alive(max_age)`` holds."""
@@ -60,8 +64,13 @@ class Notifier:
 
         def run() -> None:
             while not self._stop.wait(period):
+                if self._stopping:
+                    return
                 if interval and alive(interval / 2):
-                    self.send("WATCHDOG=1", f"STATUS={status()}")
+                    with self._send_lock:
+                        if self._stopping:
+                            return
+                        self.send("WATCHDOG=1", f"STATUS={status()}")
                 elif interval:
                     logger.error(
                         "main loop shows no progress: not sending the watchdog ping",
