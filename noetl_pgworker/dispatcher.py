@@ -18,7 +18,7 @@ from typing import Any
 
 from .credentials import CredentialProvider, EnvCredentials
 from .errors import PgWorkerError, ToolError
-from .events import NotSerialisable, dumps
+from .jsontext import NotSerialisable, dumps
 from .models import Command, Outcome, ToolOutput
 from .tools import DEFAULT_COMMAND_TIMEOUT, ToolContext, ToolRegistry, command_timeout
 

@@ -8,69 +8,15 @@ string ``status`` and nothing but ``status``, ``reference`` and ``context`` (an 
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from typing import Any
 
-from .db import redact_secrets
+from .jsontext import clean_text, dumps
 from .models import CommandRef, Outcome
 
 #: NoETL drops ``result.context`` above this size; event rows stay under it.
 EVENT_CONTEXT_LIMIT = 100 * 1024
-#: ``noetl.command.error`` holds at most this many characters.
-ERROR_LIMIT = 2000
 _PREVIEW_CHARS = 1000
-
-
-class NotSerialisable(ValueError):
-    """A value cannot be stored as JSON."""
-
-
-#: What PostgreSQL cannot store in text or jsonb: NUL, and surrogates (a Python str may hold a
-#: lone one, e.g. from ``"\\ud800"`` in a tool's output; it cannot be encoded as UTF-8).
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def storable(text: str) -> str:
-    """``text`` with what PostgreSQL cannot store replaced by U+FFFD."""
-    return _UNSTORABLE.sub("\ufffd", text)
-
-
-def dumps(value: Any) -> str:
-    """Compact JSON that PostgreSQL's jsonb accepts (no NaN, no NUL, no lone surrogates)."""
-    try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise NotSerialisable(f"result is not JSON-serialisable: {storable(str(exc))}") from exc
-    except RecursionError as exc:
-        raise NotSerialisable("result is not JSON-serialisable: nested too deeply") from exc
-    if "\\u0000" in text or _UNSTORABLE.search(text):
-        # Replace rather than fail the whole batch (jsonb rejects U+0000 and lone surrogates).
-        text = json.dumps(_scrub(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text
-
-
-def _scrub(value: Any) -> Any:
-    if isinstance(value, str):
-        return storable(value)
-    if isinstance(value, dict):
-        return {_scrub(k): _scrub(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_scrub(v) for v in value]
-    return value
-
-
-def clean_text(text: str | None, limit: int = ERROR_LIMIT) -> str | None:
-    """Text safe for a ``text`` column: no NUL or surrogate, no password, at most ``limit``
-    characters."""
-    if text is None:
-        return None
-    text = redact_secrets(storable(text))
-    if len(text) > limit:
-        marker = "… [truncated]"
-        text = text[: limit - len(marker)] + marker
-    return text
 
 
 def event_status(name: str) -> str:

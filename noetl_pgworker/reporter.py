@@ -23,7 +23,7 @@ from psycopg_pool import ConnectionPool
 
 from . import events
 from .db import first_line, is_retryable
-from .events import dumps
+from .jsontext import NotSerialisable, clean_text, dumps
 from .metrics import NullMetrics
 from .models import CommandRef, CommandStatus, Outcome
 from .queries import query
@@ -346,13 +346,11 @@ class Reporter:
                 logger.warning(
                     "command %s: its outcome cannot be stored (%s); storing the failure instead",
                     entry.ref.command_id,
-                    events.clean_text(f"{type(exc).__name__}: {exc}", 300),
+                    clean_text(f"{type(exc).__name__}: {exc}", 300),
                     extra={"action": "unstorable", "command_id": str(entry.ref.command_id)},
                 )
                 entry.outcome = Outcome.failure(
-                    events.clean_text(
-                        f"the outcome could not be stored: {type(exc).__name__}: {exc}"
-                    )
+                    clean_text(f"the outcome could not be stored: {type(exc).__name__}: {exc}")
                     or "the outcome could not be stored",
                     error_type="serialisation",
                     duration=entry.outcome.duration if entry.outcome else 0.0,
@@ -393,7 +391,7 @@ class Reporter:
                 iter_index=entry.iter_index,
                 row_limit=self._max_result_bytes,
             )
-        except events.NotSerialisable as exc:
+        except NotSerialisable as exc:
             outcome = entry.outcome = Outcome.failure(
                 str(exc), error_type="serialisation", duration=outcome.duration
             )
@@ -408,7 +406,7 @@ class Reporter:
             status,
             entry.started_at,
             result,
-            events.clean_text(outcome.error),
+            clean_text(outcome.error),
             evs,
             outcome,
             entry.started_at is not None and not entry.start_written,

@@ -28,10 +28,9 @@ from typing import Any
 import httpx
 from psycopg_pool import ConnectionPool
 
-from . import events
 from .batches import BatchChecker
 from .errors import ToolError
-from .events import dumps
+from .jsontext import clean_text, dumps
 from .models import Command, CommandRef, Outcome
 from .queries import query
 from .reporter import Key, RetryLater, WriteItem
@@ -129,10 +128,10 @@ def control_context(value: Any) -> dict[str, Any] | None:
         if key in _BLOCKED_CONTEXT_KEYS or (key.startswith("command_") and key != "command_id"):
             continue
         if item is None or isinstance(item, bool | int | float | str):
-            out[key] = events.clean_text(item, 1000) if isinstance(item, str) else item
+            out[key] = clean_text(item, 1000) if isinstance(item, str) else item
         elif isinstance(item, dict):
             inner = {
-                str(k): (events.clean_text(v, 1000) if isinstance(v, str) else v)
+                str(k): (clean_text(v, 1000) if isinstance(v, str) else v)
                 for k, v in item.items()
                 if v is None or isinstance(v, bool | int | float | str)
             }
@@ -184,7 +183,7 @@ def outcome_events(
         "loop_event_id": loop_event_id if loop_event_id is not None else ref.loop_epoch_id,
         "loop_iteration_index": iter_index if iter_index is not None else ref.loop_index,
     }
-    error = events.clean_text(outcome.error)
+    error = clean_text(outcome.error)
     if outcome.ok:
         result = envelope(status, response)
         call = _event(
@@ -230,7 +229,7 @@ def outcome_events(
         context = result.setdefault("context", {})
         for key, value in outcome.extra.items():
             if isinstance(value, str):
-                context[key] = events.clean_text(value, 4000)
+                context[key] = clean_text(value, 4000)
     exit_ = _event(
         ref,
         "step.exit",

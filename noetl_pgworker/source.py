@@ -22,7 +22,7 @@ from psycopg_pool import ConnectionPool
 
 from .db import RETRYABLE_ERRORS, first_line, pooler_hint
 from .errors import MalformedCommand
-from .events import dumps
+from .jsontext import dumps
 from .metrics import NullMetrics
 from .models import Command, CommandRef
 from .queries import query

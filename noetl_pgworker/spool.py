@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .events import dumps
+from .jsontext import dumps
 from .models import CommandRef, Outcome
 
 logger = logging.getLogger(__name__)

@@ -260,7 +260,7 @@ def test_claim_query_uses_the_partial_index_with_100k_rows_of_history(
 def test_write_back_and_release_do_not_scan_the_backlog_with_100k_rows(
     pool: ConnectionPool[Any], conn: psycopg.Connection[Any]
 ) -> None:
-    from noetl_pgworker import events
+    from noetl_pgworker import events, jsontext
     from noetl_pgworker.models import Outcome
     from noetl_pgworker.reporter import write_back_params
 
@@ -296,7 +296,7 @@ def test_write_back_and_release_do_not_scan_the_backlog_with_100k_rows(
         (
             "release_commands",
             {
-                "items": events.dumps(
+                "items": jsontext.dumps(
                     [
                         {"execution_id": i.ref.execution_id, "command_id": i.ref.command_id}
                         for i in items

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from noetl_pgworker import events, status
+from noetl_pgworker import events, jsontext, status
 from noetl_pgworker.enqueue import enqueue, ensure_catalog
 from noetl_pgworker.models import Command, Outcome
 from noetl_pgworker.queries import query
@@ -177,7 +177,7 @@ def items_for(held: list[Command]) -> list[WriteItem]:
 
 def id_params(held: list[Command]) -> dict[str, Any]:
     return {
-        "items": events.dumps(
+        "items": jsontext.dumps(
             [{"execution_id": c.ref.execution_id, "command_id": c.ref.command_id} for c in held]
         ),
         "worker_id": WORKER,
