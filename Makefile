@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test unit integration acceptance chaos demo bench lint clean
+.PHONY: help install test unit integration acceptance chaos e2e demo bench lint clean
 
 help:
 	@echo "make demo   - run the worker on a throwaway database with a mixed workload"
 	@echo "make test   - install (if needed) and run the whole test suite"
 	@echo "make lint   - ruff and mypy"
+	@echo "make e2e    - real playbooks on a running NoETL server (NOETL_E2E_SERVER_URL, NOETL_E2E_DSN)"
 	@echo "make bench  - the benchmark (docs/benchmarks.md)"
 
 # Install only when pyproject.toml changed: a second run is fast and needs no network.
@@ -37,6 +38,11 @@ acceptance: $(STAMP)
 
 chaos: $(STAMP)
 	$(PY) -m pytest -m chaos $(PYTEST_ARGS)
+
+# Real playbooks on a running NoETL server (not part of `make test`): see docs/compatibility.md.
+e2e: $(STAMP)
+	@test -n "$$NOETL_E2E_SERVER_URL" -a -n "$$NOETL_E2E_DSN" || { echo "make e2e: set NOETL_E2E_SERVER_URL and NOETL_E2E_DSN to a running NoETL server and its database" >&2; exit 2; }
+	$(PY) -m pytest tests/e2e -m e2e $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -110,7 +110,7 @@ class Execution:
             {
                 k: v
                 for k, v in ((e.get("result") or {}).get("context") or {}).items()
-                if k != "command_id"
+                if k not in ("command_id", "loop_event_id")
             }
             for e in self.events
             if e["event_type"] == "call.done" and e["node_name"] == step
