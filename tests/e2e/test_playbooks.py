@@ -159,3 +159,19 @@ def test_loop_over_step_result(run: Run) -> None:
     completed(ex)
     got = sorted((r["greeting"], r["next_age"]) for r in ex.done("greet"))
     assert got == [("hi ada", 37), ("hi bob", 42), ("hi cy", 30)]
+
+
+def test_sub_playbook(run: Run, noetl: NoetlServer) -> None:
+    """`kind: playbook`: the step starts another registered playbook as a child execution."""
+    noetl.register("python_chain")
+    ex = run("sub_playbook", {"base": 9})
+    report("sub_playbook", ex, "child")
+    completed(ex)
+    rows = noetl.query(
+        "SELECT DISTINCT execution_id FROM noetl.event WHERE parent_execution_id = %s",
+        (int(ex.id),),
+    )
+    assert len(rows) == 1, ex.describe()
+    child = noetl.wait(str(rows[0]["execution_id"]))
+    assert child.terminal == "playbook.completed", child.describe()
+    assert child.done("start")[-1]["x"] == 10
