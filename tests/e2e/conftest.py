@@ -411,7 +411,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.record.requests.append({"method": "GET", "path": self.path})
-        if self.path.startswith("/item/"):
+        if self.path.startswith("/flaky/"):
+            # /flaky/<key>/<n>: 503 for the first n calls with this key, then 200
+            _, _, key, fails = self.path.split("?")[0].split("/")[:4]
+            seen = self.server.record.requests
+            calls = sum(1 for r in seen if r["path"].startswith(f"/flaky/{key}/"))
+            if calls <= int(fails):
+                self._reply(503, {"error": "try again", "call": calls})
+            else:
+                self._reply(200, {"value": f"ok-after-{calls}", "call": calls})
+        elif self.path.startswith("/item/"):
             item = self.path.split("/")[2].split("?")[0]
             self._reply(200, {"id": int(item), "value": f"value-{item}"})
         else:

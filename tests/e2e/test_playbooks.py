@@ -175,3 +175,14 @@ def test_sub_playbook(run: Run, noetl: NoetlServer) -> None:
     child = noetl.wait(str(rows[0]["execution_id"]))
     assert child.terminal == "playbook.completed", child.describe()
     assert child.done("start")[-1]["x"] == 10
+
+
+def test_retry_policy(run: Run, local_http: LocalHttp) -> None:
+    """A single tool with `spec.policy.rules` (the server makes it a task sequence): retried."""
+    key = uuid.uuid4().hex[:8]
+    ex = run("retry_policy", {"url": f"{local_http.url}/flaky/{key}/2"})
+    report("retry_policy", ex, "use")
+    completed(ex)
+    calls = [r for r in local_http.requests if r["path"].startswith(f"/flaky/{key}/")]
+    assert len(calls) == 3, local_http.requests
+    assert ex.done("use")[-1]["value"] == "ok-after-3"
