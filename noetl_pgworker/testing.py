@@ -61,8 +61,12 @@ def _free_port() -> int:
 class LocalCluster:
     """A PostgreSQL cluster in a temporary directory, listening on 127.0.0.1."""
 
-    def __init__(self, bindir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self, bindir: Path, *, port: int | None = None, settings: dict[str, str] | None = None
+    ) -> None:
         self.bindir = bindir
+        #: Server settings given after (so over) the defaults below, e.g. ``{"fsync": "on"}``.
+        self.settings = dict(settings or {})
         self.port = port or _free_port()
         self.root = Path(tempfile.mkdtemp(prefix="noetl-pgworker-pg-"))
         self.datadir = self.root / "data"
@@ -113,6 +117,7 @@ class LocalCluster:
                 "-c full_page_writes=off",
                 "-c max_connections=300",
                 "-c shared_buffers=128MB",
+                *(f"-c {name}={value}" for name, value in self.settings.items()),
             ]
         )
         self._run(
@@ -183,11 +188,16 @@ def _unprivileged_user() -> str:
 
 
 @contextlib.contextmanager
-def throwaway_postgres() -> Iterator[tuple[str, LocalCluster | None]]:
-    """Yield ``(dsn, cluster)``; ``cluster`` is None when the server is a container."""
+def throwaway_postgres(
+    settings: dict[str, str] | None = None,
+) -> Iterator[tuple[str, LocalCluster | None]]:
+    """Yield ``(dsn, cluster)``; ``cluster`` is None when the server is a container.
+
+    ``settings`` override the local cluster's server settings (a container keeps its own).
+    """
     bindir = find_pg_bindir()
     if bindir is not None:
-        cluster = LocalCluster(bindir)
+        cluster = LocalCluster(bindir, settings=settings)
         try:
             cluster.init()
             cluster.start()
