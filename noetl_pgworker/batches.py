@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import threads
 from .metrics import NullMetrics
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class BatchChecker:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout)
+        threads.join(self._thread, timeout)
 
     def track(self, request_id: str, execution_id: int, command_ids: list[int]) -> None:
         """Follow a batch the server accepted with ``request_id``."""

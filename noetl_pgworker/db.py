@@ -11,7 +11,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg_pool import PoolTimeout
 
-from .errors import DatabaseUnavailable, PgWorkerError
+from .errors import DatabaseUnavailable, ItemRefused, PgWorkerError, RetryLater
 
 # libpq keywords whose values are secrets.
 _SECRET_KEYS = {"password", "sslpassword"}
@@ -213,6 +213,18 @@ def wrap_errors(dsn: str, doing: str) -> Iterator[None]:
         ) from exc
     except psycopg.Error as exc:
         raise PgWorkerError(f"{doing}: {redact_text(first_line(exc), dsn)}") from exc
+
+
+@contextlib.contextmanager
+def write_errors() -> Iterator[None]:
+    """A sink's database errors as the package's: an item's own data error (SQLSTATE class 22
+    or 23) refuses it (:class:`ItemRefused`); every other one is retried (:class:`RetryLater`)."""
+    try:
+        yield
+    except (psycopg.Error, PoolTimeout) as exc:
+        if is_retryable(exc):
+            raise RetryLater(first_line(exc)) from exc
+        raise ItemRefused(f"outcome could not be stored: {first_line(exc)}") from exc
 
 
 def pooler_hint(exc: BaseException) -> str:

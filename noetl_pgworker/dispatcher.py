@@ -1,67 +1,28 @@
-"""The dispatcher: a fixed thread pool, slots taken before a claim, tools run by kind.
+"""The dispatcher: a fixed thread pool that runs each command's tool by its kind.
 
-A slot is a thread. The claim loop reserves one *before* it claims, and claims at most as
-many commands as there are free slots, so every claimed command starts at once. The slot is
-given back when the tool is done and its outcome handed to the reporter (``on_finish``): the
-thread can take the next command while the outcome is being written.
+The claim loop reserves a thread (:class:`~noetl_pgworker.inflight.InFlight`) *before* it
+claims, so every claimed command starts at once. A command's threads are given back when its
+tool is done and its outcome handed to the reporter, whatever happens: the thread can take the
+next command while the outcome is being written.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from .credentials import CredentialProvider, EnvCredentials
 from .errors import PgWorkerError, ToolError
+from .inflight import InFlight
 from .jsontext import NotSerialisable, dumps
-from .models import Command, Outcome, ToolOutput
+from .models import Command, CommandRef, Outcome, ToolOutput
 from .tools import DEFAULT_COMMAND_TIMEOUT, ToolContext, ToolRegistry, command_timeout
 
 logger = logging.getLogger(__name__)
-
-
-class Slots:
-    """A counter of free threads, with waits that time out."""
-
-    def __init__(self, total: int) -> None:
-        if total < 1:
-            raise ValueError("at least one slot is needed")
-        self.total = total
-        self._free = total
-        self._cond = threading.Condition()
-
-    def acquire(self, timeout: float) -> bool:
-        """Take one slot; False if none freed up within ``timeout`` seconds."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._free > 0, timeout=timeout):
-                return False
-            self._free -= 1
-            return True
-
-    def release(self) -> None:
-        with self._cond:
-            if self._free >= self.total:
-                raise RuntimeError("slot released twice")
-            self._free += 1
-            self._cond.notify()
-
-    def available(self) -> int:
-        with self._cond:
-            return self._free
-
-    def in_use(self) -> int:
-        with self._cond:
-            return self.total - self._free
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until every slot is free; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._free == self.total, timeout=timeout)
 
 
 def execute(
@@ -131,16 +92,37 @@ def _log_extra(action: str, command: Command) -> dict[str, Any]:
     }
 
 
+class Outcomes(Protocol):
+    """Where the dispatcher hands a command's start and outcome (the reporter)."""
+
+    def started(
+        self,
+        ref: CommandRef,
+        at: datetime,
+        *,
+        loop_event_id: str | None = None,
+        iter_index: int | None = None,
+    ) -> None: ...
+
+    def finished(
+        self,
+        ref: CommandRef,
+        outcome: Outcome,
+        *,
+        loop_event_id: str | None = None,
+        iter_index: int | None = None,
+    ) -> None: ...
+
+
 class Dispatcher:
-    """Runs commands on ``slots.total`` named threads."""
+    """Runs commands on ``inflight.concurrency`` named threads."""
 
     def __init__(
         self,
         registry: ToolRegistry,
-        slots: Slots,
+        inflight: InFlight,
+        outcomes: Outcomes,
         *,
-        on_start: Callable[[Command, datetime], None],
-        on_finish: Callable[[Command, Outcome], None],
         timeout: float = DEFAULT_COMMAND_TIMEOUT,
         credentials: CredentialProvider | None = None,
         prepare: Callable[[Command], Command] | None = None,
@@ -149,21 +131,29 @@ class Dispatcher:
         self._prepare = prepare
         self._timeout = timeout
         self._credentials = credentials or EnvCredentials()
-        self._slots = slots
-        self._on_start = on_start
-        self._on_finish = on_finish
+        self._inflight = inflight
+        self._outcomes = outcomes
         self._executor = ThreadPoolExecutor(
-            max_workers=slots.total, thread_name_prefix="noetl-pgworker-tool"
+            max_workers=inflight.concurrency, thread_name_prefix="noetl-pgworker-tool"
         )
 
     def submit(self, command: Command) -> None:
-        """Run ``command``. The caller holds a slot for it; ``on_finish`` must release it
-        (the dispatcher does, if handing over fails)."""
-        self._executor.submit(self._run, command)
+        """Run ``command`` on the thread(s) the caller reserved for it (``inflight.hold``)."""
+        try:
+            self._executor.submit(self._run, command)
+        except BaseException:
+            self._inflight.finished(command.ref)
+            self._inflight.written(command.ref)
+            raise
 
     def _run(self, command: Command) -> None:
+        ref = command.ref
+        loop_event_id, iter_index = command.loop_event_id, command.iter_index
         try:
-            self._on_start(command, datetime.now(UTC))
+            self._inflight.started(ref)
+            self._outcomes.started(
+                ref, datetime.now(UTC), loop_event_id=loop_event_id, iter_index=iter_index
+            )
             outcome = execute(
                 command,
                 self._registry,
@@ -177,19 +167,24 @@ class Dispatcher:
                     outcome.error,
                     extra=_log_extra("command_failed", command),
                 )
-            self._on_finish(command, outcome)
+            self._outcomes.finished(
+                ref, outcome, loop_event_id=loop_event_id, iter_index=iter_index
+            )
         except Exception:
-            # Only the callbacks can get here (execute never raises); keep the thread alive.
-            # The claim stays in the database and is recovered after the lease.
-            self._slots.release()
+            # Only the hand-over can get here (execute never raises); keep the thread alive.
+            # The claim stays in the database and is recovered after the lease: it no longer
+            # counts against this worker's claims.
+            self._inflight.written(ref)
             logger.exception(
                 "could not hand over the outcome of command %s",
                 command.command_id,
                 extra=_log_extra("dispatch_error", command),
             )
+        finally:
+            self._inflight.finished(ref)
 
     def shutdown(self, timeout: float) -> bool:
         """Stop taking work and wait up to ``timeout`` for running commands; True if all ended."""
-        idle = self._slots.wait_idle(timeout)
+        idle = self._inflight.wait_idle(timeout)
         self._executor.shutdown(wait=idle, cancel_futures=True)
         return idle

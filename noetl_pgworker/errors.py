@@ -39,6 +39,41 @@ class SchemaMissing(PgWorkerError):
         )
 
 
+class RetryLater(PgWorkerError):
+    """The outcomes could not be written now; they are kept and written later."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        written: set[tuple[int, int]] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        #: The (execution_id, command_id) of the items that did go through before the failure.
+        self.written = written or set()
+        #: Seconds the other side asked us to wait (HTTP ``Retry-After``), if it said.
+        self.retry_after = retry_after
+
+
+class ItemRefused(PgWorkerError):
+    """An outcome cannot be stored; writing it again will not change that."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        key: tuple[int, int] | None = None,
+        error_type: str = "storage",
+    ) -> None:
+        super().__init__(message)
+        #: The refused item's (execution_id, command_id); None when the database refused a
+        #: batch without saying which item (the reporter then writes them one by one).
+        self.key = key
+        #: The ``error_type`` of the failure stored instead of the refused outcome.
+        self.error_type = error_type
+
+
 class MalformedCommand(PgWorkerError):
     """A noetl.command row cannot be mapped to a Command."""
 

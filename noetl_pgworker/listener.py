@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from . import threads
 from .config import NOTIFY_CHANNEL
 from .db import connect, first_line
 
@@ -53,6 +54,10 @@ class Listener:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
     def start(self) -> None:
         self._thread.start()
 
@@ -61,9 +66,7 @@ class Listener:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            logger.error("the listener thread did not stop in %.0f s", timeout)
+        threads.join(self._thread, timeout)
 
     def _run(self) -> None:
         backoff = 0.0

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 
+from . import threads
+
 logger = logging.getLogger(__name__)
 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900)
@@ -237,6 +239,10 @@ class HealthServer:
             ),
         ]
 
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return list(self._threads)
+
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
@@ -245,12 +251,12 @@ class HealthServer:
         self._stopping.set()
         started = [t for t in self._threads if t.ident is not None]
         if started:
-            self._threads[0].join(5)
+            threads.join(self._threads[0], 5)
             for _ in range(self._handlers):
                 with contextlib.suppress(queue.Full):
                     self._queue.put(None, timeout=1)
             for thread in started[1:]:
-                thread.join(5)
+                threads.join(thread, 5)
         self._sock.close()
 
     # -- the accepting thread ----------------------------------------------------------------

@@ -1,11 +1,14 @@
-"""The reporter: one writer thread that turns outcomes into few, fenced transactions.
+"""The reporter: one writer thread that turns outcomes into few, fenced writes.
 
 Tool threads hand over "started" and "finished" notes; the writer gathers them for a few
-milliseconds (or until ``flush_max``), folds a command's start and finish into one row update
-when both are waiting, and writes the batch through a :class:`Sink` in one transaction.
-A batch that cannot be written because the database is away is kept and retried with
-exponential backoff; nothing is dropped. A write that the fence rejects (the claim was taken
-over, or the row is already terminal) changes nothing and is logged.
+milliseconds (or until ``flush_max``), folds a command's start and finish into one item when
+both are waiting, and hands the batch to a :class:`~noetl_pgworker.sink.Sink`, which shapes and
+writes it. A batch the sink cannot write now (:class:`RetryLater`: the database or the server is
+away) is kept and retried with exponential backoff; nothing is dropped. An outcome the sink
+refuses (:class:`ItemRefused`) is replaced by a failure saying why, without holding back its
+batch. A write that the fence rejects (the claim was taken over, or the row is already
+terminal) changes nothing and is logged. The reporter knows neither the database nor the
+shapes of NoETL's events.
 """
 
 from __future__ import annotations
@@ -16,98 +19,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
 
-import psycopg
-from psycopg_pool import ConnectionPool
-
-from . import events
-from .db import first_line, is_retryable
-from .jsontext import NotSerialisable, clean_text, dumps
+from . import threads
+from .errors import ItemRefused, RetryLater
 from .metrics import NullMetrics
 from .models import CommandRef, CommandStatus, Outcome
-from .queries import query
+from .sink import Key, Sink, WriteItem
 from .spool import Spool, Spooled
 
 logger = logging.getLogger(__name__)
-
-Key = tuple[int, int]  # (execution_id, command_id)
-
-
-@dataclass(frozen=True, slots=True)
-class WriteItem:
-    """One command's row update and the events that go with it."""
-
-    ref: CommandRef
-    status: str
-    started_at: datetime | None
-    result: dict[str, Any] | None
-    error: str | None
-    events: list[dict[str, Any]]
-    #: The raw materials, for sinks that shape events their own way (server mode).
-    outcome: Outcome | None = None
-    started: bool = False
-    loop_event_id: str | None = None
-    iter_index: int | None = None
-    #: Already made terminal by this worker in SQL (a poison command): report it, do not fence.
-    unfenced: bool = False
-
-    @property
-    def key(self) -> Key:
-        return (self.ref.execution_id, self.ref.command_id)
-
-
-class RetryLater(Exception):
-    """A sink could not write everything now; ``written`` did go through."""
-
-    def __init__(
-        self, message: str, *, written: set[Key] | None = None, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.written = written or set()
-        self.retry_after = retry_after
-
-
-class Sink(Protocol):
-    """Where outcomes go. ``write`` returns the keys of the commands it changed."""
-
-    def write(self, items: list[WriteItem]) -> set[Key]: ...
-
-
-class PgSink:
-    """Direct mode: row status and events written to PostgreSQL, fenced on the worker id."""
-
-    def __init__(self, pool: ConnectionPool[Any], worker_id: str) -> None:
-        self._pool = pool
-        self._worker_id = worker_id
-
-    def write(self, items: list[WriteItem]) -> set[Key]:
-        with self._pool.connection(timeout=10) as conn, conn.cursor() as cur:
-            cur.execute(query("write_back"), write_back_params(items, self._worker_id))
-            return {(int(r[0]), int(r[1])) for r in cur.fetchall()}
-
-
-def write_back_params(items: list[WriteItem], worker_id: str) -> dict[str, Any]:
-    """The parameters of the ``write_back`` statement for a batch."""
-    return {
-        "items": dumps(
-            [
-                {
-                    "execution_id": i.ref.execution_id,
-                    "command_id": i.ref.command_id,
-                    "status": i.status,
-                    "started_at": i.started_at.isoformat() if i.started_at else None,
-                    "result": i.result,
-                    "error": i.error,
-                }
-                for i in items
-            ]
-        ),
-        "events": dumps([e for i in items for e in i.events]),
-        "worker_id": worker_id,
-        "execution_ids": sorted({i.ref.execution_id for i in items}),
-        "command_ids": [i.ref.command_id for i in items],
-    }
 
 
 @dataclass(slots=True)
@@ -136,20 +56,16 @@ class Reporter:
     def __init__(
         self,
         sink: Sink,
-        worker_id: str,
         *,
         flush_interval: float = 0.005,
         flush_max: int = 500,
-        max_result_bytes: int = 1024 * 1024,
         on_fenced: Callable[[CommandRef], None] | None = None,
         on_done: Callable[[CommandRef], None] | None = None,
         metrics: NullMetrics | None = None,
     ) -> None:
         self._sink = sink
-        self._worker_id = worker_id
         self._flush_interval = flush_interval
         self._flush_max = flush_max
-        self._max_result_bytes = max_result_bytes
         self._on_fenced = on_fenced
         self._on_done = on_done
         self._metrics = metrics or NullMetrics()
@@ -198,6 +114,10 @@ class Reporter:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
     def start(self) -> None:
         self._thread.start()
 
@@ -231,11 +151,8 @@ class Reporter:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        if self._thread.is_alive():
-            # A write under way ends within its statement timeout; do not wait longer.
-            self._thread.join(timeout=min(5.0, max(1.0, timeout)))
-            if self._thread.is_alive():
-                logger.error("the reporter thread did not stop", extra={"action": "stop"})
+        # A write under way ends within its statement timeout; do not wait longer.
+        threads.join(self._thread, min(5.0, max(1.0, timeout)))
         if not flushed:
             left = self.unwritten()
             kept = spool.save(left) if spool is not None else 0
@@ -315,7 +232,7 @@ class Reporter:
                     self._healthy = False
                     logger.warning(
                         "cannot write outcomes (%s); %d kept in memory, retrying with backoff",
-                        first_line(exc),
+                        _first_line(exc),
                         self.pending(),
                         extra={"action": "write_paused"},
                     )
@@ -340,106 +257,58 @@ class Reporter:
         for entry in self._entries.values():
             if len(batch) >= self._flush_max:
                 break
-            try:
-                item = self._item(entry)
-            except Exception as exc:  # one outcome that cannot be shaped fails alone
-                logger.warning(
-                    "command %s: its outcome cannot be stored (%s); storing the failure instead",
-                    entry.ref.command_id,
-                    clean_text(f"{type(exc).__name__}: {exc}", 300),
-                    extra={"action": "unstorable", "command_id": str(entry.ref.command_id)},
-                )
-                entry.outcome = Outcome.failure(
-                    clean_text(f"the outcome could not be stored: {type(exc).__name__}: {exc}")
-                    or "the outcome could not be stored",
-                    error_type="serialisation",
-                    duration=entry.outcome.duration if entry.outcome else 0.0,
-                )
-                item = self._item(entry)
+            item = self._item(entry)
             if item is not None:
                 batch.append((entry, item))
         return batch
 
-    def _item(self, entry: _Entry) -> WriteItem | None:
-        ref = entry.ref
-        evs: list[dict[str, Any]] = []
-        if entry.started_at is not None and not entry.start_written:
-            evs.append(events.started_event(ref, self._worker_id))
-        if entry.outcome is None:
-            if not evs:
-                return None
-            return WriteItem(
-                ref,
-                CommandStatus.RUNNING,
-                entry.started_at,
-                None,
-                None,
-                evs,
-                None,
-                True,
-                entry.loop_event_id,
-                entry.iter_index,
-            )
-        outcome = entry.outcome
-        try:
-            result = events.row_result(ref, outcome, self._worker_id, self._max_result_bytes)
-            evs += events.finished_events(
-                ref,
-                outcome,
-                self._worker_id,
-                loop_event_id=entry.loop_event_id,
-                iter_index=entry.iter_index,
-                row_limit=self._max_result_bytes,
-            )
-        except NotSerialisable as exc:
-            outcome = entry.outcome = Outcome.failure(
-                str(exc), error_type="serialisation", duration=outcome.duration
-            )
-            result = events.row_result(ref, outcome, self._worker_id, self._max_result_bytes)
-            evs = [e for e in evs if e["event_type"] == "command.started"]
-            evs += events.finished_events(
-                ref, outcome, self._worker_id, row_limit=self._max_result_bytes
-            )
-        status = CommandStatus.COMPLETED if outcome.ok else CommandStatus.FAILED
+    @staticmethod
+    def _item(entry: _Entry) -> WriteItem | None:
+        """What there is to say about ``entry`` now: its start, its outcome, or nothing."""
+        start = entry.started_at is not None and not entry.start_written
+        if entry.outcome is None and not start:
+            return None
         return WriteItem(
-            ref,
-            status,
-            entry.started_at,
-            result,
-            clean_text(outcome.error),
-            evs,
-            outcome,
-            entry.started_at is not None and not entry.start_written,
-            entry.loop_event_id,
-            entry.iter_index,
-            entry.unfenced,
+            entry.ref,
+            started_at=entry.started_at,
+            started=start,
+            outcome=entry.outcome,
+            loop_event_id=entry.loop_event_id,
+            iter_index=entry.iter_index,
+            unfenced=entry.unfenced,
         )
 
     def _write(self, batch: list[tuple[_Entry, WriteItem]]) -> None:
-        items = [item for _, item in batch]
-        try:
-            written = self._sink.write(items)
-        except RetryLater as exc:
-            self._apply([p for p in batch if p[1].key in exc.written], exc.written)
-            raise
-        except psycopg.Error as exc:
-            if is_retryable(exc):
-                # Connection, read-only (a failover), serialization, resources, lock timeout…:
-                # nothing against these items; keep them and retry.
+        replaced: set[Key] = set()
+        while True:
+            try:
+                written = self._sink.write([item for _, item in batch])
+            except RetryLater as exc:
+                self._apply([p for p in batch if p[1].key in exc.written], exc.written)
                 raise
-            if len(batch) == 1:
-                written = self._write_poisoned(batch[0], exc)
-            else:
+            except ItemRefused as exc:
+                if exc.key is not None and exc.key not in replaced:
+                    # The sink named the item it cannot store: store a failure instead of it,
+                    # and write the batch again.
+                    replaced.add(exc.key)
+                    batch = [self._refused(p, exc) if p[1].key == exc.key else p for p in batch]
+                    continue
+                if len(batch) == 1 and exc.key is None:
+                    written = self._write_refused(batch[0], exc)
+                    break
+                if exc.key is not None:
+                    raise  # refused again after the replacement: retried with backoff
                 # One bad item must not hold the others back: write them one by one.
                 logger.warning(
                     "a batch of %d outcomes was refused (%s); writing them one by one",
                     len(batch),
-                    first_line(exc),
+                    exc.message,
                     extra={"action": "batch_split"},
                 )
                 for pair in batch:
                     self._write([pair])
                 return
+            break
         self._apply(batch, written)
 
     def _apply(self, batch: list[tuple[_Entry, WriteItem]], written: set[Key]) -> None:
@@ -491,18 +360,38 @@ class Reporter:
             for ref in done:
                 self._on_done(ref)
 
-    def _write_poisoned(self, pair: tuple[_Entry, WriteItem], exc: psycopg.Error) -> set[Key]:
+    def _refused(
+        self, pair: tuple[_Entry, WriteItem], exc: ItemRefused
+    ) -> tuple[_Entry, WriteItem]:
+        """The pair with its outcome replaced by a failure saying why it cannot be stored."""
+        entry, item = pair
+        logger.warning(
+            "command %s: its outcome cannot be stored (%s); storing the failure instead",
+            item.ref.command_id,
+            exc.message[:300],
+            extra={"action": "unstorable", "command_id": str(item.ref.command_id)},
+        )
+        duration = entry.outcome.duration if entry.outcome else 0.0
+        entry.outcome = Outcome.failure(exc.message, error_type=exc.error_type, duration=duration)
+        replacement = self._item(entry)
+        assert replacement is not None
+        return entry, replacement
+
+    def _write_refused(self, pair: tuple[_Entry, WriteItem], exc: ItemRefused) -> set[Key]:
         """A single item the database refuses: store a failure that says why instead."""
         entry, item = pair
-        reason = f"outcome could not be stored: {first_line(exc)}"
         logger.error(
             "command %s: %s",
             item.ref.command_id,
-            reason,
+            exc.message,
             extra={"action": "outcome_refused", "command_id": str(item.ref.command_id)},
         )
         duration = entry.outcome.duration if entry.outcome else 0.0
-        entry.outcome = Outcome.failure(reason, error_type="storage", duration=duration)
+        entry.outcome = Outcome.failure(exc.message, error_type=exc.error_type, duration=duration)
         replacement = self._item(entry)
         assert replacement is not None
         return self._sink.write([replacement])
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]

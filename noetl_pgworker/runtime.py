@@ -17,6 +17,7 @@ from typing import Any
 
 from psycopg_pool import ConnectionPool
 
+from . import threads
 from .db import first_line
 from .queries import query
 
@@ -76,6 +77,10 @@ class Heartbeat:
         self.beats += 1
         self.last_ok = time.monotonic()
 
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
     def start(self) -> None:
         self._thread.start()
 
@@ -98,9 +103,7 @@ class Heartbeat:
 
     def stop(self, *, mark_offline: bool = True, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            logger.error("the heartbeat thread did not stop in %.0f s", timeout)
+        threads.join(self._thread, timeout)
         if mark_offline:
             try:
                 with self._pool.connection(timeout=timeout) as conn:

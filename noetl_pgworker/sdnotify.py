@@ -13,6 +13,8 @@ import socket
 import threading
 from collections.abc import Callable
 
+from . import threads
+
 logger = logging.getLogger(__name__)
 
 
@@ -84,6 +86,5 @@ class Notifier:
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        threads.join(self._thread, 5)
         self._sock.close()

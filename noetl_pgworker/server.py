@@ -28,12 +28,14 @@ from typing import Any
 import httpx
 from psycopg_pool import ConnectionPool
 
+from . import threads
 from .batches import BatchChecker
-from .errors import ToolError
+from .db import write_errors
+from .errors import PgWorkerError, RetryLater, ToolError
 from .jsontext import clean_text, dumps
 from .models import Command, CommandRef, Outcome
 from .queries import query
-from .reporter import Key, RetryLater, WriteItem
+from .sink import Key, WriteItem, shape
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ REF_KINDS = ("result_ref", "temp_ref")
 EXTERNALISED_FIELDS = ("tool_config", "input", "render_context", "spec")
 
 
-class ServerRejected(Exception):
+class ServerRejected(PgWorkerError):
     """The server refused a batch with a 4xx that retrying will not change."""
 
     def __init__(self, status: int, answer: str) -> None:
@@ -402,7 +404,7 @@ class HttpSink:
         rows = dumps(
             [{"execution_id": i.ref.execution_id, "command_id": i.ref.command_id} for i in items]
         )
-        with self._pool.connection(timeout=10) as conn:
+        with write_errors(), self._pool.connection(timeout=10) as conn:
             found = conn.execute(
                 query("held_commands"),
                 {
@@ -415,6 +417,11 @@ class HttpSink:
         return {(int(e), int(c)) for e, c in found}
 
     def write(self, items: list[WriteItem]) -> set[Key]:
+        # Shaped before anything is sent: an outcome that cannot be is refused alone.
+        shaped = {
+            item.key: shape(item, lambda i: _sized(item_events(i, self._worker_id)))
+            for item in items
+        }
         held = self._still_held(items)
         by_execution: dict[int, list[WriteItem]] = {}
         for item in items:
@@ -424,8 +431,8 @@ class HttpSink:
                 by_execution.setdefault(item.ref.execution_id, []).append(item)
         written: set[Key] = set()
         for execution_id, group in by_execution.items():
-            for chunk in _chunks(group, self._worker_id):
-                evs = [e for item in chunk for e in item_events(item, self._worker_id)]
+            for chunk in _chunks(group, shaped):
+                evs = [e for item in chunk for e in shaped[item.key][0]]
                 try:
                     request_id = self._server.post_batch(execution_id, self._worker_id, evs)
                 except RetryLater as exc:
@@ -468,7 +475,14 @@ class HttpSink:
             )
 
 
-def _chunks(items: list[WriteItem], worker_id: str) -> Iterable[list[WriteItem]]:
+def _sized(evs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Events and the size of their JSON in bytes."""
+    return evs, len(dumps(evs).encode())
+
+
+def _chunks(
+    items: list[WriteItem], shaped: dict[Key, tuple[list[dict[str, Any]], int]]
+) -> Iterable[list[WriteItem]]:
     """Batches within the server's limits; one command's events are never split, and a batch
     carries at most one outcome.
 
@@ -480,9 +494,8 @@ def _chunks(items: list[WriteItem], worker_id: str) -> Iterable[list[WriteItem]]
     count = size = 0
     has_outcome = False
     for item in items:
-        evs = item_events(item, worker_id)
+        evs, b = shaped[item.key]
         n = len(evs)
-        b = len(dumps(evs).encode())
         full = count + n > MAX_EVENTS or size + b > MAX_BYTES - 4096
         if chunk and (full or (has_outcome and item.outcome is not None)):
             yield chunk
@@ -550,12 +563,16 @@ class CommandHeartbeats:
             target=self._run, name="noetl-pgworker-cmd-heartbeat", daemon=True
         )
 
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(5)
+        threads.join(self._thread, timeout)
 
     def _run(self) -> None:
         import time

@@ -4,6 +4,10 @@
 returns a command to dispatch, or ``None`` when the source is exhausted (drain and exit). A
 long-running source never returns ``None`` while it runs; it returns ``None`` only once it was
 asked to stop (or, in drain mode, when nothing is left for it).
+
+The protocol lists everything the worker calls; the worker gives a source its
+:class:`SourceHooks` (its stop event, free slots, …). :class:`PgCommandSource` claims from
+PostgreSQL; ``memory.InMemorySource`` (in ``noetl_pgworker.testing``) from a list.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import psycopg
@@ -34,34 +39,91 @@ logger = logging.getLogger(__name__)
 _CLAIM_PAUSING: tuple[type[BaseException], ...] = (*RETRYABLE_ERRORS, psycopg.Error)
 
 
+MalformedHandler = Callable[[CommandRef, str], None]
+
+
+@dataclass(slots=True)
+class SourceCounts:
+    """What a source did, for the run's summary."""
+
+    claimed: int = 0
+    #: Commands of executions that had already ended, marked CANCELLED instead of claimed.
+    cancelled: int = 0
+    #: Commands taken back from workers that died.
+    reclaimed: int = 0
+    #: Commands abandoned ``max_attempts`` times, marked FAILED.
+    poisoned: int = 0
+
+
+def _no_free_slots() -> int:
+    return 0
+
+
+def _nothing() -> None:
+    return None
+
+
+def _never() -> float | None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceHooks:
+    """What the worker that runs a source gives it (``Worker(source=factory)`` calls
+    ``factory(hooks)``)."""
+
+    #: Set when the worker stops: ``next()`` returns None (after the buffer) from then on.
+    stop: threading.Event = field(default_factory=threading.Event)
+    #: Set by the listener (a NOTIFY) or :meth:`Worker.stop`: look for work now.
+    wake: threading.Event = field(default_factory=threading.Event)
+    #: Threads free besides the one reserved for the ``next()`` under way.
+    free_slots: Callable[[], int] = _no_free_slots
+    #: Command ids this process holds (running, or their outcome not yet written).
+    held: Callable[[], Iterable[int]] = tuple
+    #: Called while ``next()`` waits: the claim loop shows progress (the watchdog's test).
+    tick: Callable[[], None] = _nothing
+    #: A claimed row that is not a command: report it failed (claimed, and claim held).
+    on_malformed: MalformedHandler | None = None
+    #: A command failed as poison in SQL, to be reported elsewhere (server mode).
+    on_poisoned: MalformedHandler | None = None
+    #: When the last NOTIFY arrived (monotonic), for the wake-up latency metric.
+    woken_at: Callable[[], float | None] = _never
+
+
 @runtime_checkable
 class CommandSource(Protocol):
+    """Where the worker's commands come from; what :class:`~noetl_pgworker.Worker` calls."""
+
+    #: Set once the source has claimed for the first time (the worker is really working).
+    first_claim: threading.Event
+    counts: SourceCounts
+
     def next(self) -> Command | None:
-        """The next command to run; ``None`` means exhausted: drain and exit."""
+        """The next command to run; ``None`` means exhausted or stopped: drain and exit."""
+        ...
+
+    def unread(self, command: Command) -> None:
+        """Take back a command ``next()`` returned that the caller could not start."""
+        ...
+
+    def buffered(self) -> int:
+        """Commands claimed but not handed out yet."""
+        ...
+
+    def release_unstarted(self, timeout: float = 10.0) -> int:
+        """Put the commands claimed but not handed out back to PENDING; how many."""
+        ...
+
+    def done(self, command_ids: Iterable[int]) -> None:
+        """These commands' outcomes are written (or given up): their claims may go."""
+        ...
+
+    def close(self) -> None:
+        """Let go of everything the source holds (idempotent)."""
         ...
 
 
-class InMemorySource:
-    """A finite source over a list of commands, for tests and demos."""
-
-    def __init__(self, commands: Iterable[Command] = ()) -> None:
-        self._queue: collections.deque[Command] = collections.deque(commands)
-        self._lock = threading.Lock()
-
-    def put(self, command: Command) -> None:
-        with self._lock:
-            self._queue.append(command)
-
-    def next(self) -> Command | None:
-        with self._lock:
-            return self._queue.popleft() if self._queue else None
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._queue)
-
-
-MalformedHandler = Callable[[CommandRef, str], None]
+SourceFactory = Callable[[SourceHooks], CommandSource]
 
 
 class PgCommandSource:
@@ -137,10 +199,7 @@ class PgCommandSource:
         self._wake_pending: float | None = None
         #: Set after the first claim statement succeeded (the worker is really working).
         self.first_claim = threading.Event()
-        self.claimed_total = 0
-        self.cancelled_total = 0
-        self.reclaimed_total = 0
-        self.poisoned_total = 0
+        self.counts = SourceCounts()
 
     def next(self) -> Command | None:
         backoff = 0.0
@@ -249,7 +308,7 @@ class PgCommandSource:
         cancelled = int(rows[0]["cancelled_count"]) if rows else 0
         claimed = reclaimed + [r for r in rows if r["command_id"] is not None]
         if cancelled:
-            self.cancelled_total += cancelled
+            self.counts.cancelled += cancelled
             logger.info(
                 "cancelled %d command(s) of executions that already ended",
                 cancelled,
@@ -272,7 +331,7 @@ class PgCommandSource:
                 )
                 if self._on_malformed is not None:
                     self._on_malformed(CommandRef.from_row(row), exc.message)
-        self.claimed_total += len(claimed)
+        self.counts.claimed += len(claimed)
         self.first_claim.set()
         wake, self._wake_pending = self._wake_pending, None
         self._metrics.claimed(
@@ -290,8 +349,8 @@ class PgCommandSource:
         return bool(claimed) or cancelled > 0 or poisoned > 0
 
     def _log_recovery(self, reclaimed: list[dict[str, Any]], poisoned: int) -> None:
-        self.reclaimed_total += len(reclaimed)
-        self.poisoned_total += poisoned
+        self.counts.reclaimed += len(reclaimed)
+        self.counts.poisoned += poisoned
         by_worker: dict[str, int] = {}
         for row in reclaimed:
             key = f"{row['old_worker']} ({row['reason']})"

@@ -1,9 +1,12 @@
-"""A throwaway PostgreSQL for tests and demos.
+"""What tests and demos need: a throwaway PostgreSQL, and the worker's parts in memory.
 
 :func:`throwaway_postgres` gives a DSN: a private cluster in a temporary directory, made with
 the local server binaries (``initdb``/``pg_ctl``), or, where there are none, a Docker container
 through testcontainers. PostgreSQL refuses to run as root; when the process is root the cluster
 runs as an unprivileged user (``postgres`` if it exists, else ``nobody``).
+
+The in-memory parts (``memory.py``) let a test drive the real :class:`~noetl_pgworker.Worker`
+without a database; ``tests/integration/test_conformance.py`` keeps them honest.
 """
 
 from __future__ import annotations
@@ -20,6 +23,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import PgWorkerError
+from .memory import InMemorySink, InMemorySource
+
+__all__ = [
+    "InMemorySink",
+    "InMemorySource",
+    "LocalCluster",
+    "NoPostgres",
+    "find_pg_bindir",
+    "scratch_database",
+    "throwaway_postgres",
+]
 
 
 class NoPostgres(PgWorkerError):

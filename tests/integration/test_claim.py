@@ -15,7 +15,7 @@ from psycopg_pool import ConnectionPool
 from noetl_pgworker import CommandSource
 from noetl_pgworker.enqueue import enqueue
 from noetl_pgworker.queries import query
-from noetl_pgworker.reporter import PgSink, WriteItem
+from noetl_pgworker.sink import PgSink, WriteItem
 from noetl_pgworker.source import PgCommandSource
 
 from ..helpers import insert_raw_command, scalar
@@ -114,7 +114,7 @@ def test_commands_of_ended_executions_are_cancelled_not_run(
     ).fetchall()
     assert [r[0] for r in rows] == ["CANCELLED", "CANCELLED"]
     assert all("already ended (playbook.failed)" in r[1] for r in rows)
-    assert source.cancelled_total == 2
+    assert source.counts.cancelled == 2
 
 
 def test_respects_noetls_advisory_lock(
@@ -180,7 +180,6 @@ def test_release_puts_unstarted_claims_back(
 def test_a_write_by_a_worker_that_lost_its_claim_changes_nothing(
     pool: ConnectionPool[Any], conn: psycopg.Connection[Any]
 ) -> None:
-    from noetl_pgworker import events
     from noetl_pgworker.models import Outcome
 
     enqueue(conn, tool_kind="noop", count=1)
@@ -191,14 +190,7 @@ def test_a_write_by_a_worker_that_lost_its_claim_changes_nothing(
     before_events = scalar(conn, "SELECT count(*) FROM noetl.event")
     ref = cmd.ref
     out = Outcome.success({"stale": True})
-    item = WriteItem(
-        ref,
-        "COMPLETED",
-        None,
-        events.row_result(ref, out, "zombie", 1 << 20),
-        None,
-        events.finished_events(ref, out, "zombie", row_limit=1 << 20),
-    )
+    item = WriteItem(ref, outcome=out)
     assert PgSink(pool, "zombie").write([item]) == set()
     assert conn.execute("SELECT * FROM noetl.command").fetchall() == before_row
     assert scalar(conn, "SELECT count(*) FROM noetl.event") == before_events
@@ -260,24 +252,19 @@ def test_claim_query_uses_the_partial_index_with_100k_rows_of_history(
 def test_write_back_and_release_do_not_scan_the_backlog_with_100k_rows(
     pool: ConnectionPool[Any], conn: psycopg.Connection[Any]
 ) -> None:
-    from noetl_pgworker import events, jsontext
+    from noetl_pgworker import jsontext
     from noetl_pgworker.models import Outcome
-    from noetl_pgworker.reporter import write_back_params
+    from noetl_pgworker.sink import pg_rows, write_back_params
 
     # A large backlog, analysed before this worker claimed anything (as in a drain).
     enqueue(conn, tool_kind="noop", count=100_000, executions=64)
     conn.execute("ANALYZE noetl.command")
     claimed = make_source(pool, worker_id="w").claim(16)
-    items = []
-    for cmd in claimed:
-        ref, out = cmd.ref, Outcome.success({"ok": True})
-        evs = [
-            events.started_event(ref, "w"),
-            *events.finished_events(ref, out, "w", row_limit=1 << 20),
-        ]
-        items.append(
-            WriteItem(ref, "COMPLETED", None, events.row_result(ref, out, "w", 1 << 20), None, evs)
-        )
+    items = pg_rows(
+        [WriteItem(c.ref, started=True, outcome=Outcome.success({"ok": True})) for c in claimed],
+        "w",
+        1 << 20,
+    )
 
     def command_scans(statement: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         plan = conn.execute(

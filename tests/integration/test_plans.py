@@ -19,11 +19,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from noetl_pgworker import events, jsontext, status
+from noetl_pgworker import jsontext, status
 from noetl_pgworker.enqueue import enqueue, ensure_catalog
 from noetl_pgworker.models import Command, Outcome
 from noetl_pgworker.queries import query
-from noetl_pgworker.reporter import WriteItem, write_back_params
+from noetl_pgworker.sink import PgRow, WriteItem, pg_rows, write_back_params
 from noetl_pgworker.testing import scratch_database
 
 pytestmark = pytest.mark.integration
@@ -159,20 +159,9 @@ def hconn(history: History) -> Iterator[psycopg.Connection[Any]]:
         yield c
 
 
-def items_for(held: list[Command]) -> list[WriteItem]:
-    out = []
-    for cmd in held:
-        ref, result = cmd.ref, Outcome.success({"ok": True})
-        evs = [
-            events.started_event(ref, WORKER),
-            *events.finished_events(ref, result, WORKER, row_limit=1 << 20),
-        ]
-        out.append(
-            WriteItem(
-                ref, "COMPLETED", None, events.row_result(ref, result, WORKER, 1 << 20), None, evs
-            )
-        )
-    return out
+def items_for(held: list[Command]) -> list[PgRow]:
+    items = [WriteItem(c.ref, started=True, outcome=Outcome.success({"ok": True})) for c in held]
+    return pg_rows(items, WORKER, 1 << 20)
 
 
 def id_params(held: list[Command]) -> dict[str, Any]:

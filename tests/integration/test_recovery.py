@@ -92,7 +92,7 @@ def test_a_dead_workers_claim_is_taken_back(
     assert meta["reclaimed"] is True
     assert meta["reclaimed_from_worker"] == "dead-1"
     assert meta["reason"] == reason
-    assert src.reclaimed_total == 1
+    assert src.counts.reclaimed == 1
 
 
 def test_a_live_workers_claim_is_never_touched(
@@ -134,7 +134,7 @@ def test_a_command_abandoned_max_attempts_times_fails_as_poison(
     assert result["status"] == "FAILED" and result["context"]["error_type"] == "abandoned"
     finals = scalar(conn, "SELECT count(*) FROM noetl.event WHERE event_type = 'command.failed'")
     assert finals == 1
-    assert src.poisoned_total == 1
+    assert src.counts.poisoned == 1
 
 
 def test_own_claims_from_a_previous_life_are_taken_back_at_start(

@@ -79,7 +79,7 @@ def test_the_role_runs_every_worker_statement(
         src = source(pool, "limited")
         try:
             src._claim(10)
-            assert src.cancelled_total == 1 and src.poisoned_total == 1
+            assert src.counts.cancelled == 1 and src.counts.poisoned == 1
             assert src.buffered() == 4  # 3 noop + 1 reclaimed python
             assert src.release_unstarted() == 4
         finally:

@@ -7,9 +7,8 @@ import json
 import httpx
 import pytest
 
-from noetl_pgworker.errors import ToolError
+from noetl_pgworker.errors import RetryLater, ToolError
 from noetl_pgworker.models import Command, CommandRef, Outcome
-from noetl_pgworker.reporter import RetryLater
 from noetl_pgworker.server import (
     NoetlServer,
     ServerRejected,

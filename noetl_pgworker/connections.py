@@ -1,0 +1,135 @@
+"""The worker's connections: the pool, the claim session, and what the pool mode costs.
+
+The pool serves the writer, the heartbeat, releases and samples; the claim session (its own
+connection, ``session.py``) serves the claims and holds their session locks; the listener has
+its own connection too (``listener.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from . import schema
+from .config import Settings
+from .db import (
+    PoolMode,
+    connect_kwargs,
+    redact_dsn,
+    worker_session_kwargs,
+    wrap_errors,
+)
+from .errors import DatabaseUnavailable
+from .session import ClaimSession
+
+logger = logging.getLogger(__name__)
+
+
+def open_pool(settings: Settings, closing: contextlib.ExitStack) -> ConnectionPool[Any]:
+    """The worker's connection pool, open (closed by ``closing``); the schema checked."""
+    s = settings
+    pool: ConnectionPool[Any] = ConnectionPool(
+        s.dsn,
+        min_size=3,
+        max_size=4,
+        kwargs={
+            **connect_kwargs(f"noetl-pgworker:{s.worker_id}", s.connect_timeout, s.pool_mode),
+            **worker_session_kwargs(s.dsn, s.pool_mode),
+        },
+        name="noetl-pgworker",
+        open=False,
+        timeout=30,
+    )
+    try:
+        pool.open(wait=True, timeout=s.connect_timeout + 1)
+    except PoolTimeout as exc:
+        pool.close(timeout=1)
+        probe = _probe_error(s.dsn, s.connect_timeout)
+        raise DatabaseUnavailable(f"cannot connect to {redact_dsn(s.dsn)}: {probe}") from exc
+    closing.callback(pool.close, timeout=5)
+    if s.verify_schema:
+        with wrap_errors(s.dsn, "checking the schema"), pool.connection(timeout=10) as conn:
+            schema.require(conn)
+    return pool
+
+
+def open_session(
+    settings: Settings,
+    held: Callable[[], Iterable[int]],
+    closing: contextlib.ExitStack,
+    *,
+    listens: bool,
+) -> ClaimSession:
+    """The claim session, connected (closed by ``closing``); it refuses to open while another
+    process runs with this worker id."""
+    s = settings
+    session_dsn = s.session_dsn or s.dsn
+    # A session DSN is a session (direct, or a session-pooling proxy); else the claim
+    # session goes where --dsn goes, and through transaction pooling holds no session lock.
+    session_mode: PoolMode = s.pool_mode
+    if s.session_dsn and s.pool_mode == "transaction":
+        session_mode = "session"
+    session = ClaimSession(
+        session_dsn,
+        worker_id=s.worker_id,
+        application_name=f"noetl-pgworker-claim:{s.worker_id}",
+        connect_timeout=s.connect_timeout,
+        held=held,
+        pool_mode=session_mode,
+        connect_options=worker_session_kwargs(session_dsn, session_mode),
+    )
+    log_pool_mode(s, listens=listens, session_locks=session.session_locks)
+    with wrap_errors(session_dsn, "opening the claim session"):
+        session.open()
+    closing.callback(session.close)
+    return session
+
+
+def log_pool_mode(settings: Settings, *, listens: bool, session_locks: bool) -> None:
+    """Say once at start how the worker reaches PostgreSQL and what that costs."""
+    s = settings
+    if s.pool_mode == "direct":
+        logger.info(
+            "pool mode direct: --dsn connects to PostgreSQL itself", extra={"action": "pool"}
+        )
+        return
+    how = (
+        "pool mode session: --dsn goes through a session-pooling proxy (no `options`"
+        " startup parameter)"
+        if s.pool_mode == "session"
+        else "pool mode transaction: --dsn goes through a transaction-pooling proxy"
+        " (no server-side prepared statements, nothing kept between transactions)"
+    )
+    if s.pool_mode == "transaction" and s.session_dsn:
+        how += f"; LISTEN and the claim session over --session-dsn {redact_dsn(s.session_dsn)}"
+    logger.info(how, extra={"action": "pool"})
+    if not listens:
+        logger.warning(
+            "pool mode transaction without --session-dsn: no LISTEN (a proxy that pools"
+            " transactions cannot deliver notifications); new commands are found by polling"
+            " every %.1f s",
+            s.poll_interval,
+            extra={"action": "pool_polling"},
+        )
+    if not session_locks:
+        logger.warning(
+            "pool mode transaction without --session-dsn: claimed commands hold no session"
+            " lock (NoETL's server could claim one in the moment after our claim commits),"
+            " and one process per --worker-id is not enforced",
+            extra={"action": "pool_no_session_locks"},
+        )
+
+
+def _probe_error(dsn: str, timeout: float) -> str:
+    """Why a connection fails, in one line (the pool only says it timed out)."""
+    from .db import connect
+
+    try:
+        connect(dsn, connect_timeout=timeout).close()
+    except DatabaseUnavailable as exc:
+        return exc.message.split(": ", 1)[-1]
+    return "timed out"
