@@ -64,6 +64,7 @@ class BatchChecker:
             target=self._run, name="noetl-pgworker-batch-checker", daemon=True
         )
         self.failed_total = 0
+        self._failing = False
         self.completed_total = 0
         self.unknown_total = 0
         #: The last few failures, for ``status`` and tests: (request_id, execution_id, message).
@@ -125,13 +126,22 @@ class BatchChecker:
             try:
                 self._ask(item)
             except Exception as exc:  # one odd answer must not stop the checker
-                logger.warning(
-                    "could not check batch %s: %s",
-                    item.request_id,
-                    exc,
-                    extra={"action": "batch_check_error"},
-                )
+                if not self._failing:  # once per outage, not once per batch and retry
+                    self._failing = True
+                    logger.warning(
+                        "cannot check how the NoETL server ended its batches (%s); %d waiting,"
+                        " retrying",
+                        exc,
+                        self.pending() + 1,
+                        extra={"action": "batch_check_paused"},
+                    )
                 self._again(item)
+            else:
+                if self._failing:
+                    self._failing = False
+                    logger.warning(
+                        "checking batches again", extra={"action": "batch_check_resumed"}
+                    )
 
     def _ask(self, item: _Tracked) -> None:
         item.asks += 1
