@@ -12,19 +12,23 @@ ceilings as its own hard limits (address space, processes, file size) so that no
 starts can have more, imports the runner and the preloaded modules, answers ``ready`` on
 stdout and serves. EOF on stdin (the worker is gone) stops it, and everything it started.
 
-Per connection it forks a **supervisor**, which reads the request (a length-prefixed JSON
-frame: ``kind`` ``python`` with ``spec`` and ``result_path``, or ``exec`` with ``argv``,
-``env``; plus ``workdir``, ``cwd``, ``stdin_path``, ``limits``), forks the command's process
-in a session of its own (limits lowered to what the command asks, never raised; the
-``run_as`` user; stdout/stderr to files in ``workdir``), answers ``{"pid"}``, and waits for it
-or for ``{"kill": true}`` / EOF from the worker. Either way it then kills every process the
-command left (it is their subreaper: background and ``setsid`` descendants are reparented to
-it) and answers ``{"status"}`` (a wait status) or ``{"error"}``. Nothing is shared between
-commands: each runs in a fresh fork of a process that ran no command.
+Per connection it reads the request (a length-prefixed JSON frame: ``kind`` ``python`` with
+``spec``, or ``exec`` with ``argv``; plus ``env``, ``workdir``, ``cwd``, ``stdin_path``,
+``limits``; sent with the command's open stdout and stderr files and, for ``python``, its
+result file, as SCM_RIGHTS descriptors), forks the command's process in a session of its own
+(limits lowered to what the command asks, never raised; the ``run_as`` user; stdout/stderr to
+the files it was given), answers ``{"pid"}``, and waits for it or for ``{"kill": true}`` / EOF
+from the worker. Either way it then kills every process the command left (it is their
+subreaper: background and ``setsid`` descendants are reparented to it) and answers
+``{"status"}`` (a wait status) or ``{"error"}``. Nothing is shared between commands: each runs
+in a fresh fork of a process that ran no command. The server never waits for a command's
+process to get ready: a failure to start it comes back on a pipe the loop watches.
 """
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]
+import array
 import contextlib
 import ctypes
 import gc
@@ -64,6 +68,11 @@ def prctl(option: int, value: int) -> bool:
 
 def send_frame(sock: socket.socket, obj: Any) -> None:
     data = json.dumps(obj).encode()
+    sock.sendall(struct.pack("!I", len(data)) + data)
+
+
+def send_raw(sock: socket.socket, data: bytes) -> None:
+    """Send ``data``, a JSON text, as a frame (the server's replies: no encoder to run)."""
     sock.sendall(struct.pack("!I", len(data)) + data)
 
 
@@ -107,34 +116,45 @@ def set_limits(limits: dict[str, Any]) -> None:
 
 
 def close_fds(keep: tuple[int, ...]) -> None:
-    """Close every open descriptor but ``keep`` (listing them: closing 65,536 numbers one by
-    one costs milliseconds where close_range(2) is not used)."""
-    try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        fds = list(range(3, 1024))
-    for fd in fds:
-        if fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    """Close every open descriptor above 2 but ``keep``: os.closerange, which is one
+    close_range(2) per gap where the kernel has it."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20  # (one call with close_range(2); a loop only on old kernels)
+    top = max(soft, 1024, max(keep) + 1)
+    low = 3
+    for fd in sorted(set(keep)):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, top)
 
 
-def _child(req: dict[str, Any], config: dict[str, Any], runner: Any, err_w: int, go_r: int) -> None:
+def _child(
+    req: dict[str, Any],
+    fds: list[int],
+    env: dict[str, str],
+    same_env: bool,
+    config: dict[str, Any],
+    runner: Any,
+    err_w: int,
+    go_r: int,
+) -> None:
     """In the forked command process: never returns."""
     code = 127
     try:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
+            # _signal's, not signal's: its enum conversions touch dozens of pages to copy
+            _signal.signal(sig, _signal.SIG_DFL)
         os.setsid()
         workdir = req["workdir"]
         stdin = os.open(req.get("stdin_path") or os.devnull, os.O_RDONLY)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        out = os.open(os.path.join(workdir, "stdout"), flags, 0o600)
-        err = os.open(os.path.join(workdir, "stderr"), flags, 0o600)
-        for fd, target in ((stdin, 0), (out, 1), (err, 2)):
-            os.dup2(fd, target)
-        close_fds(keep=(0, 1, 2, err_w, go_r))
+        os.dup2(stdin, 0)
+        os.dup2(fds[0], 1)
+        os.dup2(fds[1], 2)
+        result = fds[2] if len(fds) > 2 else -1
+        close_fds(keep=(0, 1, 2, err_w, go_r, result))
         set_limits(req.get("limits") or {})
         run_as = config.get("run_as")
         if run_as:
@@ -143,7 +163,6 @@ def _child(req: dict[str, Any], config: dict[str, Any], runner: Any, err_w: int,
             os.setgid(gid)
             os.setuid(uid)
         os.chdir(req.get("cwd") or workdir)
-        env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
         # Nothing of the command runs before the worker knows its pid (so that a command
         # that kills the fork server is never mistaken for one that did not start).
         if os.read(go_r, 1) != b"g":
@@ -153,11 +172,12 @@ def _child(req: dict[str, Any], config: dict[str, Any], runner: Any, err_w: int,
             argv = [str(a) for a in req["argv"]]
             os.set_inheritable(err_w, False)
             os.execvpe(argv[0], argv, env)
-        os.environ.clear()
-        os.environ.update(env)
+        if not same_env:  # (rewriting os.environ costs a hundred copied pages)
+            os.environ.clear()
+            os.environ.update(env)
         os.close(err_w)
         err_w = -1
-        code = runner.run_to_file(req["spec"], req["result_path"])
+        code = runner.run_to_fd(req["spec"], result)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -175,6 +195,51 @@ def recv_frame_quiet(conn: socket.socket) -> Any:
         return recv_frame(conn)
     except (OSError, ValueError):
         return None
+
+
+#: Descriptors a request may carry: stdout, stderr, the result file.
+MAX_FDS = 3
+
+
+def send_frame_fds(sock: socket.socket, obj: Any, fds: list[int]) -> None:
+    """:func:`send_frame`, with ``fds`` passed along (SCM_RIGHTS)."""
+    data = json.dumps(obj).encode()
+    data = struct.pack("!I", len(data)) + data
+    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def recv_request(conn: socket.socket) -> tuple[Any, list[int]]:
+    """A frame sent by :func:`send_frame_fds` and its descriptors (close-on-exec); (None, [])
+    at EOF or on a malformed frame."""
+    fds: list[int] = []
+    try:
+        data, ancdata, _flags, _addr = conn.recvmsg(
+            65536, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+        )
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(array.array("i", payload[:usable]))
+        if len(data) < 4:
+            more = recv_exact(conn, 4 - len(data)) if data else None
+            if more is None:
+                raise ValueError("no request")
+            data += more
+        (length,) = struct.unpack("!I", data[:4])
+        body = data[4:]
+        if len(body) < length:
+            rest = recv_exact(conn, length - len(body))
+            if rest is None:
+                raise ValueError("truncated request")
+            body += rest
+        return json.loads(body), fds
+    except (OSError, ValueError):
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        return None, []
 
 
 # -- the server -------------------------------------------------------------------------------
@@ -202,16 +267,29 @@ class Server:
         self.runner = runner
         #: command process pid -> the worker's connection for it
         self.commands: dict[int, socket.socket] = {}
+        #: command process pid -> the read end of its start-failure pipe, until EOF
+        self.starting: dict[int, int] = {}
+        #: command process pid -> what it wrote there (why it could not start)
+        self.failures: dict[int, bytes] = {}
         self.me = os.getpid()
+        self.children_path = f"/proc/{self.me}/task/{self.me}/children".encode()
+        #: the environment the server runs with: a command asking for the same one keeps it
+        self.env = dict(os.environ)
 
     # -- the tree --------------------------------------------------------------------------
 
     def children(self) -> list[int]:
         try:
-            with open(f"/proc/{self.me}/task/{self.me}/children", "rb") as fh:
-                return [int(p) for p in fh.read().split()]
+            fd = os.open(self.children_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return [pid for pid, ppid in _ppids() if ppid == self.me]
+        try:
+            data = b""
+            while chunk := os.read(fd, 65536):
+                data += chunk
+        finally:
+            os.close(fd)
+        return [int(p) for p in data.split()]
 
     def sweep(self) -> bool:
         """SIGKILL every child that is not a running command's process and does not belong
@@ -257,9 +335,38 @@ class Server:
             os.killpg(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         self.kill_session(pid)
+        if pid in self.starting:  # it is dead: the pipe's write end is closed
+            self.read_failure(pid, until_eof=True)
+        failure = self.failures.pop(pid, b"")
         with contextlib.suppress(OSError):
-            send_frame(conn, {"status": status, "killed": killed})
+            if failure:
+                send_frame(conn, {"error": failure.decode("utf-8", "replace")})
+            else:
+                flag = b"true" if killed else b"false"
+                send_raw(conn, b'{"status": %d, "killed": %s}' % (status, flag))
         conn.close()
+
+    def read_failure(self, pid: int, *, until_eof: bool = False) -> None:
+        """Read what the command's process wrote on its start-failure pipe; close it at EOF
+        (the process ran its command, or exited)."""
+        fd = self.starting[pid]
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except BlockingIOError:
+                if not until_eof:
+                    return
+                os.set_blocking(fd, True)
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                del self.starting[pid]
+                os.close(fd)
+                return
+            self.failures[pid] = (self.failures.get(pid, b"") + chunk)[:8000]
+            if not until_eof:
+                return
 
     def kill_session(self, sid: int, limit: float = 10.0) -> None:
         """Kill what is left of an ended command, until none of it is left."""
@@ -284,43 +391,47 @@ class Server:
     # -- commands --------------------------------------------------------------------------
 
     def start(self, conn: socket.socket) -> None:
+        """Fork the command's process, answer its pid, let it go; never wait for it (its
+        start failure, if any, comes on a pipe the loop watches)."""
         conn.settimeout(10)
-        req = recv_frame_quiet(conn)
-        if not isinstance(req, dict):
-            conn.close()
-            return
-        err_r, err_w = os.pipe()
-        go_r, go_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(err_r)
-            os.close(go_w)
-            _child(req, self.config, self.runner, err_w, go_r)
+        req, fds = recv_request(conn)
+        try:
+            if not isinstance(req, dict):
+                conn.close()
+                return
+            wanted = 3 if req.get("kind") == "python" else 2
+            if len(fds) != wanted:
+                with contextlib.suppress(OSError):
+                    why = f"the request carries {len(fds)} files, not {wanted}"
+                    send_frame(conn, {"error": why})
+                conn.close()
+                return
+            env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
+            err_r, err_w = os.pipe()
+            go_r, go_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(err_r)
+                os.close(go_w)
+                _child(req, fds, env, env == self.env, self.config, self.runner, err_w, go_r)
+        finally:
+            for fd in fds:
+                os.close(fd)
         os.close(err_w)
         os.close(go_r)
+        os.set_blocking(err_r, False)
         conn.settimeout(None)
         self.commands[pid] = conn
+        self.starting[pid] = err_r
         try:
-            send_frame(conn, {"pid": pid})
+            send_raw(conn, b'{"pid": %d}' % pid)
             sent = True
         except OSError:
             sent = False
         with contextlib.suppress(OSError):
             os.write(go_w, b"g" if sent else b"x")
         os.close(go_w)
-        failure = b""
-        while chunk := os.read(err_r, 4096):
-            failure += chunk
-        os.close(err_r)
-        if failure:
-            self.commands.pop(pid)
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            with contextlib.suppress(OSError):
-                send_frame(conn, {"error": failure.decode("utf-8", "replace")})
-            conn.close()
-        elif not sent:
+        if not sent:
             self.finish(pid, killed=True)
 
     def message(self, pid: int) -> None:
@@ -334,8 +445,11 @@ class Server:
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
         while not stopping:
             conns = {conn.fileno(): pid for pid, conn in self.commands.items()}
+            pipes = {fd: pid for pid, fd in self.starting.items()}
             try:
-                ready, _, _ = select.select([listener.fileno(), wake_r, 0, *conns], [], [], 1.0)
+                ready, _, _ = select.select(
+                    [listener.fileno(), wake_r, 0, *conns, *pipes], [], [], 1.0
+                )
             except InterruptedError:
                 continue
             if 0 in ready and not os.read(0, 4096):
@@ -343,6 +457,10 @@ class Server:
             if wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)
+            for fd in ready:
+                pid = pipes.get(fd)
+                if pid is not None and self.starting.get(pid) == fd:
+                    self.read_failure(pid)
             for fd in ready:
                 pid = conns.get(fd)
                 if pid is not None and pid in self.commands:

@@ -3,7 +3,10 @@
 restarts. Each command's process runs in a session of its own under a per-command
 supervisor that kills everything it left (background and ``setsid`` descendants included) at
 its end or timeout; the operator's limits are the ceiling (a command may only lower them);
-``run_as`` runs it as another user; its output goes to files and is kept bounded.
+``run_as`` runs it as another user; its output goes to files and is kept bounded. Those files
+(stdout, stderr, a python command's result) are unnamed (``O_TMPFILE`` in the temporary
+directory; memory files where that is not supported), opened by the worker and handed to
+the fork server with the request: nothing to name, open again, or remove.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 import pwd
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +26,7 @@ import sys
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -212,7 +216,7 @@ class Sandbox:
             [sys.executable, "-I", str(FORKSERVER)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=base_env(),
+            env=self.env(),  # what its commands get: python commands keep it as it is
             cwd="/",
             start_new_session=True,
         )
@@ -257,14 +261,31 @@ class Sandbox:
 
     # -- running a command ------------------------------------------------------------------
 
-    def workdir(self, prefix: str) -> tempfile.TemporaryDirectory[str]:
-        """A directory for one command. With ``run_as`` it stays the worker's, shared with the
-        user's group (so the worker needs no CAP_DAC_OVERRIDE to read and remove it)."""
-        tmp = tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True)
-        if self.user is not None:
-            os.chown(tmp.name, os.geteuid(), self.user[1])
-            os.chmod(tmp.name, 0o770)
-        return tmp
+    @contextlib.contextmanager
+    def workdir(self, prefix: str) -> Iterator[str]:
+        """A directory for one command (its working directory). With ``run_as`` it stays the
+        worker's, shared with the user's group (so the worker needs no CAP_DAC_OVERRIDE to
+        read and remove it). Removed at the end: usually empty (the output files have no
+        name), so one rmdir(2)."""
+        path = tempfile.mkdtemp(prefix=prefix)
+        try:
+            if self.user is not None:
+                os.chown(path, os.geteuid(), self.user[1])
+                os.chmod(path, 0o770)
+            yield path
+        finally:
+            try:
+                os.rmdir(path)
+            except OSError:
+                shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
+    def output_file() -> int:
+        """An open, unnamed file for a command's output (read and write; close-on-exec)."""
+        try:
+            return os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except (OSError, AttributeError):
+            return os.memfd_create("noetl-pgworker-output", os.MFD_CLOEXEC)
 
     def shared_file(self, path: Path) -> None:
         """Create ``path`` empty, writable by the ``run_as`` user's group, readable by us."""
@@ -292,29 +313,38 @@ class Sandbox:
         limits: Limits | None = None,
         output_limit: int = 256 * 1024,
         tool: str = "process",
+        result_fd: int | None = None,
     ) -> Finished:
         """Run one command's process; raise :class:`TimedOut` (after killing all it started)
         at ``timeout``, :class:`SandboxError` if the sandbox failed it, ``OSError``-like
-        :class:`ToolError` if it could not start."""
+        :class:`ToolError` if it could not start. ``result_fd`` (an open file, for a
+        ``python`` request) is where the command's process writes its result."""
         deadline = _Deadline(timeout)
         request = {
             **request,
             "workdir": str(workdir),
             "limits": (limits or self.limits).as_dict(),
         }
-        sock, pid = self._start_command(request, deadline, tool)
-        with sock:
-            status = self._wait(sock, pid, deadline, tool)
-        returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        return Finished(
-            returncode=returncode,
-            stdout=bounded(workdir / "stdout", output_limit),
-            stderr=bounded(workdir / "stderr", output_limit),
-            workdir=workdir,
-        )
+        outputs = [self.output_file(), self.output_file()]
+        try:
+            files = [*outputs, *([result_fd] if result_fd is not None else [])]
+            sock, pid = self._start_command(request, files, deadline, tool)
+            with sock:
+                status = self._wait(sock, pid, deadline, tool)
+            signalled = os.WIFSIGNALED(status)
+            returncode = -os.WTERMSIG(status) if signalled else os.WEXITSTATUS(status)
+            return Finished(
+                returncode=returncode,
+                stdout=bounded_fd(outputs[0], output_limit),
+                stderr=bounded_fd(outputs[1], output_limit),
+                workdir=workdir,
+            )
+        finally:
+            for fd in outputs:
+                os.close(fd)
 
     def _start_command(
-        self, request: dict[str, Any], deadline: _Deadline, tool: str
+        self, request: dict[str, Any], files: list[int], deadline: _Deadline, tool: str
     ) -> tuple[socket.socket, int]:
         """Hand the request to the fork server; (connection, pid). A fork server that died
         before the command started is restarted and the command tried once more."""
@@ -325,7 +355,7 @@ class Sandbox:
             try:
                 sock.settimeout(max(1.0, min(30.0, deadline.left())))
                 sock.connect(server.path)
-                forkserver.send_frame(sock, request)
+                forkserver.send_frame_fds(sock, request, files)
                 reply = forkserver.recv_frame(sock)
             except OSError:
                 reply = None
@@ -395,6 +425,29 @@ def _exit_text(returncode: int | None) -> str:
     if returncode < 0:
         return f"killed by {signal_name(returncode)}"
     return f"exit code {returncode}"
+
+
+def bounded_fd(fd: int, limit: int) -> str:
+    """The first ``limit`` bytes of the open file ``fd`` as text, and how many were left."""
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, limit, 0) if size else b""
+    text = data.decode("utf-8", errors="replace")
+    if size > limit:
+        text += f"\n… [{size - limit} more bytes not kept]"
+    return text
+
+
+def read_fd(fd: int) -> bytes:
+    """All of the open file ``fd``, from its start."""
+    size = os.fstat(fd).st_size
+    chunks: list[bytes] = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, max(size - offset, 65536), offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
 
 
 def bounded(path: Path, limit: int) -> str:

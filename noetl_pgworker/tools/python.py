@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,12 @@ class PythonTool:
             spec_text = json.dumps(spec).encode()
         except (TypeError, ValueError) as exc:
             raise ToolError(f"python: the arguments are not JSON: {exc}") from exc
+        result_fd: int | None = None
         with sandbox.workdir("noetl-pgworker-py-") as tmp:
             result_path = Path(tmp) / "result.json"
-            sandbox.shared_file(result_path)
             request: dict[str, Any]
             if self.mode == "spawn":
+                sandbox.shared_file(result_path)
                 spec_path = Path(tmp) / "spec.json"
                 spec_path.write_bytes(spec_text)
                 request = {
@@ -107,28 +109,38 @@ class PythonTool:
                     "stdin_path": str(spec_path),
                 }
             else:
-                request = {"kind": "python", "spec": spec, "result_path": str(result_path)}
+                # The result comes back in an unnamed file the process is handed open.
+                result_fd = sandbox.output_file()
+                request = {"kind": "python", "spec": spec}
             request["env"] = sandbox.env()
             try:
-                done = sandbox.run(
-                    request,
-                    timeout=ctx.remaining(),
-                    workdir=Path(tmp),
-                    limits=limits,
-                    output_limit=OUTPUT_LIMIT,
-                    tool="python",
-                )
-            except process.TimedOut:
-                raise ToolTimeout(
-                    f"python: timed out after {ctx.timeout:g} s (process killed)"
-                ) from None
-            logs = {"_stdout": done.stdout, "_stderr": done.stderr}
-            logs = {k: v for k, v in logs.items() if v}
-            try:
-                text = result_path.read_text(encoding="utf-8")
-                result = json.loads(text)
-            except (OSError, ValueError):
-                raise ToolError(_died(done.returncode), extra=logs) from None
+                try:
+                    done = sandbox.run(
+                        request,
+                        timeout=ctx.remaining(),
+                        workdir=Path(tmp),
+                        limits=limits,
+                        output_limit=OUTPUT_LIMIT,
+                        tool="python",
+                        result_fd=result_fd,
+                    )
+                except process.TimedOut:
+                    raise ToolTimeout(
+                        f"python: timed out after {ctx.timeout:g} s (process killed)"
+                    ) from None
+                logs = {"_stdout": done.stdout, "_stderr": done.stderr}
+                logs = {k: v for k, v in logs.items() if v}
+                try:
+                    if result_fd is not None:
+                        data = process.read_fd(result_fd)
+                    else:
+                        data = result_path.read_bytes()
+                    result = json.loads(data.decode("utf-8"))
+                except (OSError, ValueError):
+                    raise ToolError(_died(done.returncode), extra=logs) from None
+            finally:
+                if result_fd is not None:
+                    os.close(result_fd)
         if not result.get("ok"):
             if result.get("traceback"):
                 logs["_traceback"] = result["traceback"]

@@ -152,3 +152,52 @@ def test_closing_the_registry_stops_the_fork_server_and_what_it_runs() -> None:
     assert done.wait(15)
     assert not out[0].ok
     assert pid is not None and not os.path.exists(f"/proc/{pid}/stat")
+
+
+def test_a_command_has_its_own_empty_directory_and_none_of_the_servers_files() -> None:
+    registry = default_registry(run_as=RUN_AS)
+    code = (
+        "import os\n"
+        "fds = sorted(int(f) for f in os.listdir('/proc/self/fd'))\n"
+        "result = {'cwd': os.getcwd(), 'files': os.listdir('.'), 'fds': fds,\n"
+        "          'out': os.readlink('/proc/self/fd/1'), 'uid': os.getuid()}\n"
+    )
+    try:
+        first = execute(python(code), registry)
+        second = execute(python(code), registry)
+        assert first.ok and second.ok, (first.error, second.error)
+        a, b = first.data, second.data
+        assert a["cwd"] != b["cwd"] and not os.path.exists(a["cwd"])
+        assert a["files"] == []  # output and result files have no name there
+        assert "(deleted)" in a["out"] or "memfd:" in a["out"]
+        # stdin, stdout, stderr, the result file, the listing's own: nothing of the server's
+        assert len(a["fds"]) == 5 and a["fds"][:3] == [0, 1, 2], a["fds"]
+        assert (a["uid"] != 0) == bool(RUN_AS)
+    finally:
+        registry.close()
+
+
+def test_commands_that_start_and_end_at_once_all_get_their_own_result() -> None:
+    registry = default_registry(run_as=RUN_AS)
+    try:
+        registry.start()
+        outcomes: list[Outcome] = []
+        lock = threading.Lock()
+
+        def run(i: int) -> None:
+            code = f"import sys\nprint({i})\nprint({i}, file=sys.stderr)\nresult = {i}"
+            out = execute(python(code), registry, timeout=30)
+            with lock:
+                outcomes.append(out)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(outcomes) == 40 and all(o.ok for o in outcomes), [o.error for o in outcomes]
+        for o in outcomes:
+            assert o.extra == {"_stdout": f"{o.data}\n", "_stderr": f"{o.data}\n"}
+        assert sorted(o.data for o in outcomes) == list(range(40))
+    finally:
+        registry.close()

@@ -316,3 +316,48 @@ def test_python_arguments_are_rendered_against_the_render_context(mode: str) -> 
     registry.close()
     assert out.ok, out.error
     assert out.data == {"x": {"x": 41}, "label": "n=42"}
+
+
+def test_python_arguments_by_signature_without_inspect_match_inspect() -> None:
+    import functools
+
+    from noetl_pgworker.tools.pyrunner import call_with_matching_args
+
+    def posonly(a, /, b, *, c=3):
+        return (a, b, c)
+
+    def kwargs(a, **kw):
+        return (a, kw)
+
+    @functools.wraps(kwargs)
+    def wrapped(*args, **kw):
+        return kwargs(*args, **kw)
+
+    def varargs(b, *rest):
+        return (b, rest)
+
+    args = {"a": 1, "b": 2, "c": 4, "rest": 5, "kw": 6}
+    with pytest.raises(TypeError):  # `a` is positional-only: never passed by name
+        call_with_matching_args(posonly, args)
+    assert call_with_matching_args(functools.partial(posonly, 0), args) == (0, 2, 4)
+    assert call_with_matching_args(kwargs, args) == (1, {"b": 2, "c": 4, "rest": 5, "kw": 6})
+    # functools.wraps: the wrapped function's signature, as inspect.signature says
+    assert call_with_matching_args(wrapped, args) == (1, {"b": 2, "c": 4, "rest": 5, "kw": 6})
+    assert call_with_matching_args(varargs, args) == (2, ())
+    assert call_with_matching_args(lambda c, b: c - b, args) == 2
+
+
+def test_python_runner_encodes_results_as_json_dumps_does() -> None:
+    from noetl_pgworker.tools.pyrunner import dumps
+
+    value = {"a": [1, 2.5, None, True], "é": "ünï\n", "n": {"1": -0.0, "big": 10**30}}
+    assert dumps(value) == json.dumps(value, allow_nan=False)
+    assert dumps({1: "int key"}) == json.dumps({1: "int key"})
+    with pytest.raises(ValueError, match="Out of range float"):
+        dumps({"x": float("inf")})
+    with pytest.raises(TypeError, match="Object of type set is not JSON serializable"):
+        dumps({"x": {1}})
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference"):
+        dumps(loop)
