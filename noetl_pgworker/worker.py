@@ -136,6 +136,7 @@ class Worker:
             child_max_file_mb=settings.child_max_file_mb,
             child_cpu_seconds=settings.child_cpu_seconds,
             python_preload=settings.python_preload,
+            server_url=settings.server_url,
         )
         local = EnvCredentials()
         local.check()

@@ -73,6 +73,7 @@ class FakeNoetl:
         self.rejections: list[str] = []
         self.keys: set[str] = set()
         self.refs: dict[str, Any] = {}
+        self.executions: list[dict[str, Any]] = []  # bodies of POST /api/execute
         self.down = False
         self.drop_after_apply = 0  # apply, then drop the connection (a lost answer) this often
         self.no_batch = False
@@ -193,6 +194,16 @@ class FakeNoetl:
                     "request_id": request_id,
                     "event_count": len(body["events"]),
                 },
+            )
+        elif url.path == "/api/execute":
+            # 4.26 and 2.103.4: {"path", "payload", "parent_execution_id"} → 200 with the new
+            # execution's id as a string (a sub-playbook started by a `playbook` step).
+            if not isinstance(body.get("path"), str):
+                self._reject(h, "path is required")
+                return
+            self.executions.append(body)
+            self._reply(
+                h, 200, {"execution_id": str(7000 + len(self.executions)), "status": "started"}
             )
         elif url.path == "/api/events":
             extra = set(body) - SINGLE_KEYS

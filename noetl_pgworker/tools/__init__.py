@@ -104,9 +104,11 @@ def default_registry(
     child_max_file_mb: int | None = 1024,
     child_cpu_seconds: int | None = 3600,
     python_preload: Sequence[str] | None = None,
+    server_url: str | None = None,
 ) -> ToolRegistry:
     """Every tool that ships with noetl-pgworker. python and shell share one sandbox (fork
-    server), started on first use or by :meth:`ToolRegistry.start`."""
+    server), started on first use or by :meth:`ToolRegistry.start`. ``playbook`` (a
+    sub-playbook started through NoETL's server) only with a ``server_url``."""
     from .duckdb import DuckdbTool
     from .http import HttpTool
     from .noop import NoopTool
@@ -135,6 +137,10 @@ def default_registry(
         ]
     )
     registry.register(TaskSequenceTool(registry))  # runs its tasks through the others
+    if server_url:
+        from .playbook import PlaybookTool
+
+        registry.register(PlaybookTool(server_url))
     return registry
 
 

@@ -363,3 +363,29 @@ def test_each_outcome_travels_in_a_batch_of_its_own(
     for _path, _headers, body in fake.requests:
         outcomes = [e for e in body["events"] if e["name"] in ("call.done", "call.error")]
         assert len(outcomes) <= 1
+
+
+def test_a_playbook_step_starts_its_sub_playbook_through_the_server(
+    start_worker: Callable[..., RunningWorker], conn: psycopg.Connection[Any], fake: FakeNoetl
+) -> None:
+    """Seen on NoETL 4.26 and 2.103.4: a `kind: playbook` step stayed PENDING for ever (no
+    worker ran the kind); NoETL's worker starts the child with POST /api/execute."""
+    execution_id = int(scalar(conn, "SELECT noetl.snowflake_id()"))
+    fake.issue(
+        execution_id,
+        "child",
+        "playbook",
+        {"path": "e2e/child", "input": {"base": 20}},
+        {},
+        catalog_id=ensure_catalog(conn),
+    )
+    start_worker(server_url=fake.url, worker_id="srv-pb")
+    wait_until(
+        lambda: scalar(conn, "SELECT status FROM noetl.command WHERE step_name = 'child'")
+        == "COMPLETED"
+    )
+    assert fake.executions[0]["path"] == "e2e/child"
+    assert fake.executions[0]["parent_execution_id"] == execution_id
+    assert fake.executions[0]["payload"]["base"] == 20
+    done = next(e for e in fake.received if e["name"] == "call.done")
+    assert done["payload"]["response"]["execution_id"] == "7001"
