@@ -467,11 +467,12 @@ class Server:
                     self.message(pid)
             self.sweep()
             if listener.fileno() in ready:
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    continue
-                self.start(conn)
+                for _ in range(16):  # the requests waiting, several per wake-up
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError:  # (BlockingIOError: none left)
+                        break
+                    self.start(conn)
         for pid in list(self.commands):
             self.finish(pid, killed=True)
         self.kill_session(-1, limit=5)
@@ -503,6 +504,7 @@ def serve(config: dict[str, Any]) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(config["socket"])
     listener.listen(256)
+    listener.setblocking(False)
     os.write(1, b"ready\n")
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 1)
