@@ -16,9 +16,18 @@ throwaway PostgreSQL. Prints a table and writes JSON (``--out``). Scenarios:
             --events-per-command events each added (each run rolled back); then the claim with
             100,000 PENDING rows of a kind it does not run.
   memory    the worker's RSS idle and at the end of the 1-process drain.
+  peers     the same N no-op jobs drained by PgQueuer and by Procrastinate (bench/peers/, in
+            their own virtual environment, .bench/peers-venv, made on first use), one process
+            each, each in its own scratch database, interleaved with a 1-process worker drain
+            (worker, pgqueuer, procrastinate, 3 times); median jobs/s, the worker's ratio to
+            each, and the rows each wrote per job (inserted + updated + deleted).
   python    400 python commands (--python-commands) drained by one worker, --concurrency 8, per
             --python-mode (inline, process = fork server, spawn = new interpreter); an idle
             worker's RSS with its fork server; one step's p50 time per mode, sequentially.
+
+The throwaway cluster runs with PostgreSQL's default durability (fsync, synchronous_commit and
+full_page_writes on). --fast-cluster also runs drain and peers on a second throwaway cluster
+with all three off, reported apart and labelled fsync=off.
 """
 
 from __future__ import annotations
@@ -45,10 +54,19 @@ from noetl_pgworker import events, schema
 from noetl_pgworker.enqueue import enqueue, ensure_catalog
 from noetl_pgworker.models import Command, Outcome
 from noetl_pgworker.queries import query
-from noetl_pgworker.reporter import WriteItem, write_back_params
+from noetl_pgworker.sink import PgRow as WriteItem
+from noetl_pgworker.sink import write_back_params
 from noetl_pgworker.testing import scratch_database, throwaway_postgres
 
 WORKER_ARGS = ["--concurrency", "16", "--poll-interval", "0.5", "--log-level", "warning"]
+#: PostgreSQL's defaults, as a user's server runs: every commit waits for its WAL flush.
+DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
+#: --fast-cluster: no flush at all; figures of CPU and round trips, not of a real server.
+FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ROOT / "bench" / "peers"
+PEERS_VENV = ROOT / ".bench" / "peers-venv"
+PEER_SCRIPTS = {"pgqueuer": "pgqueuer_drain.py", "procrastinate": "procrastinate_drain.py"}
 
 
 def say(msg: str) -> None:
@@ -56,12 +74,12 @@ def say(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def server() -> Iterator[str]:
+def server(settings: dict[str, str], *, given_ok: bool = True) -> Iterator[str]:
     given = os.environ.get("NOETL_PGWORKER_DSN")
-    if given:
+    if given and given_ok:
         yield given
         return
-    with throwaway_postgres() as (dsn, _cluster):
+    with throwaway_postgres(settings=settings) as (dsn, _cluster):
         yield dsn
 
 
@@ -112,8 +130,40 @@ def wait_terminal(conn: psycopg.Connection[Any], n: int, timeout: float) -> None
         time.sleep(0.05)
 
 
+def row_writes(dsn: str) -> dict[str, list[int]]:
+    """Rows inserted, updated, deleted so far per table (partitions under their root) of
+    ``dsn``'s database, from its statistics: call it once the writers have disconnected."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT coalesce(pg_partition_root(relid), relid)::regclass::text,"
+            " sum(n_tup_ins)::bigint, sum(n_tup_upd)::bigint, sum(n_tup_del)::bigint"
+            " FROM pg_stat_user_tables GROUP BY 1"
+            " HAVING sum(n_tup_ins + n_tup_upd + n_tup_del) > 0 ORDER BY 1"
+        ).fetchall()
+    return {r[0]: [int(r[1]), int(r[2]), int(r[3])] for r in rows}
+
+
+def wal_now(dsn: str) -> tuple[int, int]:
+    """(WAL bytes written, WAL syncs) by the whole server so far."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint, wal_sync FROM pg_stat_wal"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def wal_used(dsn: str, before: tuple[int, int], n: int) -> dict[str, float]:
+    after = wal_now(dsn)
+    return {
+        "wal_bytes_per_job": round((after[0] - before[0]) / n),
+        "wal_syncs_per_job": round((after[1] - before[1]) / n, 3),
+    }
+
+
 def drain(admin_dsn: str, n: int, processes: int) -> dict[str, Any]:
     with scratch_db(admin_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        wal0 = wal_now(dsn)
         enqueue(conn, tool_kind="noop", count=n, executions=max(1, n // 100))
         conn.execute("VACUUM ANALYZE noetl.command")
         procs = [spawn_worker(dsn, f"bench-{i}") for i in range(processes)]
@@ -136,6 +186,9 @@ def drain(admin_dsn: str, n: int, processes: int) -> dict[str, Any]:
         assert row is not None
         seconds, completed = float(row[0]), int(row[1])
         evs = conn.execute("SELECT count(*) FROM noetl.event").fetchone()
+        time.sleep(1.5)  # the bench's own connection reports its statistics when idle 1 s
+        writes = row_writes(dsn)
+        wal = wal_used(dsn, wal0, n)
     return {
         "processes": processes,
         "commands": n,
@@ -145,6 +198,102 @@ def drain(admin_dsn: str, n: int, processes: int) -> dict[str, Any]:
         "event_rows": int(evs[0]) if evs else 0,
         "rss_idle_kib": idle_rss,
         "rss_end_kib": end_rss,
+        "row_writes": writes,
+        **wal,
+    }
+
+
+def peers_python() -> Path:
+    """The peers' virtual environment's python: made, or remade when
+    bench/peers/requirements.txt changed, with ``python -m venv`` and pip."""
+    python = PEERS_VENV / "bin" / "python"
+    wanted = (PEERS / "requirements.txt").read_text()
+    stamp = PEERS_VENV / "bench-requirements.txt"
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return python
+    say(f"peers: installing {PEERS / 'requirements.txt'} into {PEERS_VENV}")
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "-r", str(PEERS / "requirements.txt")],
+        check=True,
+    )
+    stamp.write_text(wanted)
+    return python
+
+
+def peer_drain(admin_dsn: str, python: Path, peer: str, n: int) -> dict[str, Any]:
+    """One peer drains `n` no-op jobs in a scratch database of its own (its script enqueues
+    them, then times one process draining them)."""
+    with scratch_database(admin_dsn, prefix=f"pgw_bench_{peer}") as dsn:
+        wal0 = wal_now(dsn)
+        proc = subprocess.run(
+            [str(python), str(PEERS / PEER_SCRIPTS[peer]), "--dsn", dsn, "--jobs", str(n)],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{peer} drain failed: {proc.stderr[-2000:]}")
+        out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        time.sleep(1.5)  # the WAL writer reports its syncs on its own schedule
+        out["row_writes"] = row_writes(dsn)
+        out.update(wal_used(dsn, wal0, n))
+    return out
+
+
+def peers(admin_dsn: str, n: int, rounds: int = 3) -> dict[str, Any]:
+    """The worker (1 process) and each peer drain `n` no-op jobs, interleaved `rounds` times."""
+    python = peers_python()
+    versions = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import importlib.metadata as m, json; print(json.dumps({p: m.version(p)"
+            " for p in ('pgqueuer', 'procrastinate', 'asyncpg', 'psycopg', 'uvloop')}))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    runs: dict[str, list[dict[str, Any]]] = {"noetl-pgworker": [], **{p: [] for p in PEER_SCRIPTS}}
+    for r in range(1, rounds + 1):
+        say(f"peers, round {r}/{rounds}: noetl-pgworker")
+        d = drain(admin_dsn, n, 1)
+        runs["noetl-pgworker"].append(
+            {
+                "jobs": n,
+                "seconds": d["seconds"],
+                "jobs_per_s": d["commands_per_s"],
+                "row_writes": d["row_writes"],
+                "wal_bytes_per_job": d["wal_bytes_per_job"],
+                "wal_syncs_per_job": d["wal_syncs_per_job"],
+            }
+        )
+        for peer in PEER_SCRIPTS:
+            say(f"peers, round {r}/{rounds}: {peer}")
+            runs[peer].append(peer_drain(admin_dsn, python, peer, n))
+    summary = {}
+    for name, rs in runs.items():
+        rates = [x["jobs_per_s"] for x in rs]
+        writes = statistics.median(sum(map(sum, x["row_writes"].values())) for x in rs)
+        summary[name] = {
+            "median_jobs_per_s": statistics.median(rates),
+            "jobs_per_s": rates,
+            "row_writes_per_job": round(writes / n, 2),
+            "wal_bytes_per_job": statistics.median(x["wal_bytes_per_job"] for x in rs),
+            "wal_syncs_per_job": statistics.median(x["wal_syncs_per_job"] for x in rs),
+        }
+    worker = summary["noetl-pgworker"]["median_jobs_per_s"]
+    for peer in PEER_SCRIPTS:
+        summary[peer]["worker_ratio"] = round(worker / summary[peer]["median_jobs_per_s"], 2)
+    return {
+        "jobs": n,
+        "rounds": rounds,
+        "versions": json.loads(versions.stdout),
+        "summary": summary,
+        "runs": runs,
     }
 
 
@@ -613,14 +762,20 @@ def main() -> int:
         "--only",
         nargs="*",
         default=None,
-        choices=["drain", "ceiling", "latency", "history", "python"],
+        choices=["drain", "ceiling", "latency", "history", "python", "peers"],
+    )
+    parser.add_argument(
+        "--fast-cluster",
+        action="store_true",
+        help="also run drain and peers on a throwaway cluster with fsync, synchronous_commit"
+        " and full_page_writes off (reported apart)",
     )
     parser.add_argument("--python-commands", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path(".bench/results.json"))
     args = parser.parse_args()
-    wanted = set(args.only or ["drain", "ceiling", "latency", "history"])
+    wanted = set(args.only or ["drain", "ceiling", "latency", "history", "peers"])
     report: dict[str, Any] = {"command": " ".join(sys.argv), "started": time.strftime("%F %T")}
-    with server() as admin:
+    with server(DURABLE) as admin:
         report["machine"] = machine(admin)
         if "ceiling" in wanted:
             report["ceiling"] = []
@@ -645,6 +800,21 @@ def main() -> int:
         if "history" in wanted:
             say("history")
             report["history"] = history(admin, args.history, args.events_per_command, 10_000)
+        if "peers" in wanted:
+            say("peers")
+            report["peers"] = peers(admin, args.commands)
+    if args.fast_cluster and wanted & {"drain", "peers"}:
+        with server(FAST, given_ok=False) as fast_admin:
+            fast: dict[str, Any] = {"machine": machine(fast_admin)}
+            if "drain" in wanted:
+                fast["drain"] = []
+                for procs in (1, 2, 4):
+                    say(f"fsync=off cluster: drain, {procs} worker process(es)")
+                    fast["drain"].append(drain(fast_admin, args.commands, procs))
+            if "peers" in wanted:
+                say("fsync=off cluster: peers")
+                fast["peers"] = peers(fast_admin, args.commands)
+        report["fast_cluster"] = fast
     best = max((c["commands_per_s"] for c in report.get("ceiling", [])), default=None)
     print_table(report, best)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -661,13 +831,15 @@ def print_table(report: dict[str, Any], best: float | None) -> None:
     )
     for c in report.get("ceiling", []):
         print(f"ceiling  {c['processes']} loop(s)   {c['commands_per_s']:>9.0f} commands/s")
-    for d in report.get("drain", []):
-        ratio = f"{d['commands_per_s'] / best:.0%} of ceiling" if best else ""
-        print(
-            f"drain    {d['processes']} worker(s) {d['commands_per_s']:>9.0f} commands/s  {ratio}"
-            f"  rss idle {max(d['rss_idle_kib']) // 1024} MiB,"
-            f" end {max(d['rss_end_kib']) // 1024} MiB"
-        )
+    print_drain(report.get("drain", []), best)
+    if "peers" in report:
+        print_peers(report["peers"])
+    if "fast_cluster" in report:
+        fast = report["fast_cluster"]
+        print(f"fsync=off cluster: {fast['machine']['postgres_settings']}")
+        print_drain(fast.get("drain", []), None, "fsync=off ")
+        if "peers" in fast:
+            print_peers(fast["peers"], "fsync=off ")
     if "latency" in report:
         lat = report["latency"]
         print(
@@ -703,6 +875,32 @@ def print_table(report: dict[str, Any], best: float | None) -> None:
         print(
             f"         claim with 100,000 PENDING of another kind: "
             f"{h['claim_ms_other_kinds_backlog']} ms ({h['claim_ratio_other_kinds_backlog']}x)"
+        )
+
+
+def print_drain(drains: list[dict[str, Any]], best: float | None, label: str = "") -> None:
+    for d in drains:
+        ratio = f"{d['commands_per_s'] / best:.0%} of ceiling" if best else ""
+        writes = sum(map(sum, d["row_writes"].values())) / d["commands"]
+        print(
+            f"{label}drain    {d['processes']} worker(s) {d['commands_per_s']:>9.0f} commands/s"
+            f"  {ratio}  rss idle {max(d['rss_idle_kib']) // 1024} MiB,"
+            f" end {max(d['rss_end_kib']) // 1024} MiB, {writes:.1f} row writes,"
+            f" {d['wal_bytes_per_job']} B WAL, {d['wal_syncs_per_job']} WAL syncs /command"
+        )
+
+
+def print_peers(p: dict[str, Any], label: str = "") -> None:
+    print(
+        f"{label}peers    {p['jobs']:,} no-op jobs, one process each, median of {p['rounds']}"
+        f" interleaved runs ({', '.join(f'{k} {v}' for k, v in p['versions'].items())})"
+    )
+    for name, s in p["summary"].items():
+        ratio = f"worker {s['worker_ratio']:.2f}x" if "worker_ratio" in s else ""
+        print(
+            f"         {name:<15} {s['median_jobs_per_s']:>7.0f} jobs/s  {ratio:<13}"
+            f" {s['row_writes_per_job']:>5.1f} row writes, {s['wal_bytes_per_job']:>6.0f} B WAL,"
+            f" {s['wal_syncs_per_job']:.3f} WAL syncs /job  runs {s['jobs_per_s']}"
         )
 
 
