@@ -15,14 +15,14 @@
 -- whatever the statistics say. Up to `limit` rows of each kind are locked; the rest are
 -- released when the transaction ends.
 WITH candidate AS MATERIALIZED (
-    SELECT p.execution_id, p.command_id
+    SELECT p.execution_id, p.command_id, p.attempt
     FROM (
-        SELECT c.execution_id, c.command_id, c.created_at
+        SELECT c.execution_id, c.command_id, c.created_at, c.attempt
         FROM (SELECT DISTINCT kind
                 FROM unnest(%(tool_kinds)s::text[]) AS kind
                WHERE kind <> 'wasm') AS k
         CROSS JOIN LATERAL (
-            SELECT c.execution_id, c.command_id, c.created_at
+            SELECT c.execution_id, c.command_id, c.created_at, c.attempt
             FROM noetl.command AS c
             WHERE c.status = 'PENDING'
               AND c.tool_kind >= k.kind AND c.tool_kind <= k.kind
@@ -32,11 +32,11 @@ WITH candidate AS MATERIALIZED (
             FOR UPDATE SKIP LOCKED
         ) AS c
         UNION ALL
-        SELECT n.execution_id, n.command_id, n.created_at
+        SELECT n.execution_id, n.command_id, n.created_at, n.attempt
         FROM (
             -- No kind, or not a kind at all ('', ' python ', 'Python'): every worker claims
             -- these, to fail them as malformed (pgworker_command_badkind_idx holds only them).
-            SELECT c.execution_id, c.command_id, c.created_at
+            SELECT c.execution_id, c.command_id, c.created_at, c.attempt
             FROM noetl.command AS c
             WHERE c.status = 'PENDING'
               AND (c.tool_kind IS NULL OR c.tool_kind !~ '^[a-z][a-z0-9_]*$')
@@ -50,7 +50,7 @@ WITH candidate AS MATERIALIZED (
     LIMIT %(limit)s
 ),
 locked AS MATERIALIZED (
-    SELECT k.execution_id, k.command_id,
+    SELECT k.execution_id, k.command_id, k.attempt,
            (SELECT e.event_type
               FROM noetl.event AS e
              WHERE e.execution_id = k.execution_id
@@ -59,7 +59,9 @@ locked AS MATERIALIZED (
                                     'execution.cancelled')
              LIMIT 1) AS ended_by
     FROM candidate AS k
-    WHERE pg_try_advisory_xact_lock(k.command_id)
+    -- A command taken back from a dead (or paused) worker and put back to PENDING may still be
+    -- locked by that worker's claim session: it is claimed anyway (row lock and status decide).
+    WHERE pg_try_advisory_xact_lock(k.command_id) OR k.attempt > 1
 ),
 to_claim AS MATERIALIZED (
     -- A session-level lock too (granted at once: this session holds the transaction-level
@@ -69,7 +71,8 @@ to_claim AS MATERIALIZED (
     SELECT l.execution_id, l.command_id, noetl.snowflake_id() AS claim_event_id
     FROM locked AS l
     WHERE CASE WHEN l.ended_by IS NULL
-               THEN (NOT %(session_locks)s::boolean OR pg_try_advisory_lock(l.command_id))
+               THEN (NOT %(session_locks)s::boolean OR pg_try_advisory_lock(l.command_id)
+                     OR l.attempt > 1)
                ELSE false END
 ),
 cancelled AS (
@@ -168,7 +171,12 @@ locked AS MATERIALIZED (
                 THEN (NOT %(session_locks)s::boolean OR pg_try_advisory_lock(k.command_id))
                 ELSE false END AS session_locked
     FROM candidate AS k
-    WHERE pg_try_advisory_xact_lock(k.command_id)
+    -- A dead (or paused, or cut off) worker's claim session may still hold its session lock
+    -- on the command: waiting for it would leave the command stuck for as long as that
+    -- connection lives. Its claim is stale by the heartbeat, so it is taken back anyway; NoETL's
+    -- HTTP claim is kept off by that same lock. A claim in this worker's own name is taken
+    -- only under the lock.
+    WHERE pg_try_advisory_xact_lock(k.command_id) OR k.reason <> 'orphaned'
 ),
 poisoned AS (
     UPDATE noetl.command AS c
