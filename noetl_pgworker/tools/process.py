@@ -94,7 +94,7 @@ class Finished:
     returncode: int
     stdout: str
     stderr: str
-    workdir: Path
+    workdir: Path | None
 
 
 class TimedOut(Exception):
@@ -280,6 +280,15 @@ class Sandbox:
                 shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
+    def result_file() -> int:
+        """An open, unnamed file in memory for a python command's result (read whole by the
+        worker anyway; no disk, no journal)."""
+        try:
+            return os.memfd_create("noetl-pgworker-result", os.MFD_CLOEXEC)
+        except (OSError, AttributeError):
+            return Sandbox.output_file()
+
+    @staticmethod
     def output_file() -> int:
         """An open, unnamed file for a command's output (read and write; close-on-exec)."""
         try:
@@ -309,7 +318,7 @@ class Sandbox:
         request: dict[str, Any],
         *,
         timeout: float,
-        workdir: Path,
+        workdir: Path | None,
         limits: Limits | None = None,
         output_limit: int = 256 * 1024,
         tool: str = "process",
@@ -317,12 +326,13 @@ class Sandbox:
     ) -> Finished:
         """Run one command's process; raise :class:`TimedOut` (after killing all it started)
         at ``timeout``, :class:`SandboxError` if the sandbox failed it, ``OSError``-like
-        :class:`ToolError` if it could not start. ``result_fd`` (an open file, for a
-        ``python`` request) is where the command's process writes its result."""
+        :class:`ToolError` if it could not start. ``workdir`` is its working directory
+        (``None``: ``/``, unless the request says ``cwd``); ``result_fd`` (an open file, for a
+        ``python`` request) is where it writes its result."""
         deadline = _Deadline(timeout)
         request = {
             **request,
-            "workdir": str(workdir),
+            "workdir": str(workdir) if workdir is not None else "/",
             "limits": (limits or self.limits).as_dict(),
         }
         outputs = [self.output_file(), self.output_file()]

@@ -14,7 +14,9 @@ blow-up ends that process, not the worker; it is killed at the command's timeout
 process it started; the operator's limits (address space, processes, file size, CPU time)
 are its ceiling and ``memory_mb`` etc. can only lower them; it does not inherit the worker's
 environment; it may run as another user (``run_as``); and what it prints is captured
-(bounded) and returned beside the result as ``_stdout``/``_stderr``. ``mode="inline"`` runs
+(bounded) and returned beside the result as ``_stdout``/``_stderr``. In ``process`` mode it
+runs in ``/`` (no directory of its own is made per command: scratch files belong in
+``tempfile``'s directory); in ``spawn`` mode in a temporary directory. ``mode="inline"`` runs
 the code on the worker's thread: faster, and unsafe — the code can crash or hang the worker,
 and the timeout cannot stop it.
 """
@@ -26,6 +28,7 @@ import binascii
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +98,9 @@ class PythonTool:
             spec_text = json.dumps(spec).encode()
         except (TypeError, ValueError) as exc:
             raise ToolError(f"python: the arguments are not JSON: {exc}") from exc
-        result_fd: int | None = None
-        with sandbox.workdir("noetl-pgworker-py-") as tmp:
-            result_path = Path(tmp) / "result.json"
-            request: dict[str, Any]
-            if self.mode == "spawn":
+        if self.mode == "spawn":
+            with sandbox.workdir("noetl-pgworker-py-") as tmp:
+                result_path = Path(tmp) / "result.json"
                 sandbox.shared_file(result_path)
                 spec_path = Path(tmp) / "spec.json"
                 spec_path.write_bytes(spec_text)
@@ -107,40 +108,22 @@ class PythonTool:
                     "kind": "exec",
                     "argv": [sys.executable, "-I", str(RUNNER), str(result_path)],
                     "stdin_path": str(spec_path),
+                    "env": sandbox.env(),
                 }
-            else:
-                # The result comes back in an unnamed file the process is handed open.
-                result_fd = sandbox.output_file()
-                request = {"kind": "python", "spec": spec}
-            request["env"] = sandbox.env()
+                done = self._run(sandbox, request, Path(tmp), limits, ctx, None)
+                result = _result(done, lambda: result_path.read_bytes())
+        else:
+            # No directory: the command runs in /, its output and its result go to unnamed
+            # files it is handed open (creating and removing a directory per command cost
+            # more than the rest of the command on a disk shared with PostgreSQL).
+            result_fd = sandbox.result_file()
             try:
-                try:
-                    done = sandbox.run(
-                        request,
-                        timeout=ctx.remaining(),
-                        workdir=Path(tmp),
-                        limits=limits,
-                        output_limit=OUTPUT_LIMIT,
-                        tool="python",
-                        result_fd=result_fd,
-                    )
-                except process.TimedOut:
-                    raise ToolTimeout(
-                        f"python: timed out after {ctx.timeout:g} s (process killed)"
-                    ) from None
-                logs = {"_stdout": done.stdout, "_stderr": done.stderr}
-                logs = {k: v for k, v in logs.items() if v}
-                try:
-                    if result_fd is not None:
-                        data = process.read_fd(result_fd)
-                    else:
-                        data = result_path.read_bytes()
-                    result = json.loads(data.decode("utf-8"))
-                except (OSError, ValueError):
-                    raise ToolError(_died(done.returncode), extra=logs) from None
+                request = {"kind": "python", "spec": spec, "env": sandbox.env()}
+                done = self._run(sandbox, request, None, limits, ctx, result_fd)
+                result = _result(done, lambda: process.read_fd(result_fd))
             finally:
-                if result_fd is not None:
-                    os.close(result_fd)
+                os.close(result_fd)
+        logs = done_logs(done)
         if not result.get("ok"):
             if result.get("traceback"):
                 logs["_traceback"] = result["traceback"]
@@ -148,6 +131,46 @@ class PythonTool:
             failure.error_type = str(result.get("error_type") or "exception")
             raise failure
         return ToolOutput(result.get("result"), logs)
+
+    @staticmethod
+    def _run(
+        sandbox: process.Sandbox,
+        request: dict[str, Any],
+        workdir: Path | None,
+        limits: process.Limits,
+        ctx: ToolContext,
+        result_fd: int | None,
+    ) -> process.Finished:
+        try:
+            return sandbox.run(
+                request,
+                timeout=ctx.remaining(),
+                workdir=workdir,
+                limits=limits,
+                output_limit=OUTPUT_LIMIT,
+                tool="python",
+                result_fd=result_fd,
+            )
+        except process.TimedOut:
+            raise ToolTimeout(
+                f"python: timed out after {ctx.timeout:g} s (process killed)"
+            ) from None
+
+
+def done_logs(done: process.Finished) -> dict[str, str]:
+    logs = {"_stdout": done.stdout, "_stderr": done.stderr}
+    return {k: v for k, v in logs.items() if v}
+
+
+def _result(done: process.Finished, read: Callable[[], bytes]) -> dict[str, Any]:
+    """The runner's result document; a failure saying how the process died if it wrote none."""
+    try:
+        result = json.loads(read().decode("utf-8"))
+    except (OSError, ValueError):
+        raise ToolError(_died(done.returncode), extra=done_logs(done)) from None
+    if not isinstance(result, dict):
+        raise ToolError(_died(done.returncode), extra=done_logs(done))
+    return result
 
 
 def _died(returncode: int) -> str:
