@@ -161,6 +161,7 @@ class Sandbox:
         self._server: _Server | None = None
         self._generation = 0
         self._dir: str | None = None
+        self._scratch: str | None = None
         self._closed = False
         self.restarts = 0
 
@@ -258,6 +259,8 @@ class Sandbox:
             server.stop()
         if self._dir is not None:
             _rmdir(self._dir)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     # -- running a command ------------------------------------------------------------------
 
@@ -278,6 +281,20 @@ class Sandbox:
                 os.rmdir(path)
             except OSError:
                 shutil.rmtree(path, ignore_errors=True)
+
+    def scratch_dir(self) -> str:
+        """The working directory of commands that get none of their own (process-mode python):
+        one per sandbox, made once and removed with it — a command can write relative files,
+        never in ``/``. Shared by those commands (a directory per command cost more than the
+        rest of the command on a disk shared with PostgreSQL); owned by ``run_as`` when set."""
+        with self._lock:
+            if self._scratch is None:
+                path = tempfile.mkdtemp(prefix="noetl-pgworker-scratch-")
+                if self.user is not None:
+                    os.chown(path, self.user[0], self.user[1])
+                self._scratch = path
+                weakref.finalize(self, shutil.rmtree, path, True)
+            return self._scratch
 
     @staticmethod
     def result_file() -> int:
@@ -332,7 +349,7 @@ class Sandbox:
         deadline = _Deadline(timeout)
         request = {
             **request,
-            "workdir": str(workdir) if workdir is not None else "/",
+            "workdir": str(workdir) if workdir is not None else self.scratch_dir(),
             "limits": (limits or self.limits).as_dict(),
         }
         outputs = [self.output_file(), self.output_file()]

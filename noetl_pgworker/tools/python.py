@@ -113,9 +113,10 @@ class PythonTool:
                 done = self._run(sandbox, request, Path(tmp), limits, ctx, None)
                 result = _result(done, lambda: result_path.read_bytes())
         else:
-            # No directory: the command runs in /, its output and its result go to unnamed
-            # files it is handed open (creating and removing a directory per command cost
-            # more than the rest of the command on a disk shared with PostgreSQL).
+            # No directory of its own: the command runs in the sandbox's scratch directory,
+            # its output and its result go to unnamed files it is handed open (creating and
+            # removing a directory per command cost more than the rest of the command on a
+            # disk shared with PostgreSQL).
             result_fd = sandbox.result_file()
             try:
                 request = {"kind": "python", "spec": spec, "env": sandbox.env()}

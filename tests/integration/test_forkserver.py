@@ -154,7 +154,7 @@ def test_closing_the_registry_stops_the_fork_server_and_what_it_runs() -> None:
     assert pid is not None and not os.path.exists(f"/proc/{pid}/stat")
 
 
-def test_a_command_runs_in_root_with_none_of_the_servers_files() -> None:
+def test_a_command_runs_in_the_scratch_directory_with_none_of_the_servers_files() -> None:
     registry = default_registry(run_as=RUN_AS)
     code = (
         "import os\n"
@@ -165,8 +165,9 @@ def test_a_command_runs_in_root_with_none_of_the_servers_files() -> None:
     try:
         out = execute(python(code), registry)
         assert out.ok, out.error
-        # No directory per command: its output and result files have no name anywhere.
-        assert out.data["cwd"] == "/"
+        # No directory per command (the sandbox's scratch one, never /): its output and
+        # result files have no name anywhere.
+        assert out.data["cwd"] != "/" and "noetl-pgworker-scratch-" in out.data["cwd"]
         assert "(deleted)" in out.data["out"] or "memfd:" in out.data["out"]
         # stdin, stdout, stderr, the result file, the listing's own: nothing of the server's
         fds = out.data["fds"]

@@ -361,3 +361,16 @@ def test_python_runner_encodes_results_as_json_dumps_does() -> None:
     loop.append(loop)
     with pytest.raises(ValueError, match="Circular reference"):
         dumps(loop)
+
+
+def test_process_mode_python_runs_in_a_scratch_directory_not_in_root() -> None:
+    code = (
+        "import os\n"
+        "def main():\n"
+        "    with open('scratch.txt', 'w') as fh:\n"
+        "        fh.write('x')\n"
+        "    return os.getcwd()\n"
+    )
+    out = run_python("process", {"code": code})
+    assert out.ok, out.error
+    assert out.data != "/" and "noetl-pgworker-scratch-" in out.data
