@@ -381,8 +381,10 @@ def test_a_playbook_step_starts_its_sub_playbook_through_the_server(
     )
     start_worker(server_url=fake.url, worker_id="srv-pb")
     wait_until(
-        lambda: scalar(conn, "SELECT status FROM noetl.command WHERE step_name = 'child'")
-        == "COMPLETED"
+        lambda: (
+            scalar(conn, "SELECT status FROM noetl.command WHERE step_name = 'child'")
+            == "COMPLETED"
+        )
     )
     assert fake.executions[0]["path"] == "e2e/child"
     assert fake.executions[0]["parent_execution_id"] == execution_id
