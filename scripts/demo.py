@@ -96,7 +96,7 @@ def main() -> int:
             say(f"the worker exited with {proc.returncode}")
             return proc.returncode
         with psycopg.connect(dsn) as conn:
-            st = read_status(conn)
+            st = read_status(conn, exact=True)  # a small demo database: count every row
             errors = conn.execute(
                 "SELECT error, count(*) FROM noetl.command WHERE status = 'FAILED'"
                 " GROUP BY error ORDER BY error"

@@ -292,3 +292,18 @@ def test_status_watch_json_streams_until_interrupted(dsn: str) -> None:
         data = json.loads(line)
         assert data["totals"] == {"PENDING": 3}
         assert data["stuck_past_lease"] == 0 and "commands_per_s" in data
+
+
+def test_make_demos_job_accounts_for_every_command(pg_server: Any) -> None:
+    """`make demo` runs scripts/demo.py: the README's first command must keep working (it once
+    reported a mismatch when `status` began to estimate history)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "demo.py"
+    env = {**os.environ, "NOETL_PGWORKER_DSN": pg_server.dsn}
+    r = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "all commands accounted for" in r.stdout + r.stderr
+    assert "2225/2225 commands terminal" in r.stdout
