@@ -12,7 +12,6 @@ the worker's ``noetl.runtime`` row, which ``noetl-pgworker status`` shows.
 
 from __future__ import annotations
 
-import collections
 import heapq
 import logging
 import threading
@@ -67,8 +66,6 @@ class BatchChecker:
         self._failing = False
         self.completed_total = 0
         self.unknown_total = 0
-        #: The last few failures, for ``status`` and tests: (request_id, execution_id, message).
-        self.recent_failures: collections.deque[tuple[str, int, str]] = collections.deque(maxlen=20)
 
     @property
     def thread(self) -> threading.Thread:
@@ -175,7 +172,6 @@ class BatchChecker:
         self.failed_total += 1
         self._metrics.server_batch_failed()
         message = str(answer.get("message") or answer.get("error_code") or "no reason given")
-        self.recent_failures.append((item.request_id, item.execution_id, message))
         logger.error(
             "the NoETL server failed batch %s of execution %s (commands %s) after accepting"
             " it: %s%s",

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import psycopg
-from psycopg import conninfo as pg_conninfo
 
 from .db import PoolMode, connect_kwargs
 from .errors import PgWorkerError
@@ -191,10 +190,3 @@ class ClaimSession:
         with self._lock:
             conn = self._connection()
             return {int(r[0]) for r in conn.execute(query("session_held_locks")).fetchall()}
-
-
-def session_dsn_of(pool_conninfo: str, session_dsn: str | None) -> str:
-    """The DSN of the claim session: ``session_dsn`` when given, else the pool's."""
-    if session_dsn:
-        return session_dsn
-    return pg_conninfo.make_conninfo(pool_conninfo)

@@ -117,12 +117,14 @@ def test_a_server_down_mid_run_loses_nothing_and_applies_nothing_twice(
     assert_exactly_once(fake, conn)
 
 
-def test_externalised_context_is_resolved_through_the_server(
-    start_worker: Callable[..., RunningWorker], conn: psycopg.Connection[Any], fake: FakeNoetl
-) -> None:
+def issue_with_externalised_input(
+    conn: psycopg.Connection[Any], fake: FakeNoetl, greeting: str
+) -> int:
+    """A python command whose `context.input` NoETL's server moved out of the row (a
+    `result_ref` the fake resolves to `{"greeting": greeting}`); returns its execution id."""
     execution_id = int(scalar(conn, "SELECT noetl.snowflake_id()"))
     ref = f"noetl://execution/{execution_id}/result/input/1"
-    fake.refs[ref] = {"greeting": "resolved"}
+    fake.refs[ref] = {"greeting": greeting}
     fake.issue(
         execution_id,
         "start",
@@ -136,6 +138,13 @@ def test_externalised_context_is_resolved_through_the_server(
         " jsonb_build_object('kind', 'result_ref', 'ref', %s::text))",
         (ref,),
     )
+    return execution_id
+
+
+def test_externalised_context_is_resolved_through_the_server(
+    start_worker: Callable[..., RunningWorker], conn: psycopg.Connection[Any], fake: FakeNoetl
+) -> None:
+    execution_id = issue_with_externalised_input(conn, fake, "resolved")
     missing = fake.issue(execution_id, "start", "python", {"code": "result = 1"}, {})
     conn.execute(
         "UPDATE noetl.command SET context = jsonb_set(context, '{tool_config}',"
@@ -313,22 +322,7 @@ def test_results_are_resolved_on_the_older_servers_route(
 ) -> None:
     """Observed on NoETL 2.103.4: the resolver answers at /api/api/result/resolve."""
     fake.resolve_path = "/api/api/result/resolve"
-    execution_id = int(scalar(conn, "SELECT noetl.snowflake_id()"))
-    ref = f"noetl://execution/{execution_id}/result/input/1"
-    fake.refs[ref] = {"greeting": "old route"}
-    fake.issue(
-        execution_id,
-        "start",
-        "python",
-        {"code": "def main(greeting):\n    return {'msg': greeting}\n"},
-        {},
-        catalog_id=ensure_catalog(conn),
-    )
-    conn.execute(
-        "UPDATE noetl.command SET context = jsonb_set(context, '{input}',"
-        " jsonb_build_object('kind', 'result_ref', 'ref', %s::text))",
-        (ref,),
-    )
+    issue_with_externalised_input(conn, fake, "old route")
     start_worker(server_url=fake.url, worker_id="srv-old")
     wait_until(
         lambda: (
