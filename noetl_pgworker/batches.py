@@ -169,8 +169,6 @@ class BatchChecker:
             heapq.heappush(self._heap, item)
 
     def _failed(self, item: _Tracked, answer: dict[str, Any]) -> None:
-        self.failed_total += 1
-        self._metrics.server_batch_failed()
         message = str(answer.get("message") or answer.get("error_code") or "no reason given")
         logger.error(
             "the NoETL server failed batch %s of execution %s (commands %s) after accepting"
@@ -187,3 +185,6 @@ class BatchChecker:
                 "request_id": item.request_id,
             },
         )
+        # Counted after the log line: whoever sees the count can also see why.
+        self.failed_total += 1
+        self._metrics.server_batch_failed()
