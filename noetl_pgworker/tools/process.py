@@ -6,7 +6,10 @@ its end or timeout; the operator's limits are the ceiling (a command may only lo
 ``run_as`` runs it as another user; its output goes to files and is kept bounded. Those files
 (stdout, stderr, a python command's result) are unnamed (``O_TMPFILE`` in the temporary
 directory; memory files where that is not supported), opened by the worker and handed to
-the fork server with the request: nothing to name, open again, or remove.
+the fork server with the request: nothing to name, open again, or remove. The output files
+are used again by later commands (emptied first), but only after a command whose every process
+the fork server reported dead: making a new file per command cost the worker more than the rest
+of the command (the file system's inode allocation).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ RUNNER = Path(__file__).with_name("pyrunner.py")
 #: What the fork server imports by default: what the runner needs.
 DEFAULT_PRELOAD = ("json", "inspect", "traceback")
 PR_SET_DUMPABLE = 4
+#: Output files kept for reuse, at most (two per command running at once).
+MAX_SPARE_OUTPUTS = 256
 
 
 def harden_process() -> bool:
@@ -164,6 +169,8 @@ class Sandbox:
         self._scratch: str | None = None
         self._closed = False
         self.restarts = 0
+        #: Output files ready for the next command (empty, offset 0).
+        self._spare_outputs: list[int] = []
 
     # -- the fork server's life -------------------------------------------------------------
 
@@ -261,6 +268,11 @@ class Sandbox:
             _rmdir(self._dir)
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
+        with self._lock:
+            spare, self._spare_outputs = self._spare_outputs, []
+        for fd in spare:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     # -- running a command ------------------------------------------------------------------
 
@@ -352,12 +364,16 @@ class Sandbox:
             "workdir": str(workdir) if workdir is not None else self.scratch_dir(),
             "limits": (limits or self.limits).as_dict(),
         }
-        outputs = [self.output_file(), self.output_file()]
+        outputs = [self._take_output(), self._take_output()]
+        reusable = False
         try:
             files = [*outputs, *([result_fd] if result_fd is not None else [])]
             sock, pid = self._start_command(request, files, deadline, tool)
             with sock:
                 status = self._wait(sock, pid, deadline, tool)
+            # The fork server answered a status: every process of the command is dead, none
+            # can write to these files any more.
+            reusable = True
             signalled = os.WIFSIGNALED(status)
             returncode = -os.WTERMSIG(status) if signalled else os.WEXITSTATUS(status)
             return Finished(
@@ -368,7 +384,28 @@ class Sandbox:
             )
         finally:
             for fd in outputs:
-                os.close(fd)
+                if not (reusable and self._give_back_output(fd)):
+                    os.close(fd)
+
+    def _take_output(self) -> int:
+        with self._lock:
+            if self._spare_outputs:
+                return self._spare_outputs.pop()
+        return self.output_file()
+
+    def _give_back_output(self, fd: int) -> bool:
+        """Empty ``fd`` and keep it for the next command; False if it cannot be kept."""
+        try:
+            if os.fstat(fd).st_size:
+                os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+        except OSError:
+            return False
+        with self._lock:
+            if self._closed or len(self._spare_outputs) >= MAX_SPARE_OUTPUTS:
+                return False
+            self._spare_outputs.append(fd)
+        return True
 
     def _start_command(
         self, request: dict[str, Any], files: list[int], deadline: _Deadline, tool: str

@@ -201,3 +201,29 @@ def test_commands_that_start_and_end_at_once_all_get_their_own_result() -> None:
         assert sorted(o.data for o in outcomes) == list(range(40))
     finally:
         registry.close()
+
+
+def test_output_files_are_reused_empty_and_never_after_an_unsure_end() -> None:
+    registry = default_registry(run_as=RUN_AS)
+    sandbox = sandbox_of(registry)
+    try:
+        registry.start()
+        loud = execute(python("print('x' * 5000)\nresult = 1"), registry, timeout=30)
+        assert loud.ok and (loud.extra or {}).get("_stdout", "").startswith("x" * 5000)
+        spare = list(sandbox._spare_outputs)
+        assert len(spare) == 2  # both output files kept for the next command, emptied
+        assert all(os.fstat(fd).st_size == 0 for fd in spare)
+        quiet = execute(python("result = 2"), registry, timeout=30)
+        assert quiet.ok and quiet.data == 2
+        assert "_stdout" not in (quiet.extra or {})  # nothing of the command before it
+        assert sorted(sandbox._spare_outputs) == sorted(spare)  # the same two files again
+        # Timed out: the files are not handed to another command (kept only after the fork
+        # server reports every process of the command dead).
+        slow = execute(
+            python("import time\nprint('late', flush=True)\ntime.sleep(30)"), registry, timeout=1
+        )
+        assert not slow.ok
+        assert not set(sandbox._spare_outputs) & set(spare)
+    finally:
+        registry.close()
+    assert sandbox._spare_outputs == []
