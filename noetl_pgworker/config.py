@@ -60,6 +60,27 @@ class Settings(BaseModel):
         default=0.0, ge=0, le=1, description="how long the writer gathers outcomes"
     )
     flush_max: int = Field(default=500, ge=1, le=10_000)
+    claim_gather: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="under load, how long a free thread waits for others to free up before"
+        " claiming, so that one claim statement serves several threads",
+    )
+    write_gather: float = Field(
+        default=0.005,
+        ge=0,
+        le=1,
+        description="while other commands run, how long a finished command's outcome waits"
+        " for theirs, so that one write serves several (alone: written at once)",
+    )
+    start_write_delay: float = Field(
+        default=0.2,
+        ge=0,
+        le=60,
+        description="a command's start (RUNNING, command.started) is written alone only once it"
+        " has run this long; a shorter command's start goes with its outcome, in one write",
+    )
     max_pending_writes: int | None = Field(
         default=None,
         ge=0,

@@ -57,6 +57,11 @@ class Slots:
         with self._cond:
             return self.total - self._free
 
+    def wait_available(self, n: int, timeout: float) -> bool:
+        """Wait until at least ``n`` slots are free; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._free >= n, timeout=timeout)
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every slot is free; False on timeout."""
         with self._cond:
@@ -104,6 +109,16 @@ class InFlight:
     def free(self) -> int:
         """How many more commands could start now, besides a reserved one."""
         return min(self.threads.available(), self.claims.available())
+
+    def gathered_free(self, gather: float) -> int:
+        """:meth:`free`, after waiting up to ``gather`` seconds for half the threads to be free
+        when other commands are running: under load, one claim statement for several threads
+        instead of one per thread (an idle worker never waits)."""
+        target = max(1, self.threads.total // 2 - 1)  # besides the reserved thread
+        busy = self.threads.total - 1 - self.threads.available()
+        if gather > 0 and busy > 0 and self.free() < target:
+            self.threads.wait_available(target, gather)
+        return self.free()
 
     def take_other_threads(self, stop: threading.Event) -> int | None:
         """Take every other thread (waiting for running commands); None (nothing taken) if

@@ -1,10 +1,13 @@
 """The reporter: one writer thread that turns outcomes into few, fenced writes.
 
 Tool threads hand over "started" and "finished" notes; the writer gathers them for a few
-milliseconds (or until ``flush_max``), folds a command's start and finish into one item when
-both are waiting, and hands the batch to a :class:`~noetl_pgworker.sink.Sink`, which shapes and
-writes it. A batch the sink cannot write now (:class:`RetryLater`: the database or the server is
-away) is kept and retried with exponential backoff; nothing is dropped. An outcome the sink
+milliseconds (or until ``flush_max``), and while other commands are still running for up to
+``gather`` more, folds a command's start and finish into one item when both are waiting (a
+start alone is written only once the command has run for ``start_delay``: a short command's
+start and finish cost one write, not two), and hands the batch to a
+:class:`~noetl_pgworker.sink.Sink`, which shapes and writes it. A batch the sink cannot write
+now (:class:`RetryLater`: the database or the server is away) is kept and retried with
+exponential backoff; nothing is dropped. An outcome the sink
 refuses (:class:`ItemRefused`) is replaced by a failure saying why, without holding back its
 batch. A write that the fence rejects (the claim was taken over, or the row is already
 terminal) changes nothing and is logged. The reporter knows neither the database nor the
@@ -39,6 +42,8 @@ class _Entry:
     start_written: bool = False
     outcome: Outcome | None = None
     unfenced: bool = False
+    #: When the start may be written alone (monotonic), if the outcome has not come by then.
+    start_due: float = 0.0
 
 
 @dataclass(slots=True)
@@ -59,6 +64,9 @@ class Reporter:
         *,
         flush_interval: float = 0.005,
         flush_max: int = 500,
+        start_delay: float = 0.2,
+        gather: float = 0.0,
+        busy: Callable[[], int] | None = None,
         on_fenced: Callable[[CommandRef], None] | None = None,
         on_done: Callable[[CommandRef], None] | None = None,
         metrics: NullMetrics | None = None,
@@ -66,6 +74,9 @@ class Reporter:
         self._sink = sink
         self._flush_interval = flush_interval
         self._flush_max = flush_max
+        self._start_delay = start_delay
+        self._gather = gather
+        self._busy = busy or (lambda: 0)
         self._on_fenced = on_fenced
         self._on_done = on_done
         self._metrics = metrics or NullMetrics()
@@ -93,6 +104,7 @@ class Reporter:
                 (ref.execution_id, ref.command_id), _Entry(ref, loop_event_id, iter_index)
             )
             entry.started_at = at
+            entry.start_due = time.monotonic() + self._start_delay
             self._cond.notify()
 
     def finished(
@@ -196,12 +208,12 @@ class Reporter:
             for item in items:
                 self._entries[(item.ref.execution_id, item.ref.command_id)] = _Entry(
                     item.ref,
-                    item.loop_event_id,
-                    item.iter_index,
-                    item.started_at,
-                    item.start_written,
-                    item.outcome,
-                    item.unfenced,
+                    loop_event_id=item.loop_event_id,
+                    iter_index=item.iter_index,
+                    started_at=item.started_at,
+                    start_written=item.start_written,
+                    outcome=item.outcome,
+                    unfenced=item.unfenced,
                 )
             self._cond.notify()
 
@@ -211,13 +223,18 @@ class Reporter:
         backoff = 0.0
         while True:
             with self._cond:
-                while not self._writable() and not self._stop.is_set():
-                    self._cond.wait(timeout=0.5)
-                if self._stop.is_set() and not self._writable():
+                while not self._stop.is_set():
+                    wait = self._until_writable()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(timeout=min(0.5, wait))
+                if self._stop.is_set() and self._until_writable() > 0:
                     return
                 if len(self._entries) < self._flush_max and self._flush_interval > 0:
                     # Gather more for a moment: one transaction for many commands.
                     self._cond.wait(timeout=self._flush_interval)
+                if self._gather > 0:
+                    self._gather_while_busy()
             try:
                 with self._cond:
                     batch = self._take_batch()
@@ -246,17 +263,40 @@ class Reporter:
                 logger.warning("writing outcomes again", extra={"action": "write_resumed"})
             backoff = 0.0
 
-    def _writable(self) -> bool:
-        return any(
-            e.outcome is not None or (e.started_at is not None and not e.start_written)
-            for e in self._entries.values()
-        )
+    def _gather_while_busy(self) -> None:
+        """While other commands are running, wait up to ``gather`` seconds for their outcomes
+        too: under load, one write for several commands; alone, no wait at all."""
+        deadline = time.monotonic() + self._gather
+        while not self._stop.is_set() and self._busy() > 0:
+            if sum(e.outcome is not None for e in self._entries.values()) >= self._flush_max:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(timeout=left)
+
+    def _until_writable(self) -> float:
+        """Seconds until there is something to write (0: now; inf: nothing is coming)."""
+        now = time.monotonic()
+        soonest = float("inf")
+        stopping = self._stop.is_set()
+        for e in self._entries.values():
+            if e.outcome is not None:
+                return 0.0
+            if e.started_at is not None and not e.start_written:
+                if stopping or e.start_due <= now:
+                    return 0.0
+                soonest = min(soonest, e.start_due - now)
+        return soonest
 
     def _take_batch(self) -> list[tuple[_Entry, WriteItem]]:
         batch: list[tuple[_Entry, WriteItem]] = []
+        now = time.monotonic()
         for entry in self._entries.values():
             if len(batch) >= self._flush_max:
                 break
+            if entry.outcome is None and entry.start_due > now and not self._stop.is_set():
+                continue  # a start not due yet: it may still be folded into its outcome
             item = self._item(entry)
             if item is not None:
                 batch.append((entry, item))

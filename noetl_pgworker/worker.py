@@ -320,13 +320,16 @@ class Worker:
             self._build_sink(pool, server, checker),
             flush_interval=s.flush_interval,
             flush_max=s.flush_max,
+            start_delay=s.start_write_delay,
+            gather=s.write_gather,
+            busy=self.inflight.threads.in_use,
             on_done=self._written,
             metrics=self._metrics,
         )
         hooks = SourceHooks(
             stop=self._stop,
             wake=self._wake,
-            free_slots=self.inflight.free,
+            free_slots=lambda: self.inflight.gathered_free(s.claim_gather),
             held=self._held_ids,
             tick=self._tick,
             on_malformed=self._malformed,

@@ -70,13 +70,13 @@ def test_a_dead_internal_thread_makes_the_worker_unready_and_stop_non_zero(
     reporter = worker.reporter
     assert reporter is not None
 
-    def explode() -> bool:
+    def explode() -> float:
         raise SystemExit("simulated writer crash")  # BaseException: ends the thread
 
     original = threading.excepthook
     threading.excepthook = lambda args: None  # the traceback is expected; keep output clean
     try:
-        reporter._writable = explode  # type: ignore[method-assign]
+        reporter._until_writable = explode  # type: ignore[method-assign]
         with reporter._cond:
             reporter._cond.notify_all()
         wait_until(lambda: not reporter._thread.is_alive(), timeout=10)

@@ -298,3 +298,113 @@ def test_slots_count_and_time_out() -> None:
     with pytest.raises(RuntimeError):
         slots.release()
     assert slots.wait_idle(0.01)
+
+
+def _recording_sink(
+    refs: list[CommandRef],
+) -> tuple[InMemorySink, list[list[tuple[int, bool, bool]]]]:
+    """An in-memory sink that also records each write: (command id, started, has outcome)."""
+    sink = InMemorySink("w1")
+    for ref in refs:
+        sink.claim(ref)
+    writes: list[list[tuple[int, bool, bool]]] = []
+    original = sink.write
+
+    def write(items: Any) -> Any:
+        writes.append([(i.ref.command_id, i.started, i.outcome is not None) for i in items])
+        return original(items)
+
+    sink.write = write  # type: ignore[method-assign]
+    return sink, writes
+
+
+def test_a_start_waits_for_the_start_delay_then_is_written_alone() -> None:
+    ref = CommandRef(execution_id=1, command_id=1, catalog_id=1, step="s")
+    sink, writes = _recording_sink([ref])
+    reporter = Reporter(sink, start_delay=0.3)
+    reporter.start()
+    try:
+        reporter.started(ref, datetime.now(UTC))
+        time.sleep(0.15)
+        assert writes == []  # not yet: the outcome may still come and share the write
+        deadline = time.monotonic() + 5
+        while not writes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert writes == [[(1, True, False)]]
+        assert sink.status[(1, 1)] == "RUNNING"
+        reporter.finished(ref, Outcome.success({"a": 1}))
+    finally:
+        assert reporter.close(5)
+    assert writes[1:] == [[(1, False, True)]]
+    assert sink.status[(1, 1)] == "COMPLETED"
+
+
+def test_a_command_that_ends_within_the_start_delay_costs_one_write() -> None:
+    ref = CommandRef(execution_id=1, command_id=1, catalog_id=1, step="s")
+    sink, writes = _recording_sink([ref])
+    reporter = Reporter(sink, start_delay=5.0)
+    reporter.start()
+    try:
+        reporter.started(ref, datetime.now(UTC))
+        time.sleep(0.05)
+        reporter.finished(ref, Outcome.success({"a": 1}))
+        assert reporter.flush(5)
+    finally:
+        assert reporter.close(5)
+    assert writes == [[(1, True, True)]]
+    assert sink.events[0]["event_type"] == "command.started"
+
+
+def test_while_others_run_outcomes_are_gathered_into_one_write() -> None:
+    refs = [CommandRef(execution_id=1, command_id=i, catalog_id=1, step="s") for i in (1, 2)]
+    sink, writes = _recording_sink(refs)
+    running = [2]
+    reporter = Reporter(sink, gather=2.0, busy=lambda: running[0])
+    reporter.start()
+    try:
+        running[0] = 1
+        reporter.finished(refs[0], Outcome.success({"a": 1}))
+        time.sleep(0.2)
+        assert writes == []  # the other command still runs: its outcome is waited for
+        running[0] = 0
+        reporter.finished(refs[1], Outcome.success({"a": 2}))
+        assert reporter.flush(5)
+    finally:
+        assert reporter.close(5)
+    assert writes == [[(1, False, True), (2, False, True)]]
+
+
+def test_an_outcome_is_written_at_once_when_nothing_else_runs() -> None:
+    ref = CommandRef(execution_id=1, command_id=1, catalog_id=1, step="s")
+    sink, writes = _recording_sink([ref])
+    reporter = Reporter(sink, gather=30.0, busy=lambda: 0)
+    reporter.start()
+    try:
+        t0 = time.monotonic()
+        reporter.finished(ref, Outcome.success({"a": 1}))
+        assert reporter.flush(5)
+        assert time.monotonic() - t0 < 5  # not the 30 s gather window
+    finally:
+        assert reporter.close(5)
+    assert writes == [[(1, False, True)]]
+
+
+def test_a_claim_under_load_waits_briefly_for_more_free_threads() -> None:
+    inflight = InFlight(4)
+    assert inflight.reserve(1)
+    # Idle (nothing else runs): no wait, every other thread is free.
+    t0 = time.monotonic()
+    assert inflight.gathered_free(5.0) == 3
+    assert time.monotonic() - t0 < 1
+    # Three others run: wait (up to the window) for half the threads.
+    for _ in range(3):
+        assert inflight.threads.acquire(1)
+    threading.Timer(0.1, inflight.threads.release).start()
+    t0 = time.monotonic()
+    assert inflight.gathered_free(5.0) == 1
+    assert 0.05 < time.monotonic() - t0 < 4
+    # Nobody frees a thread: the window bounds the wait.
+    assert inflight.threads.acquire(1)
+    t0 = time.monotonic()
+    assert inflight.gathered_free(0.3) == 0
+    assert 0.2 < time.monotonic() - t0 < 3
