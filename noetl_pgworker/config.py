@@ -61,14 +61,14 @@ class Settings(BaseModel):
     )
     flush_max: int = Field(default=500, ge=1, le=10_000)
     claim_gather: float = Field(
-        default=0.01,
+        default=0.03,
         ge=0,
         le=1,
         description="under load, how long a free thread waits for others to free up before"
         " claiming, so that one claim statement serves several threads",
     )
     write_gather: float = Field(
-        default=0.005,
+        default=0.015,
         ge=0,
         le=1,
         description="while other commands run, how long a finished command's outcome waits"

@@ -167,6 +167,9 @@ class Dispatcher:
                     outcome.error,
                     extra=_log_extra("command_failed", command),
                 )
+            # The thread is free before the hand-over: the writer, waking for this outcome,
+            # then counts only the commands still running.
+            self._inflight.finished(ref)
             self._outcomes.finished(
                 ref, outcome, loop_event_id=loop_event_id, iter_index=iter_index
             )
@@ -181,7 +184,7 @@ class Dispatcher:
                 extra=_log_extra("dispatch_error", command),
             )
         finally:
-            self._inflight.finished(ref)
+            self._inflight.finished(ref)  # (idempotent)
 
     def shutdown(self, timeout: float) -> bool:
         """Stop taking work and wait up to ``timeout`` for running commands; True if all ended."""

@@ -88,6 +88,10 @@ class InFlight:
         self._claimed: set[Key] = set()
         #: Commands whose tool runs, with its ref and since when (monotonic).
         self._running: dict[Key, tuple[CommandRef, float]] = {}
+        #: When a command last finished, and the typical gap between two finishing (a moving
+        #: average, seconds): how soon another thread is likely to be free.
+        self._last_finish = 0.0
+        self._finish_gap = 1.0
 
     # -- the claim loop ----------------------------------------------------------------------
 
@@ -112,13 +116,21 @@ class InFlight:
 
     def gathered_free(self, gather: float) -> int:
         """:meth:`free`, after waiting up to ``gather`` seconds for half the threads to be free
-        when other commands are running: under load, one claim statement for several threads
-        instead of one per thread (an idle worker never waits)."""
+        when other commands are running and finishing fast enough for that: under load, one
+        claim statement for several threads instead of one per thread. An idle worker, or one
+        whose other commands run long, never waits."""
         target = max(1, self.threads.total // 2 - 1)  # besides the reserved thread
-        busy = self.threads.total - 1 - self.threads.available()
-        if gather > 0 and busy > 0 and self.free() < target:
+        free = self.free()
+        if gather > 0 and free < target and self.finishing_within(gather, target - free):
             self.threads.wait_available(target, gather)
-        return self.free()
+            free = self.free()
+        return free
+
+    def finishing_within(self, seconds: float, count: int = 1) -> bool:
+        """Whether ``count`` more commands are likely to finish within ``seconds`` (some are
+        running, and lately commands have finished at least that often)."""
+        with self._lock:
+            return bool(self._threads_of) and count * self._finish_gap <= seconds
 
     def take_other_threads(self, stop: threading.Event) -> int | None:
         """Take every other thread (waiting for running commands); None (nothing taken) if
@@ -154,11 +166,17 @@ class InFlight:
             self._running[_key(ref)] = (ref, time.monotonic())
 
     def finished(self, ref: CommandRef) -> None:
-        """The tool is done (or its hand-over failed): its threads are free again."""
+        """The tool is done (or its hand-over failed): its threads are free again.
+        Idempotent."""
         with self._lock:
             key = _key(ref)
             threads = self._threads_of.pop(key, 0)
             self._running.pop(key, None)
+            if threads:
+                now = time.monotonic()
+                gap = min(now - self._last_finish, 10.0)
+                self._finish_gap += 0.2 * (gap - self._finish_gap)
+                self._last_finish = now
         if threads:
             self.threads.release(threads)
 

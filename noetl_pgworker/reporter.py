@@ -66,7 +66,7 @@ class Reporter:
         flush_max: int = 500,
         start_delay: float = 0.2,
         gather: float = 0.0,
-        busy: Callable[[], int] | None = None,
+        busy: Callable[[], bool] | None = None,
         on_fenced: Callable[[CommandRef], None] | None = None,
         on_done: Callable[[CommandRef], None] | None = None,
         metrics: NullMetrics | None = None,
@@ -76,7 +76,8 @@ class Reporter:
         self._flush_max = flush_max
         self._start_delay = start_delay
         self._gather = gather
-        self._busy = busy or (lambda: 0)
+        #: Whether other outcomes are likely to come within ``gather``.
+        self._busy = busy or (lambda: False)
         self._on_fenced = on_fenced
         self._on_done = on_done
         self._metrics = metrics or NullMetrics()
@@ -264,10 +265,11 @@ class Reporter:
             backoff = 0.0
 
     def _gather_while_busy(self) -> None:
-        """While other commands are running, wait up to ``gather`` seconds for their outcomes
-        too: under load, one write for several commands; alone, no wait at all."""
+        """While other commands are running and finishing fast, wait up to ``gather`` seconds
+        for their outcomes too: under load, one write for several commands; alone, or beside
+        long commands, no wait at all."""
         deadline = time.monotonic() + self._gather
-        while not self._stop.is_set() and self._busy() > 0:
+        while not self._stop.is_set() and self._busy():
             if sum(e.outcome is not None for e in self._entries.values()) >= self._flush_max:
                 return
             left = deadline - time.monotonic()

@@ -391,20 +391,32 @@ def test_an_outcome_is_written_at_once_when_nothing_else_runs() -> None:
 
 def test_a_claim_under_load_waits_briefly_for_more_free_threads() -> None:
     inflight = InFlight(4)
+    refs = [CommandRef(execution_id=1, command_id=i, catalog_id=1, step="s") for i in range(40)]
     assert inflight.reserve(1)
     # Idle (nothing else runs): no wait, every other thread is free.
     t0 = time.monotonic()
     assert inflight.gathered_free(5.0) == 3
     assert time.monotonic() - t0 < 1
-    # Three others run: wait (up to the window) for half the threads.
-    for _ in range(3):
-        assert inflight.threads.acquire(1)
-    threading.Timer(0.1, inflight.threads.release).start()
+    inflight.unreserve()
+    # Three others run; one finishes soon: the claim waits for it (up to the window).
+    for ref in refs[:3]:
+        assert inflight.reserve(1)
+        inflight.hold(ref)
+    assert inflight.reserve(1)
+    threading.Timer(0.1, inflight.finished, [refs[0]]).start()
     t0 = time.monotonic()
     assert inflight.gathered_free(5.0) == 1
     assert 0.05 < time.monotonic() - t0 < 4
-    # Nobody frees a thread: the window bounds the wait.
+    # Commands that finish seldom (the last gap was long): no wait, even with a window.
     assert inflight.threads.acquire(1)
+    t0 = time.monotonic()
+    assert inflight.gathered_free(0.3) == 0
+    assert time.monotonic() - t0 < 0.2
+    # Commands finishing often, but none now: the window bounds the wait.
+    for ref in refs[10:30]:
+        inflight.hold(ref)  # (its thread is the one just taken, given back at once)
+        inflight.finished(ref)
+        assert inflight.threads.acquire(1)
     t0 = time.monotonic()
     assert inflight.gathered_free(0.3) == 0
     assert 0.2 < time.monotonic() - t0 < 3
