@@ -49,16 +49,23 @@ WITH candidate AS MATERIALIZED (
     ORDER BY p.created_at, p.command_id
     LIMIT %(limit)s
 ),
-locked AS MATERIALIZED (
-    SELECT k.execution_id, k.command_id, k.attempt,
+ended AS MATERIALIZED (
+    -- Once per execution of the batch, not per command (a batch is mostly a few executions'
+    -- commands): has it ended? One index probe per terminal event type.
+    SELECT x.execution_id,
            (SELECT e.event_type
               FROM noetl.event AS e
-             WHERE e.execution_id = k.execution_id
+             WHERE e.execution_id = x.execution_id
                AND e.event_type IN ('playbook.completed', 'playbook.failed',
                                     'workflow.completed', 'workflow.failed',
                                     'execution.cancelled')
              LIMIT 1) AS ended_by
+    FROM (SELECT DISTINCT execution_id FROM candidate) AS x
+),
+locked AS MATERIALIZED (
+    SELECT k.execution_id, k.command_id, k.attempt, d.ended_by
     FROM candidate AS k
+    JOIN ended AS d ON d.execution_id = k.execution_id
     -- A command taken back from a dead (or paused) worker and put back to PENDING may still be
     -- locked by that worker's claim session: it is claimed anyway (row lock and status decide).
     WHERE pg_try_advisory_xact_lock(k.command_id) OR k.attempt > 1
