@@ -4,7 +4,9 @@ Runs against NOETL_PGWORKER_DSN's server (in scratch databases it creates and dr
 throwaway PostgreSQL. Prints a table and writes JSON (``--out``). Scenarios:
 
   drain     N no-op commands enqueued first, then 1, 2, 4 worker processes (concurrency 16
-            each) until all are terminal; commands/s from the database's own timestamps.
+            each) until all are terminal; commands/s from the database's own timestamps. Per
+            command, over the drain alone: the workers' CPU time (µs), commits, statements
+            (when the server has pg_stat_statements) and WAL bytes.
   ceiling   the worker's claim and write-back statements driven by a bare loop (no tools, no
             threads), 1 and 4 processes, same database, same run: the worker is reported as a
             ratio of the best of these.
@@ -22,8 +24,9 @@ throwaway PostgreSQL. Prints a table and writes JSON (``--out``). Scenarios:
             (worker, pgqueuer, procrastinate, 3 times); median jobs/s, the worker's ratio to
             each, and the rows each wrote per job (inserted + updated + deleted).
   python    400 python commands (--python-commands) drained by one worker, --concurrency 8, per
-            --python-mode (inline, process = fork server, spawn = new interpreter); an idle
-            worker's RSS with its fork server; one step's p50 time per mode, sequentially.
+            --python-mode (inline, process = fork server, spawn = new interpreter), the modes
+            interleaved 3 times (--python-rounds), median; an idle worker's RSS with its fork
+            server; one step's p50 time per mode, sequentially.
 
 The throwaway cluster runs with PostgreSQL's default durability (fsync, synchronous_commit and
 full_page_writes on). --fast-cluster also runs drain and peers on a second throwaway cluster
@@ -56,7 +59,7 @@ from noetl_pgworker.models import Command, Outcome
 from noetl_pgworker.queries import query
 from noetl_pgworker.sink import PgRow as WriteItem
 from noetl_pgworker.sink import write_back_params
-from noetl_pgworker.testing import scratch_database, throwaway_postgres
+from noetl_pgworker.testing import find_pg_bindir, scratch_database, throwaway_postgres
 
 WORKER_ARGS = ["--concurrency", "16", "--poll-interval", "0.5", "--log-level", "warning"]
 #: PostgreSQL's defaults, as a user's server runs: every commit waits for its WAL flush.
@@ -79,8 +82,26 @@ def server(settings: dict[str, str], *, given_ok: bool = True) -> Iterator[str]:
     if given and given_ok:
         yield given
         return
+    settings = {**settings, **statement_stats()}
     with throwaway_postgres(settings=settings) as (dsn, _cluster):
         yield dsn
+
+
+def statement_stats() -> dict[str, str]:
+    """The setting that loads pg_stat_statements (statements counted per command), if the
+    server's binaries have it."""
+    bindir = find_pg_bindir()
+    if bindir is None or not (bindir / "pg_config").exists():
+        return {}
+    try:
+        libdir = subprocess.run(
+            [str(bindir / "pg_config"), "--pkglibdir"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    if not (Path(libdir) / "pg_stat_statements.so").exists():
+        return {}
+    return {"shared_preload_libraries": "pg_stat_statements"}
 
 
 @contextlib.contextmanager
@@ -90,6 +111,53 @@ def scratch_db(admin_dsn: str) -> Iterator[str]:
         with psycopg.connect(dsn) as conn:
             schema.apply(conn, with_noetl_tables=True)
         yield dsn
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def db_counters(dsn: str) -> dict[str, float]:
+    """Commits of ``dsn``'s database, statements run in it (None without pg_stat_statements)
+    and the server's WAL position, now (statistics lag up to a second: call after a pause)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT xact_commit, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"
+            " FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        assert row is not None
+        statements = None
+        try:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            got = conn.execute(
+                "SELECT sum(calls)::bigint FROM pg_stat_statements"
+                " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ).fetchone()
+            statements = int(got[0] or 0) if got else None
+        except psycopg.Error:
+            pass  # not loaded: statements are not counted
+    return {"commits": int(row[0]), "wal": int(row[1]), "statements": statements}
+
+
+def per_command(
+    before: dict[str, Any], after: dict[str, Any], cpu: float, n: int
+) -> dict[str, Any]:
+    """What the drain cost per command; ``before`` and ``after`` from :func:`db_counters`."""
+    statements = (
+        round((after["statements"] - before["statements"]) / n, 2)
+        if after["statements"] is not None and before["statements"] is not None
+        else None
+    )
+    return {
+        "worker_cpu_us": round(cpu / n * 1e6),
+        "commits": round((after["commits"] - before["commits"]) / n, 3),
+        # The bench's own connections add a few (its polls): under 0.02 per command.
+        "statements": statements,
+        "wal_bytes": round((after["wal"] - before["wal"]) / n),
+    }
 
 
 def rss_kib(pid: int) -> int:
@@ -168,10 +236,15 @@ def drain(admin_dsn: str, n: int, processes: int) -> dict[str, Any]:
         conn.execute("VACUUM ANALYZE noetl.command")
         procs = [spawn_worker(dsn, f"bench-{i}") for i in range(processes)]
         try:
-            time.sleep(1.0)
+            time.sleep(1.2)  # started, and the statistics of the enqueue reported
             idle_rss = [rss_kib(p.pid) for p in procs]
+            counters0 = db_counters(dsn)
+            cpu0 = sum(cpu_seconds(p.pid) for p in procs)
             wait_terminal(conn, n, timeout=600)
+            cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
             end_rss = [rss_kib(p.pid) for p in procs]
+            time.sleep(1.2)  # the workers' statistics reported
+            cost = per_command(counters0, db_counters(dsn), cpu, n)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -200,6 +273,7 @@ def drain(admin_dsn: str, n: int, processes: int) -> dict[str, Any]:
         "rss_end_kib": end_rss,
         "row_writes": writes,
         **wal,
+        "per_command": cost,
     }
 
 
@@ -642,6 +716,9 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+PYTHON_MODES = ("inline", "process", "spawn")
+
+
 def python_drain(admin_dsn: str, n: int, mode: str) -> dict[str, Any]:
     """N python commands, one worker, --concurrency 8, --python-mode MODE."""
     with scratch_db(admin_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
@@ -771,6 +848,7 @@ def main() -> int:
         " and full_page_writes off (reported apart)",
     )
     parser.add_argument("--python-commands", type=int, default=400)
+    parser.add_argument("--python-rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(".bench/results.json"))
     args = parser.parse_args()
     wanted = set(args.only or ["drain", "ceiling", "latency", "history", "peers"])
@@ -791,10 +869,21 @@ def main() -> int:
             say("latency")
             report["latency"] = latency(admin)
         if "python" in wanted:
-            report["python"] = {"drain": []}
-            for mode in ("inline", "process", "spawn"):
-                say(f"python drain, --python-mode {mode}")
-                report["python"]["drain"].append(python_drain(admin, args.python_commands, mode))
+            runs: dict[str, list[dict[str, Any]]] = {m: [] for m in PYTHON_MODES}
+            for round_ in range(args.python_rounds):
+                for mode in PYTHON_MODES:
+                    say(f"python drain, --python-mode {mode} ({round_ + 1}/{args.python_rounds})")
+                    runs[mode].append(python_drain(admin, args.python_commands, mode))
+            report["python"] = {
+                "drain": [
+                    {
+                        **runs[m][0],
+                        "commands_per_s": statistics.median(r["commands_per_s"] for r in runs[m]),
+                        "runs": [r["commands_per_s"] for r in runs[m]],
+                    }
+                    for m in PYTHON_MODES
+                ]
+            }
             say("python, idle worker")
             report["python"]["idle"] = python_idle(admin)
         if "history" in wanted:
@@ -853,6 +942,7 @@ def print_table(report: dict[str, Any], best: float | None) -> None:
             print(
                 f"python   {d['mode']:<8} {d['commands_per_s']:>9.0f} commands/s"
                 f"  {d['commands_per_s'] / rates['inline']:.0%} of inline"
+                f"  (median of {d.get('runs', [])})"
             )
         idle = py["idle"]
         print(
@@ -888,6 +978,12 @@ def print_drain(drains: list[dict[str, Any]], best: float | None, label: str = "
             f" end {max(d['rss_end_kib']) // 1024} MiB, {writes:.1f} row writes,"
             f" {d['wal_bytes_per_job']} B WAL, {d['wal_syncs_per_job']} WAL syncs /command"
         )
+        c = d.get("per_command")
+        if c:
+            print(
+                f"{label}         per command, drain only: worker CPU {c['worker_cpu_us']} µs,"
+                f" {c['commits']} commits, {c['statements']} statements, {c['wal_bytes']} B WAL"
+            )
 
 
 def print_peers(p: dict[str, Any], label: str = "") -> None:
