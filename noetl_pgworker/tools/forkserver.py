@@ -23,6 +23,13 @@ subreaper: background and ``setsid`` descendants are reparented to it) and answe
 ``{"status"}`` (a wait status) or ``{"error"}``. Nothing is shared between commands: each runs
 in a fresh fork of a process that ran no command. The server never waits for a command's
 process to get ready: a failure to start it comes back on a pipe the loop watches.
+
+A ``python`` request's code is compiled by the server before the fork (compiling is most of a
+small step's cost in a fresh fork: every page the compiler writes is copied), and the code
+object is kept for the next request with the same step name and source (a loop's iterations):
+compiling runs nothing of the code, and a code object is immutable, so nothing of one command
+reaches another. Code too large to compile quickly, or that does not compile, is left to the
+command's process, which reports the error as before.
 """
 
 from __future__ import annotations
@@ -139,6 +146,7 @@ def _child(
     runner: Any,
     err_w: int,
     go_r: int,
+    compiled: Any = None,
 ) -> None:
     """In the forked command process: never returns."""
     code = 127
@@ -177,7 +185,7 @@ def _child(
             os.environ.update(env)
         os.close(err_w)
         err_w = -1
-        code = runner.run_to_fd(req["spec"], result)
+        code = runner.run_to_fd(req["spec"], result, compiled)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -254,6 +262,43 @@ def _load_runner(path: str) -> Any:
     return module
 
 
+#: Source compiled by the server, at most (larger code is compiled in the command's process).
+COMPILE_MAX_CHARS = 64 * 1024
+#: Code objects kept for requests with the same step and source, at most.
+COMPILED_KEEP = 128
+
+
+class CompiledCode:
+    """Code objects of recent ``python`` requests, by (step, source); least recently used
+    dropped first."""
+
+    def __init__(self, runner: Any, keep: int = COMPILED_KEEP) -> None:
+        self.runner = runner
+        self.keep = keep
+        self.codes: dict[tuple[str, str], Any] = {}
+
+    def get(self, spec: Any) -> Any:
+        """The compiled code of ``spec``, or None (the command's process compiles it)."""
+        if not isinstance(spec, dict):
+            return None
+        code, step = spec.get("code"), spec.get("step") or "step"
+        if not isinstance(code, str) or not isinstance(step, str):
+            return None
+        if len(code) > COMPILE_MAX_CHARS:
+            return None
+        key = (step, code)
+        compiled = self.codes.pop(key, None)
+        if compiled is None:
+            try:
+                compiled = self.runner.compile_step(code, step)
+            except Exception:  # a syntax error (or worse): the command reports it itself
+                return None
+            if len(self.codes) >= self.keep:
+                del self.codes[next(iter(self.codes))]
+        self.codes[key] = compiled  # (most recent last)
+        return compiled
+
+
 class Server:
     """The fork server's loop. Every command's process is its direct child, the leader of a
     session of its own; the server is a child subreaper, so whatever a command leaves
@@ -275,6 +320,7 @@ class Server:
         self.children_path = f"/proc/{self.me}/task/{self.me}/children".encode()
         #: the environment the server runs with: a command asking for the same one keeps it
         self.env = dict(os.environ)
+        self.compiled = CompiledCode(runner)
 
     # -- the tree --------------------------------------------------------------------------
 
@@ -407,13 +453,16 @@ class Server:
                 conn.close()
                 return
             env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
+            compiled = self.compiled.get(req.get("spec")) if req.get("kind") == "python" else None
             err_r, err_w = os.pipe()
             go_r, go_w = os.pipe()
             pid = os.fork()
             if pid == 0:
                 os.close(err_r)
                 os.close(go_w)
-                _child(req, fds, env, env == self.env, self.config, self.runner, err_w, go_r)
+                _child(
+                    req, fds, env, env == self.env, self.config, self.runner, err_w, go_r, compiled
+                )
         finally:
             for fd in fds:
                 os.close(fd)

@@ -60,9 +60,17 @@ def call_with_matching_args(func: Callable[..., Any], args: dict[str, Any]) -> A
     return func(**{k: v for k, v in args.items() if k in names})
 
 
-def run_code(code: str, args: dict[str, Any], step: str) -> Any:
-    """Execute ``code``; the value of ``main(**matching args)``, else of ``result``."""
-    compiled = compile(code, f"<step {step}>", "exec")
+def compile_step(code: str, step: str) -> types.CodeType:
+    return compile(code, f"<step {step}>", "exec")
+
+
+def run_code(
+    code: str, args: dict[str, Any], step: str, compiled: types.CodeType | None = None
+) -> Any:
+    """Execute ``code`` (``compiled``: already compiled, by :func:`compile_step`); the value of
+    ``main(**matching args)``, else of ``result``."""
+    if compiled is None:
+        compiled = compile_step(code, step)
     namespace: dict[str, Any] = {"__name__": "__noetl_step__", "__builtins__": builtins}
     namespace.update({k: v for k, v in args.items() if k.isidentifier()})
     exec(compiled, namespace)
@@ -78,16 +86,26 @@ def _not_json(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
+def _c_encoder() -> Any:
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    return make(
+        {}, _not_json, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, False
+    )
+
+
+#: Made once, when the fork server loads the runner: a command's process only calls it (one
+#: call at a time: its circular-reference markers are its own).
+_ENCODE = _c_encoder()
+
+
 def dumps(value: Any) -> str:
     """``json.dumps(value, allow_nan=False)``, straight to the C encoder where there is one
     (json.dumps's Python layers cost a command's process dozens of copied memory pages)."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
+    if _ENCODE is None:
         return json.dumps(value, allow_nan=False)
-    encode = make(
-        {}, _not_json, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, False
-    )
-    return "".join(encode(value, 0))
+    return "".join(_ENCODE(value, 0))
 
 
 def _main() -> int:
@@ -103,9 +121,10 @@ def run_to_file(spec: dict[str, Any], result_path: str) -> int:
         os.close(fd)
 
 
-def run_to_fd(spec: dict[str, Any], fd: int) -> int:
+def run_to_fd(spec: dict[str, Any], fd: int, compiled: types.CodeType | None = None) -> int:
     """Run a spec (``code``, ``args``, ``step``, ``memory_mb``); write its result as JSON to
-    the open file ``fd``. Used by the fork server's command processes."""
+    the open file ``fd``. Used by the fork server's command processes (``compiled``: the
+    code, compiled by the fork server before the fork)."""
     memory_mb = spec.get("memory_mb")
     if memory_mb:
         try:
@@ -116,7 +135,7 @@ def run_to_fd(spec: dict[str, Any], fd: int) -> int:
         except (ImportError, ValueError, OSError):
             pass  # not on this platform: run without the cap
     try:
-        value = run_code(spec["code"], spec.get("args") or {}, spec.get("step") or "step")
+        value = run_code(spec["code"], spec.get("args") or {}, spec.get("step") or "step", compiled)
         try:
             text = dumps({"ok": True, "result": value})
         except (TypeError, ValueError, RecursionError) as exc:

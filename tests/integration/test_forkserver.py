@@ -227,3 +227,46 @@ def test_output_files_are_reused_empty_and_never_after_an_unsure_end() -> None:
     finally:
         registry.close()
     assert sandbox._spare_outputs == []
+
+
+def test_code_compiled_by_the_fork_server_runs_fresh_in_each_command() -> None:
+    """The fork server compiles a request's code before the fork and keeps the code object for
+    the same step and source (a loop's iterations): module state is still per command, the
+    arguments differ, and code that does not compile fails in the command as before."""
+    registry = default_registry()
+    code = "seen = []\ndef main(x):\n    seen.append(x)\n    return {'x': x, 'seen': len(seen)}\n"
+
+    def step(x: int, name: str = "s") -> Command:
+        return Command(
+            command_id="1",
+            execution_id=1,
+            step=name,
+            tool_kind="python",
+            catalog_id=1,
+            input={"tool_config": {"code": code}, "input": {"x": x}},
+        )
+
+    try:
+        registry.start()
+        outs = [execute(step(x), registry, timeout=30).data for x in (1, 2, 3)]
+        assert outs == [{"x": 1, "seen": 1}, {"x": 2, "seen": 1}, {"x": 3, "seen": 1}]
+        broken = execute(python("def main(:\n"), registry, timeout=30)
+        assert not broken.ok and "SyntaxError" in str(broken.error)
+        assert execute(step(9, "other"), registry, timeout=30).data == {"x": 9, "seen": 1}
+    finally:
+        registry.close()
+
+
+def test_the_fork_server_compiles_and_keeps_a_bounded_number_of_code_objects() -> None:
+    from noetl_pgworker.tools import pyrunner
+    from noetl_pgworker.tools.forkserver import COMPILE_MAX_CHARS, CompiledCode
+
+    cache = CompiledCode(pyrunner, keep=2)
+    one = cache.get({"code": "result = 1", "step": "a"})
+    assert one is not None and cache.get({"code": "result = 1", "step": "a"}) is one
+    assert cache.get({"code": "result = 1", "step": "b"}) is not one  # the step names the file
+    cache.get({"code": "result = 2", "step": "a"})
+    assert len(cache.codes) == 2 and ("a", "result = 1") not in cache.codes
+    assert cache.get({"code": "def f(:", "step": "a"}) is None  # left to the command
+    assert cache.get({"code": "x = 1\n" * COMPILE_MAX_CHARS, "step": "a"}) is None
+    assert cache.get({"code": 5}) is None and cache.get("nonsense") is None
