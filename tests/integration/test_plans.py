@@ -322,3 +322,50 @@ def test_status_reads_only_live_rows_and_estimates_history(
     assert abs(sum(st.estimated.values()) - HISTORY) < HISTORY * 0.05
     assert st.as_dict()["estimated"] == ["CANCELLED", "COMPLETED", "FAILED"]
     assert "~" in status.format_status(st)
+
+
+def test_the_worker_sessions_keep_one_generic_plan_that_prunes_as_it_runs(
+    history: History,
+) -> None:
+    """On the worker's own sessions (direct mode) the write-back and the claim are planned
+    once: PostgreSQL, left to choose, re-planned the write-back at every execution. The
+    generic plan still reads only the batch's rows with the history in place."""
+    from noetl_pgworker.db import worker_session_kwargs
+
+    # In another worker's name: the fence lets nothing change, the plan is the same.
+    params = write_back_params(items_for(history.held), "nobody")
+    with psycopg.connect(
+        history.dsn, autocommit=True, **worker_session_kwargs(history.dsn, "direct")
+    ) as conn:
+        for _ in range(8):
+            assert conn.execute(query("write_back"), params, prepare=True).fetchall() == []
+        plans = conn.execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement LIKE '%%jsonb_to_recordset%%'"
+        ).fetchone()
+        assert plans is not None and plans[0] >= 8 and plans[1] == 0, plans
+        # The generic plan, run: PREPARE at SQL level (the same text, $n placeholders).
+        names = ["items", "events", "execution_ids", "command_ids", "worker_id"]
+        text = query("write_back").as_string(conn)
+        for i, name in enumerate(names, 1):
+            text = text.replace(f"%({name})s", f"${i}")
+        assert "%(" not in text
+        conn.execute(f"PREPARE wb(text, text, bigint[], bigint[], text) AS {text}")
+        with conn.transaction(force_rollback=True):
+            # (values bound client-side: EXPLAIN EXECUTE takes no protocol parameters)
+            plan = (
+                psycopg.ClientCursor(conn)
+                .execute(
+                    "EXPLAIN (ANALYZE, FORMAT JSON)"
+                    " EXECUTE wb(%s::text, %s::text, %s::bigint[], %s::bigint[], %s::text)",
+                    [params[n] for n in names],
+                )
+                .fetchone()[0]  # type: ignore[index]
+            )
+    scans = [
+        n
+        for n in walk(plan[0]["Plan"])
+        if n.get("Relation Name", "").startswith(("command", "event")) and "Scan" in n["Node Type"]
+    ]
+    assert scans and not [n for n in scans if n["Node Type"] == "Seq Scan"], json.dumps(plan)
+    assert sum(rows_read(n) for n in scans) <= 200, json.dumps(plan)[:3000]
