@@ -18,6 +18,7 @@ from . import schema
 from .config import Settings
 from .db import (
     PoolMode,
+    apply_session_settings,
     connect_kwargs,
     redact_dsn,
     worker_session_kwargs,
@@ -43,6 +44,7 @@ def open_pool(settings: Settings, closing: contextlib.ExitStack) -> ConnectionPo
         name="noetl-pgworker",
         open=False,
         timeout=30,
+        configure=lambda conn: apply_session_settings(conn, s.pool_mode),
     )
     try:
         pool.open(wait=True, timeout=s.connect_timeout + 1)

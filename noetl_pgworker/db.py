@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import psycopg
-from psycopg import conninfo
+from psycopg import conninfo, sql
 from psycopg_pool import PoolTimeout
 
 from .errors import DatabaseUnavailable, ItemRefused, PgWorkerError, RetryLater
@@ -168,6 +168,18 @@ WORKER_SESSION_SETTINGS = {
     # much as executing. The generic plan prunes the same partitions when it runs.
     "plan_cache_mode": "force_generic_plan",
 }
+
+
+def apply_session_settings(conn: psycopg.Connection[Any], pool_mode: PoolMode) -> None:
+    """Through a session-pooling proxy (no startup ``options``): set the worker's session
+    settings with SET on a new connection, which keeps its server session. Direct sessions
+    have them from the startup options; through transaction pooling no session exists."""
+    if pool_mode != "session":
+        return
+    for name, value in WORKER_SESSION_SETTINGS.items():
+        conn.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+    if not conn.autocommit:
+        conn.commit()
 
 
 def worker_session_kwargs(dsn: str, pool_mode: PoolMode) -> dict[str, Any]:

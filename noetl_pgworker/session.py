@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from .db import PoolMode, connect_kwargs
+from .db import PoolMode, apply_session_settings, connect_kwargs
 from .errors import PgWorkerError
 from .queries import query
 
@@ -61,6 +61,7 @@ class ClaimSession:
         #: Session-level locks (per claimed command, and on the worker id) are taken only on a
         #: real session: not through transaction pooling.
         self.session_locks = pool_mode != "transaction"
+        self._pool_mode: PoolMode = pool_mode
         self._worker_id = worker_id if self.session_locks else None
         self._kwargs = {
             **connect_kwargs(application_name, connect_timeout, pool_mode),
@@ -86,6 +87,7 @@ class ClaimSession:
         self._conn = None
         conn = psycopg.connect(self._dsn, autocommit=True, **self._kwargs)
         try:
+            apply_session_settings(conn, self._pool_mode)
             if self._worker_id is not None:
                 self._lock_worker_id(conn, self._worker_id)
             if self.reconnects and self.session_locks:

@@ -55,3 +55,26 @@ def test_transaction_pooling_with_session_dsn_listens_and_locks_there(
     assert advisory_locks(conn) == 3  # two commands and the worker id
     wait_until(lambda: count_status(conn, "COMPLETED") == 2, timeout=10)
     assert running.stop().clean
+
+
+def test_session_pooling_sets_the_worker_session_settings_with_set(dsn: str) -> None:
+    """Through a session-pooling proxy no startup options are sent; the pool's connections and
+    the claim session get the worker's settings (timeouts, one generic plan) with SET."""
+    import contextlib
+
+    from noetl_pgworker.config import Settings
+    from noetl_pgworker.connections import open_pool, open_session
+    from noetl_pgworker.db import WORKER_SESSION_SETTINGS
+
+    wanted = {"lock_timeout": "5s", "statement_timeout": "1min", "plan_cache_mode": ""}
+    wanted["plan_cache_mode"] = WORKER_SESSION_SETTINGS["plan_cache_mode"]
+    settings = Settings(dsn=dsn, worker_id="pooled-s", pool_mode="session")
+    with contextlib.ExitStack() as closing:
+        pool = open_pool(settings, closing)
+        with pool.connection() as c:
+            for name, value in wanted.items():
+                assert scalar(c, f"SHOW {name}") == value, name
+        session = open_session(settings, tuple, closing, listens=False)
+        with session.transaction() as c:
+            for name, value in wanted.items():
+                assert scalar(c, f"SHOW {name}") == value, name
