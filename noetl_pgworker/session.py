@@ -137,6 +137,29 @@ class ClaimSession:
                         self._reconcile(conn)
                 raise
 
+    @contextlib.contextmanager
+    def statement(self) -> Iterator[psycopg.Connection[Any]]:
+        """The session for one statement, atomic on its own (no BEGIN/COMMIT round trips);
+        pending unlocks are sent in the same round trip (a pipeline).
+
+        If the statement fails, locks it took for rows it did not claim are given back."""
+        with self._lock:
+            conn = self._connection()
+            with self._done_lock:
+                ids, self._done = sorted(self._done), set()
+            try:
+                with conn.pipeline():
+                    if ids:
+                        conn.execute(query("session_unlock"), {"ids": ids})
+                    yield conn
+            except BaseException:
+                with self._done_lock:  # unlocking twice only warns; never unlocking leaks
+                    self._done.update(ids)
+                if self.session_locks and not conn.closed and not conn.broken:
+                    with contextlib.suppress(psycopg.Error):
+                        self._reconcile(conn)
+                raise
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:

@@ -160,10 +160,12 @@ class PgSink:
         params = write_back_params(
             pg_rows(items, self._worker_id, self._max_result_bytes), self._worker_id
         )
-        with (
-            write_errors(),
-            self._pool.connection(timeout=10) as conn,
-            conn.cursor() as cur,
-        ):
-            cur.execute(query("write_back"), params)
-            return {(int(r[0]), int(r[1])) for r in cur.fetchall()}
+        with write_errors(), self._pool.connection(timeout=10) as conn:
+            # One statement, atomic by itself: no BEGIN and COMMIT round trips around it.
+            conn.autocommit = True
+            try:
+                rows = conn.execute(query("write_back"), params).fetchall()
+            finally:
+                if not conn.closed:
+                    conn.autocommit = False
+            return {(int(r[0]), int(r[1])) for r in rows}

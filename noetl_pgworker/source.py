@@ -265,8 +265,12 @@ class PgCommandSource:
         poisoned = 0
         poisoned_rows: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
-        with self.session.transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
-            if time.monotonic() >= self._next_reclaim:
+        # Recovery and the claim in one transaction; the claim alone is one statement, atomic
+        # by itself, sent with the pending unlocks in one round trip.
+        recover = time.monotonic() >= self._next_reclaim
+        scope = self.session.transaction() if recover else self.session.statement()
+        with scope as conn, conn.cursor(row_factory=dict_row) as cur:
+            if recover:
                 cur.execute(
                     query("reclaim_commands"),
                     {
