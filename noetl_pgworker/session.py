@@ -148,9 +148,11 @@ class ClaimSession:
             with self._done_lock:
                 ids, self._done = sorted(self._done), set()
             try:
-                with conn.pipeline():
-                    if ids:
+                if ids:
+                    with conn.pipeline():
                         conn.execute(query("session_unlock"), {"ids": ids})
+                        yield conn
+                else:  # (a pipeline costs an idle worker's claim a little latency)
                     yield conn
             except BaseException:
                 with self._done_lock:  # unlocking twice only warns; never unlocking leaks
