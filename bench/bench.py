@@ -29,7 +29,7 @@ throwaway PostgreSQL. Prints a table and writes JSON (``--out``). Scenarios:
             server; one step's p50 time per mode, sequentially.
 
 The throwaway cluster runs with PostgreSQL's default durability (fsync, synchronous_commit and
-full_page_writes on). --fast-cluster also runs drain and peers on a second throwaway cluster
+full_page_writes on). --fast-cluster also runs drain, peers and latency on a second cluster
 with all three off, reported apart and labelled fsync=off.
 """
 
@@ -844,8 +844,8 @@ def main() -> int:
     parser.add_argument(
         "--fast-cluster",
         action="store_true",
-        help="also run drain and peers on a throwaway cluster with fsync, synchronous_commit"
-        " and full_page_writes off (reported apart)",
+        help="also run drain, peers and latency on a throwaway cluster with fsync,"
+        " synchronous_commit and full_page_writes off (reported apart)",
     )
     parser.add_argument("--python-commands", type=int, default=400)
     parser.add_argument("--python-rounds", type=int, default=3)
@@ -892,7 +892,7 @@ def main() -> int:
         if "peers" in wanted:
             say("peers")
             report["peers"] = peers(admin, args.commands)
-    if args.fast_cluster and wanted & {"drain", "peers"}:
+    if args.fast_cluster and wanted & {"drain", "peers", "latency"}:
         with server(FAST, given_ok=False) as fast_admin:
             fast: dict[str, Any] = {"machine": machine(fast_admin)}
             if "drain" in wanted:
@@ -903,6 +903,9 @@ def main() -> int:
             if "peers" in wanted:
                 say("fsync=off cluster: peers")
                 fast["peers"] = peers(fast_admin, args.commands)
+            if "latency" in wanted:
+                say("fsync=off cluster: latency")
+                fast["latency"] = latency(fast_admin)
         report["fast_cluster"] = fast
     best = max((c["commands_per_s"] for c in report.get("ceiling", [])), default=None)
     print_table(report, best)
@@ -929,12 +932,15 @@ def print_table(report: dict[str, Any], best: float | None) -> None:
         print_drain(fast.get("drain", []), None, "fsync=off ")
         if "peers" in fast:
             print_peers(fast["peers"], "fsync=off ")
-    if "latency" in report:
-        lat = report["latency"]
-        print(
-            f"latency  p50 {lat['p50_ms']} ms  p95 {lat['p95_ms']} ms  p99 {lat['p99_ms']} ms"
-            f"  max {lat['max_ms']} ms"
-        )
+    for label, lat in (
+        ("", report.get("latency")),
+        ("fsync=off ", report.get("fast_cluster", {}).get("latency")),
+    ):
+        if lat:
+            print(
+                f"{label}latency  p50 {lat['p50_ms']} ms  p95 {lat['p95_ms']} ms"
+                f"  p99 {lat['p99_ms']} ms  max {lat['max_ms']} ms"
+            )
     if "python" in report:
         py = report["python"]
         rates = {d["mode"]: d["commands_per_s"] for d in py["drain"]}
