@@ -65,10 +65,14 @@ def test_kill_9_one_of_two_workers_mid_drain(
             ),
             timeout=30,
         )
+        # What it held when it died: still in its name, or already taken back by the survivor
+        # (a slow moment here can outlast --lease and --stale-after: 2 s), in one snapshot.
         orphaned = scalar(
             conn,
-            "SELECT count(*) FROM noetl.command WHERE worker_id = 'victim'"
-            " AND status IN ('CLAIMED', 'RUNNING')",
+            "SELECT (SELECT count(*) FROM noetl.command WHERE worker_id = 'victim'"
+            "        AND status IN ('CLAIMED', 'RUNNING'))"
+            "     + (SELECT count(*) FROM noetl.event WHERE event_type = 'command.claimed'"
+            "        AND meta ->> 'reclaimed_from_worker' = 'victim')",
         )
         wait_until(lambda: done(conn) == n, timeout=120)
         recovered_in = time.monotonic() - killed_at
