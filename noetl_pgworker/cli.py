@@ -343,6 +343,29 @@ def main() -> None:
     help="Address the metrics server listens on (0.0.0.0: every interface).",
 )
 @click.option(
+    "--gather",
+    envvar=_env("GATHER"),
+    show_envvar=True,
+    type=click.FloatRange(0, 0.5),
+    default=0.015,
+    show_default=True,
+    help="Seconds a finished command's outcome waits for other running commands' outcomes,"
+    " and (twice this) a free thread waits for others before claiming, so that one statement"
+    " serves several commands; only while other commands run and finish that often (an idle"
+    " worker never waits). 0: write and claim at once.",
+)
+@click.option(
+    "--start-write-delay",
+    envvar=_env("START_WRITE_DELAY"),
+    show_envvar=True,
+    type=click.FloatRange(0, 60),
+    default=0.2,
+    show_default=True,
+    help="Seconds a command runs before its start (status RUNNING, command.started) is written"
+    " on its own; a command that ends sooner has its start written with its outcome, in one"
+    " write. 0: write every start at once.",
+)
+@click.option(
     "--skip-schema-check",
     envvar=_env("SKIP_SCHEMA_CHECK"),
     show_envvar=True,
@@ -379,6 +402,8 @@ def start(
     pool_mode: str,
     metrics_port: int | None,
     metrics_host: str,
+    gather: float,
+    start_write_delay: float,
     skip_schema_check: bool,
     log_level: str,
     log_format: str,
@@ -415,6 +440,9 @@ def start(
         "metrics_port": metrics_port,
         "metrics_host": metrics_host,
         "verify_schema": not skip_schema_check,
+        "write_gather": gather,
+        "claim_gather": 2 * gather,
+        "start_write_delay": start_write_delay,
     }
     if worker_id:
         values["worker_id"] = worker_id

@@ -112,3 +112,36 @@ def test_rate_tracker_reports_commands_per_second_per_worker() -> None:
     assert rates.update(100.0, status(800)) == {"w1": 0.0}  # older readings fall out of the window
     table = format_status(status(800), {"w1": 12.5})
     assert "w1" in table and "12.5" in table and "stuck past the 120 s lease: 0" in table
+
+
+def test_gather_and_start_write_delay_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import noetl_pgworker.cli as cli
+    import noetl_pgworker.worker as worker_module
+
+    seen: list[Settings] = []
+
+    class Captured:
+        def __init__(self, settings: Settings, **_: object) -> None:
+            seen.append(settings)
+
+        def stop(self) -> None:
+            pass
+
+        def run(self) -> object:
+            return type("Summary", (), {"clean": True})()
+
+    monkeypatch.setattr(worker_module, "Worker", Captured)
+    monkeypatch.setattr(cli, "harden_process", lambda: None)
+    monkeypatch.setattr(cli, "_install_signal_handlers", lambda _stop: None)
+    args = ["start", "--dsn", "host=nowhere", "--worker-id", "w"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert (seen[0].write_gather, seen[0].claim_gather, seen[0].start_write_delay) == (
+        0.015,
+        0.03,
+        0.2,
+    )
+    more = ["--gather", "0", "--start-write-delay", "0"]
+    assert CliRunner().invoke(main, [*args, *more]).exit_code == 0
+    assert (seen[1].write_gather, seen[1].claim_gather, seen[1].start_write_delay) == (0, 0, 0)
+    bad = CliRunner().invoke(main, [*args, "--gather", "2"])
+    assert bad.exit_code == 2 and "--gather" in bad.output
