@@ -132,6 +132,12 @@ class InFlight:
         with self._lock:
             return bool(self._threads_of) and count * self._finish_gap <= seconds
 
+    def outcomes_worth_gathering(self, seconds: float) -> bool:
+        """For the writer: wait for more outcomes only while other commands are likely to finish
+        within ``seconds`` *and* the claim loop can still claim (a free claim slot); when every
+        claim slot waits for its outcome's write, writing now is what frees the next claim."""
+        return self.claims.available() > 0 and self.finishing_within(seconds)
+
     def take_other_threads(self, stop: threading.Event) -> int | None:
         """Take every other thread (waiting for running commands); None (nothing taken) if
         ``stop`` is set meanwhile. For a command that must run alone."""

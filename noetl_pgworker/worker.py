@@ -322,7 +322,7 @@ class Worker:
             flush_max=s.flush_max,
             start_delay=s.start_write_delay,
             gather=s.write_gather,
-            busy=lambda: self.inflight.finishing_within(s.write_gather),
+            busy=lambda: self.inflight.outcomes_worth_gathering(s.write_gather),
             on_done=self._written,
             metrics=self._metrics,
         )

@@ -39,16 +39,19 @@ def test_kill_9_one_of_two_workers_mid_drain(
         enqueue(conn, tool_kind="python", tool_config=quick, count=n, executions=50)
         victim = spawn(workers, chaos_dsn, tmp_path, "victim", *inline)
         survivor = spawn(workers, chaos_dsn, tmp_path, "survivor", *inline)
+        # Killed mid-drain while it holds claims: 500 done, and some claimed in its name now (a
+        # worker writes its outcomes in batches, so right after a write it may hold none).
         wait_until(
-            lambda: (
+            lambda: bool(
                 scalar(
                     conn,
-                    "SELECT count(*) FROM noetl.command WHERE worker_id = 'victim'"
-                    " AND status = 'COMPLETED'",
+                    "SELECT count(*) FILTER (WHERE status = 'COMPLETED') >= 500"
+                    "   AND count(*) FILTER (WHERE status IN ('CLAIMED', 'RUNNING')) > 0"
+                    " FROM noetl.command WHERE worker_id = 'victim'",
                 )
-                >= 500
             ),
             timeout=60,
+            interval=0.002,
         )
         victim.proc.kill()
         killed_at = time.monotonic()

@@ -420,3 +420,21 @@ def test_a_claim_under_load_waits_briefly_for_more_free_threads() -> None:
     t0 = time.monotonic()
     assert inflight.gathered_free(0.3) == 0
     assert 0.2 < time.monotonic() - t0 < 3
+
+
+def test_outcomes_are_not_gathered_when_every_claim_waits_for_its_write() -> None:
+    inflight = InFlight(2, pending_writes=0)  # two claim slots in all
+    refs = [CommandRef(execution_id=1, command_id=i, catalog_id=1, step="s") for i in range(3)]
+    for ref in refs[:2]:  # finishing fast: the gap between finishes is small
+        assert inflight.reserve(1)
+        inflight.hold(ref)
+        inflight.finished(ref)
+        inflight.written(ref)
+    for ref in refs[:2]:
+        assert inflight.reserve(1)
+        inflight.hold(ref)
+    assert inflight.finishing_within(30.0)
+    assert not inflight.outcomes_worth_gathering(30.0)  # no claim slot left: write now
+    inflight.finished(refs[0])
+    inflight.written(refs[0])
+    assert inflight.outcomes_worth_gathering(30.0)  # a slot is free, one command still runs
