@@ -39,20 +39,36 @@ def test_kill_9_one_of_two_workers_mid_drain(
         enqueue(conn, tool_kind="python", tool_config=quick, count=n, executions=50)
         victim = spawn(workers, chaos_dsn, tmp_path, "victim", *inline)
         survivor = spawn(workers, chaos_dsn, tmp_path, "survivor", *inline)
-        # Killed mid-drain while it holds claims: 500 done, and some claimed in its name now (a
-        # worker writes its outcomes in batches, so right after a write it may hold none).
+        # Killed mid-drain while it holds claims. A worker writes its outcomes in batches, and a
+        # write it has sent commits even if it dies, so it is frozen first (SIGSTOP), its
+        # statements in flight are let finish, and it is killed only if it then still holds
+        # claims; else it is let go on for a moment and caught again.
+        victim_sessions = (
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+            " AND application_name LIKE 'noetl-pgworker%%:victim'"
+        )
+        held_now = (
+            "SELECT count(*) FROM noetl.command WHERE worker_id = 'victim'"
+            " AND status IN ('CLAIMED', 'RUNNING')"
+        )
         wait_until(
-            lambda: bool(
+            lambda: (
                 scalar(
                     conn,
-                    "SELECT count(*) FILTER (WHERE status = 'COMPLETED') >= 500"
-                    "   AND count(*) FILTER (WHERE status IN ('CLAIMED', 'RUNNING')) > 0"
-                    " FROM noetl.command WHERE worker_id = 'victim'",
+                    "SELECT count(*) FROM noetl.command WHERE worker_id = 'victim'"
+                    " AND status = 'COMPLETED'",
                 )
+                >= 500
             ),
             timeout=60,
-            interval=0.002,
         )
+        for _ in range(200):
+            victim.signal(signal.SIGSTOP)
+            wait_until(lambda: scalar(conn, victim_sessions) == 0, timeout=10, interval=0.005)
+            if scalar(conn, held_now) > 0:
+                break
+            victim.signal(signal.SIGCONT)
+            time.sleep(0.003)
         victim.proc.kill()
         killed_at = time.monotonic()
         victim.wait()
