@@ -277,6 +277,15 @@ def drain(admin_dsn: str, n: int, processes: int) -> dict[str, Any]:
     }
 
 
+def drains(admin_dsn: str, n: int, label: str = "") -> list[dict[str, Any]]:
+    """The drain with 1, 2 and 4 worker processes."""
+    out = []
+    for procs in (1, 2, 4):
+        say(f"{label}drain, {procs} worker process(es)")
+        out.append(drain(admin_dsn, n, procs))
+    return out
+
+
 def peers_python() -> Path:
     """The peers' virtual environment's python: made, or remade when
     bench/peers/requirements.txt changed, with ``python -m venv`` and pip."""
@@ -861,10 +870,7 @@ def main() -> int:
                 say(f"ceiling, {procs} loop process(es)")
                 report["ceiling"].append(ceiling(admin, args.commands, procs))
         if "drain" in wanted:
-            report["drain"] = []
-            for procs in (1, 2, 4):
-                say(f"drain, {procs} worker process(es)")
-                report["drain"].append(drain(admin, args.commands, procs))
+            report["drain"] = drains(admin, args.commands)
         if "latency" in wanted:
             say("latency")
             report["latency"] = latency(admin)
@@ -896,10 +902,7 @@ def main() -> int:
         with server(FAST, given_ok=False) as fast_admin:
             fast: dict[str, Any] = {"machine": machine(fast_admin)}
             if "drain" in wanted:
-                fast["drain"] = []
-                for procs in (1, 2, 4):
-                    say(f"fsync=off cluster: drain, {procs} worker process(es)")
-                    fast["drain"].append(drain(fast_admin, args.commands, procs))
+                fast["drain"] = drains(fast_admin, args.commands, "fsync=off cluster: ")
             if "peers" in wanted:
                 say("fsync=off cluster: peers")
                 fast["peers"] = peers(fast_admin, args.commands)

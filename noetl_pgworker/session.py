@@ -132,9 +132,7 @@ class ClaimSession:
                 with conn.transaction():
                     yield conn
             except BaseException:
-                if self.session_locks and not conn.closed and not conn.broken:
-                    with contextlib.suppress(psycopg.Error):
-                        self._reconcile(conn)
+                self._after_failure(conn)
                 raise
 
     @contextlib.contextmanager
@@ -157,10 +155,14 @@ class ClaimSession:
             except BaseException:
                 with self._done_lock:  # unlocking twice only warns; never unlocking leaks
                     self._done.update(ids)
-                if self.session_locks and not conn.closed and not conn.broken:
-                    with contextlib.suppress(psycopg.Error):
-                        self._reconcile(conn)
+                self._after_failure(conn)
                 raise
+
+    def _after_failure(self, conn: psycopg.Connection[Any]) -> None:
+        """After a failed claim: give back the locks taken for rows it did not claim."""
+        if self.session_locks and not conn.closed and not conn.broken:
+            with contextlib.suppress(psycopg.Error):
+                self._reconcile(conn)
 
     def close(self) -> None:
         with self._lock:
