@@ -86,7 +86,7 @@ def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
     for w in started:
         if w.proc.poll() is None:
             w.proc.kill()
-            w.proc.wait(10)
+        w.wait(10)
 
 
 def spawn(

@@ -43,8 +43,11 @@ def test_kill_9_one_of_two_workers_mid_drain(
         # write it has sent commits even if it dies, so it is frozen first (SIGSTOP), its
         # statements in flight are let finish, and it is killed only if it then still holds
         # claims; else it is let go on for a moment and caught again.
+        # (A session "active" but waiting to read from the client was frozen mid-pipeline: the
+        # server waits for the rest, and nothing of it commits if the client dies.)
         victim_sessions = (
             "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+            " AND wait_event IS DISTINCT FROM 'ClientRead'"
             " AND application_name LIKE 'noetl-pgworker%%:victim'"
         )
         held_now = (
