@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -677,9 +678,15 @@ def status_cmd(
             click.echo(status_mod.format_status(st))
         return
     rates = status_mod.RateTracker()
+    # Ctrl-C (or SIGTERM) ends the watch after the reading in progress, never inside it: an
+    # interrupt inside the driver's wait cancels the query and waits again, which once outlasted
+    # its caller's patience.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     try:
         with wrap_errors(dsn, "reading status"), connect(dsn, autocommit=True) as conn:
-            while True:
+            while not stop.is_set():
                 st = status_mod.read_status(conn, lease, exact=exact)
                 per_worker = rates.update(time.monotonic(), st)
                 if as_json:
@@ -690,8 +697,8 @@ def status_cmd(
                     click.clear()
                     click.echo(time.strftime("%Y-%m-%d %H:%M:%S") + f"  (every {watch:g} s)\n")
                     click.echo(status_mod.format_status(st, per_worker))
-                time.sleep(watch)
-    except KeyboardInterrupt:
+                stop.wait(watch)
+    except KeyboardInterrupt:  # (before the handlers were in place)
         return
 
 
