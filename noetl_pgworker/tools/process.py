@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -319,11 +320,15 @@ class Sandbox:
 
     @staticmethod
     def output_file() -> int:
-        """An open, unnamed file for a command's output (read and write; close-on-exec)."""
+        """An open, unnamed file for a command's output (read and write, appending;
+        close-on-exec)."""
+        flags = os.O_TMPFILE | os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
         try:
-            return os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            return os.open(tempfile.gettempdir(), flags, 0o600)
         except (OSError, AttributeError):
-            return os.memfd_create("noetl-pgworker-output", os.MFD_CLOEXEC)
+            fd = os.memfd_create("noetl-pgworker-output", os.MFD_CLOEXEC)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+            return fd
 
     def shared_file(self, path: Path) -> None:
         """Create ``path`` empty, writable by the ``run_as`` user's group, readable by us."""
@@ -366,6 +371,7 @@ class Sandbox:
         }
         outputs = [self._take_output(), self._take_output()]
         reusable = False
+        sizes: list[int] = []
         try:
             files = [*outputs, *([result_fd] if result_fd is not None else [])]
             sock, pid = self._start_command(request, files, deadline, tool)
@@ -376,15 +382,17 @@ class Sandbox:
             reusable = True
             signalled = os.WIFSIGNALED(status)
             returncode = -os.WTERMSIG(status) if signalled else os.WEXITSTATUS(status)
+            sizes = [os.fstat(fd).st_size for fd in outputs]
             return Finished(
                 returncode=returncode,
-                stdout=bounded_fd(outputs[0], output_limit),
-                stderr=bounded_fd(outputs[1], output_limit),
+                stdout=bounded_fd(outputs[0], output_limit, sizes[0]),
+                stderr=bounded_fd(outputs[1], output_limit, sizes[1]),
                 workdir=workdir,
             )
         finally:
-            for fd in outputs:
-                if not (reusable and self._give_back_output(fd)):
+            for i, fd in enumerate(outputs):
+                size = sizes[i] if reusable and sizes else None
+                if not (reusable and self._give_back_output(fd, size)):
                     os.close(fd)
 
     def _take_output(self) -> int:
@@ -393,12 +401,15 @@ class Sandbox:
                 return self._spare_outputs.pop()
         return self.output_file()
 
-    def _give_back_output(self, fd: int) -> bool:
-        """Empty ``fd`` and keep it for the next command; False if it cannot be kept."""
+    def _give_back_output(self, fd: int, size: int | None = None) -> bool:
+        """Empty ``fd`` (``size``: its size, if known) and keep it for the next command; False
+        if it cannot be kept. (Output files are opened to append: emptied, the next command
+        writes from the start again, with no seek.)"""
         try:
-            if os.fstat(fd).st_size:
+            if size is None:
+                size = os.fstat(fd).st_size
+            if size:
                 os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
         except OSError:
             return False
         with self._lock:
@@ -491,9 +502,11 @@ def _exit_text(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
-def bounded_fd(fd: int, limit: int) -> str:
-    """The first ``limit`` bytes of the open file ``fd`` as text, and how many were left."""
-    size = os.fstat(fd).st_size
+def bounded_fd(fd: int, limit: int, size: int | None = None) -> str:
+    """The first ``limit`` bytes of the open file ``fd`` (of ``size`` bytes, if known) as
+    text, and how many were left."""
+    if size is None:
+        size = os.fstat(fd).st_size
     data = os.pread(fd, limit, 0) if size else b""
     text = data.decode("utf-8", errors="replace")
     if size > limit:
@@ -502,7 +515,8 @@ def bounded_fd(fd: int, limit: int) -> str:
 
 
 def read_fd(fd: int) -> bytes:
-    """All of the open file ``fd``, from its start."""
+    """All of the open file ``fd``, from its start (a file no process writes to any more: read
+    to its size, or further if it grew)."""
     size = os.fstat(fd).st_size
     chunks: list[bytes] = []
     offset = 0
@@ -512,6 +526,8 @@ def read_fd(fd: int) -> bytes:
             return b"".join(chunks)
         chunks.append(chunk)
         offset += len(chunk)
+        if offset == size and len(chunks) == 1:
+            return chunk
 
 
 def bounded(path: Path, limit: int) -> str:
