@@ -322,8 +322,8 @@ class Sandbox:
     def output_file() -> int:
         """An open, unnamed file for a command's output (read and write, appending;
         close-on-exec)."""
-        flags = os.O_TMPFILE | os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
         try:
+            flags = os.O_TMPFILE | os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
             return os.open(tempfile.gettempdir(), flags, 0o600)
         except (OSError, AttributeError):
             fd = os.memfd_create("noetl-pgworker-output", os.MFD_CLOEXEC)

@@ -217,6 +217,8 @@ def test_output_files_are_reused_empty_and_never_after_an_unsure_end() -> None:
         assert quiet.ok and quiet.data == 2
         assert "_stdout" not in (quiet.extra or {})  # nothing of the command before it
         assert sorted(sandbox._spare_outputs) == sorted(spare)  # the same two files again
+        again = execute(python("print('y')\nresult = 3"), registry, timeout=30)
+        assert (again.extra or {}).get("_stdout") == "y\n"  # written from the start again
         # Timed out: the files are not handed to another command (kept only after the fork
         # server reports every process of the command dead).
         slow = execute(
@@ -227,6 +229,26 @@ def test_output_files_are_reused_empty_and_never_after_an_unsure_end() -> None:
     finally:
         registry.close()
     assert sandbox._spare_outputs == []
+
+
+@pytest.mark.parametrize("unnamed_files", [True, False], ids=["O_TMPFILE", "memfd"])
+def test_an_emptied_output_file_is_written_from_its_start(
+    unnamed_files: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from noetl_pgworker.tools.process import Sandbox
+
+    if not unnamed_files:
+        monkeypatch.delattr(os, "O_TMPFILE")  # the fallback: a memory file
+    fd = Sandbox.output_file()
+    try:
+        os.write(fd, b"a long first output")
+        os.ftruncate(fd, 0)  # what reuse does: no seek back
+        other = os.dup(fd)  # (a command writes through its own descriptor)
+        os.write(other, b"next")
+        os.close(other)
+        assert os.pread(fd, 100, 0) == b"next"
+    finally:
+        os.close(fd)
 
 
 def test_code_compiled_by_the_fork_server_runs_fresh_in_each_command() -> None:
