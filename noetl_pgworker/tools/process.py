@@ -371,7 +371,7 @@ class Sandbox:
         }
         outputs = [self._take_output(), self._take_output()]
         reusable = False
-        sizes: list[int] = []
+        sizes: list[int | None] = [None, None]  # known once the command's processes are dead
         try:
             files = [*outputs, *([result_fd] if result_fd is not None else [])]
             sock, pid = self._start_command(request, files, deadline, tool)
@@ -390,8 +390,7 @@ class Sandbox:
                 workdir=workdir,
             )
         finally:
-            for i, fd in enumerate(outputs):
-                size = sizes[i] if reusable and sizes else None
+            for fd, size in zip(outputs, sizes, strict=True):
                 if not (reusable and self._give_back_output(fd, size)):
                     os.close(fd)
 
