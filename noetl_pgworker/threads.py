@@ -26,7 +26,7 @@ def join(thread: threading.Thread | None, timeout: float) -> bool:
             "thread %s did not stop within %.1f s; leaving it",
             thread.name,
             timeout,
-            extra={"action": "thread_stuck", "thread": thread.name},
+            extra={"action": "thread_stuck", "thread_name": thread.name},
         )
         return False
     return True
