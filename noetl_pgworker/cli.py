@@ -79,6 +79,280 @@ def log_options(func: F) -> F:
     )(func)
 
 
+def options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Apply ``decorators`` as if stacked in this order (the first one on top)."""
+
+    def apply(func: F) -> F:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
+_START_OPTIONS = (
+    click.option(
+        "--worker-id",
+        envvar=_env("WORKER_ID"),
+        show_envvar=True,
+        default=None,
+        help="Name of this worker in noetl.runtime and noetl.command.worker_id."
+        "  [default: <host>-<pid>]",
+    ),
+    click.option(
+        "--concurrency",
+        envvar=_env("CONCURRENCY"),
+        show_envvar=True,
+        type=click.IntRange(1, 1024),
+        default=8,
+        show_default=True,
+        help="Threads, i.e. commands run at once.",
+    ),
+    click.option(
+        "--tool-kinds",
+        envvar=_env("TOOL_KINDS"),
+        show_envvar=True,
+        default=None,
+        help="Comma-separated tool kinds to claim; nothing else is claimed."
+        "  [default: every kind this worker has]",
+    ),
+    click.option(
+        "--poll-interval",
+        envvar=_env("POLL_INTERVAL"),
+        show_envvar=True,
+        type=click.FloatRange(0.01, 3600),
+        default=2.0,
+        show_default=True,
+        help="Seconds between claims when no NOTIFY arrives (the fallback).",
+    ),
+    click.option(
+        "--drain",
+        envvar=_env("DRAIN"),
+        show_envvar=True,
+        is_flag=True,
+        help="Exit 0 once the queue has nothing left for this worker.",
+    ),
+    click.option(
+        "--heartbeat-interval",
+        envvar=_env("HEARTBEAT_INTERVAL"),
+        show_envvar=True,
+        type=click.FloatRange(0.1, 15),
+        default=5.0,
+        show_default=True,
+        help="Seconds between noetl.runtime heartbeats.",
+    ),
+    click.option(
+        "--shutdown-timeout",
+        envvar=_env("SHUTDOWN_TIMEOUT"),
+        show_envvar=True,
+        type=click.FloatRange(0),
+        default=30.0,
+        show_default=True,
+        help="On SIGTERM/SIGINT, seconds to let running commands finish.",
+    ),
+    click.option(
+        "--spool-dir",
+        envvar=_env("SPOOL_DIR"),
+        show_envvar=True,
+        default=None,
+        help="Keep outcomes that cannot be written at shutdown (database away) in this directory;"
+        " the next start under the same worker id writes them.  [default: $STATE_DIRECTORY under"
+        " systemd, else not kept: their commands run again after the lease]",
+    ),
+    click.option(
+        "--connect-timeout",
+        envvar=_env("CONNECT_TIMEOUT"),
+        show_envvar=True,
+        type=click.FloatRange(1),
+        default=10.0,
+        show_default=True,
+        help="Seconds to wait for a database connection.",
+    ),
+    click.option(
+        "--max-result-bytes",
+        envvar=_env("MAX_RESULT_BYTES"),
+        show_envvar=True,
+        type=click.IntRange(1024),
+        default=1024 * 1024,
+        show_default=True,
+        help="Tool output larger than this is stored as a summary, not inline.",
+    ),
+    click.option(
+        "--lease",
+        envvar=_env("LEASE"),
+        show_envvar=True,
+        type=click.FloatRange(0.1),
+        default=120.0,
+        show_default=True,
+        help="Seconds after which a dead worker's claim may be taken back (NoETL uses 120).",
+    ),
+    click.option(
+        "--stale-after",
+        envvar=_env("STALE_AFTER"),
+        show_envvar=True,
+        type=click.FloatRange(0.1),
+        default=30.0,
+        show_default=True,
+        help="A worker whose noetl.runtime heartbeat is older than this many seconds is dead.",
+    ),
+    click.option(
+        "--max-attempts",
+        envvar=_env("MAX_ATTEMPTS"),
+        show_envvar=True,
+        type=click.IntRange(1, 1000),
+        default=3,
+        show_default=True,
+        help="A command abandoned by this many workers (crashes) ends FAILED instead of rerunning.",
+    ),
+    click.option(
+        "--command-timeout",
+        envvar=_env("COMMAND_TIMEOUT"),
+        show_envvar=True,
+        type=click.FloatRange(0.001),
+        default=300.0,
+        show_default=True,
+        help="Seconds a command may run; tool_config.timeout_seconds|timeout overrides it.",
+    ),
+    click.option(
+        "--python-mode",
+        envvar=_env("PYTHON_MODE"),
+        show_envvar=True,
+        type=click.Choice(["process", "spawn", "inline"]),
+        default="process",
+        show_default=True,
+        help="Run python commands in a fresh fork of the fork server (isolated), in a new"
+        " interpreter each (spawn: isolated, slower), or inline on a worker thread (fastest; a"
+        " crash or endless loop in the code takes the worker down).",
+    ),
+    click.option(
+        "--python-preload",
+        envvar=_env("PYTHON_PRELOAD"),
+        show_envvar=True,
+        default=None,
+        help="Comma-separated modules the fork server imports once, so python steps that import"
+        " them start warm.  [default: what the python runner needs]",
+    ),
+    click.option(
+        "--run-as",
+        envvar=_env("RUN_AS"),
+        show_envvar=True,
+        default=None,
+        help="Run python and shell commands as this user (the worker must run as root).",
+    ),
+    click.option(
+        "--child-max-procs",
+        envvar=_env("CHILD_MAX_PROCS"),
+        show_envvar=True,
+        type=click.IntRange(1),
+        default=256,
+        show_default=True,
+        help="Process limit (RLIMIT_NPROC, per user) of python and shell commands.",
+    ),
+    click.option(
+        "--child-max-file-mb",
+        envvar=_env("CHILD_MAX_FILE_MB"),
+        show_envvar=True,
+        type=click.IntRange(1),
+        default=1024,
+        show_default=True,
+        help="Largest file a python or shell command may write (RLIMIT_FSIZE), MiB.",
+    ),
+    click.option(
+        "--child-cpu-seconds",
+        envvar=_env("CHILD_CPU_SECONDS"),
+        show_envvar=True,
+        type=click.IntRange(1),
+        default=3600,
+        show_default=True,
+        help="CPU seconds of each process of a python or shell command (RLIMIT_CPU).",
+    ),
+    click.option(
+        "--python-memory-mb",
+        envvar=_env("PYTHON_MEMORY_MB"),
+        show_envvar=True,
+        type=click.IntRange(16),
+        default=2048,
+        show_default=True,
+        help="Address-space cap of a python or shell command's process (not inline).",
+    ),
+    click.option(
+        "--server-url",
+        envvar=[_env("SERVER_URL"), "NOETL_SERVER_URL"],
+        show_envvar=True,
+        default=None,
+        help="Report to this NoETL server over HTTP (so that workflows advance) instead of writing"
+        " status and event rows directly.  [default: direct mode]",
+    ),
+    click.option(
+        "--session-dsn",
+        envvar=_env("SESSION_DSN"),
+        show_envvar=True,
+        default=None,
+        help="A direct connection to PostgreSQL for what needs a session (LISTEN, the claim"
+        " session's advisory locks) when --dsn goes through a transaction-pooling proxy."
+        "  [default: --dsn]",
+    ),
+    click.option(
+        "--pool-mode",
+        envvar=_env("POOL_MODE"),
+        show_envvar=True,
+        type=click.Choice(["direct", "session", "transaction"]),
+        default="direct",
+        show_default=True,
+        help="How --dsn reaches PostgreSQL: directly, or through a pooling proxy such as PgBouncer"
+        " pooling sessions or transactions. transaction: no server-side prepared statements, and"
+        " LISTEN and the claim session's locks only over --session-dsn (without it the worker"
+        " polls every --poll-interval).",
+    ),
+    click.option(
+        "--metrics-port",
+        envvar=_env("METRICS_PORT"),
+        show_envvar=True,
+        type=click.IntRange(0, 65535),
+        default=None,
+        help="Serve Prometheus /metrics, /healthz and /readyz on this port.  [default: off]",
+    ),
+    click.option(
+        "--metrics-host",
+        envvar=_env("METRICS_HOST"),
+        show_envvar=True,
+        default="127.0.0.1",
+        show_default=True,
+        help="Address the metrics server listens on (0.0.0.0: every interface).",
+    ),
+    click.option(
+        "--gather",
+        envvar=_env("GATHER"),
+        show_envvar=True,
+        type=click.FloatRange(0, 0.5),
+        default=0.015,
+        show_default=True,
+        help="Seconds a finished command's outcome waits for other running commands' outcomes,"
+        " and (twice this) a free thread waits for others before claiming, so that one statement"
+        " serves several commands; only while other commands run and finish that often (an idle"
+        " worker never waits). 0: write and claim at once.",
+    ),
+    click.option(
+        "--start-write-delay",
+        envvar=_env("START_WRITE_DELAY"),
+        show_envvar=True,
+        type=click.FloatRange(0, 60),
+        default=0.2,
+        show_default=True,
+        help="Seconds a command runs before its start (status RUNNING, command.started) is written"
+        " on its own; a command that ends sooner has its start written with its outcome, in one"
+        " write. 0: write every start at once.",
+    ),
+    click.option(
+        "--skip-schema-check",
+        envvar=_env("SKIP_SCHEMA_CHECK"),
+        show_envvar=True,
+        is_flag=True,
+        help="Do not verify the schema before starting.",
+    ),
+)
+
+
 def handle_errors(func: F) -> F:
     """Expected failures: one clear line on stderr, exit 1; tracebacks only with -v."""
 
@@ -114,355 +388,71 @@ def main() -> None:
 
 @main.command()
 @dsn_option
-@click.option(
-    "--worker-id",
-    envvar=_env("WORKER_ID"),
-    show_envvar=True,
-    default=None,
-    help="Name of this worker in noetl.runtime and noetl.command.worker_id."
-    "  [default: <host>-<pid>]",
-)
-@click.option(
-    "--concurrency",
-    envvar=_env("CONCURRENCY"),
-    show_envvar=True,
-    type=click.IntRange(1, 1024),
-    default=8,
-    show_default=True,
-    help="Threads, i.e. commands run at once.",
-)
-@click.option(
-    "--tool-kinds",
-    envvar=_env("TOOL_KINDS"),
-    show_envvar=True,
-    default=None,
-    help="Comma-separated tool kinds to claim; nothing else is claimed."
-    "  [default: every kind this worker has]",
-)
-@click.option(
-    "--poll-interval",
-    envvar=_env("POLL_INTERVAL"),
-    show_envvar=True,
-    type=click.FloatRange(0.01, 3600),
-    default=2.0,
-    show_default=True,
-    help="Seconds between claims when no NOTIFY arrives (the fallback).",
-)
-@click.option(
-    "--drain",
-    envvar=_env("DRAIN"),
-    show_envvar=True,
-    is_flag=True,
-    help="Exit 0 once the queue has nothing left for this worker.",
-)
-@click.option(
-    "--heartbeat-interval",
-    envvar=_env("HEARTBEAT_INTERVAL"),
-    show_envvar=True,
-    type=click.FloatRange(0.1, 15),
-    default=5.0,
-    show_default=True,
-    help="Seconds between noetl.runtime heartbeats.",
-)
-@click.option(
-    "--shutdown-timeout",
-    envvar=_env("SHUTDOWN_TIMEOUT"),
-    show_envvar=True,
-    type=click.FloatRange(0),
-    default=30.0,
-    show_default=True,
-    help="On SIGTERM/SIGINT, seconds to let running commands finish.",
-)
-@click.option(
-    "--spool-dir",
-    envvar=_env("SPOOL_DIR"),
-    show_envvar=True,
-    default=None,
-    help="Keep outcomes that cannot be written at shutdown (database away) in this directory;"
-    " the next start under the same worker id writes them.  [default: $STATE_DIRECTORY under"
-    " systemd, else not kept: their commands run again after the lease]",
-)
-@click.option(
-    "--connect-timeout",
-    envvar=_env("CONNECT_TIMEOUT"),
-    show_envvar=True,
-    type=click.FloatRange(1),
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait for a database connection.",
-)
-@click.option(
-    "--max-result-bytes",
-    envvar=_env("MAX_RESULT_BYTES"),
-    show_envvar=True,
-    type=click.IntRange(1024),
-    default=1024 * 1024,
-    show_default=True,
-    help="Tool output larger than this is stored as a summary, not inline.",
-)
-@click.option(
-    "--lease",
-    envvar=_env("LEASE"),
-    show_envvar=True,
-    type=click.FloatRange(0.1),
-    default=120.0,
-    show_default=True,
-    help="Seconds after which a dead worker's claim may be taken back (NoETL uses 120).",
-)
-@click.option(
-    "--stale-after",
-    envvar=_env("STALE_AFTER"),
-    show_envvar=True,
-    type=click.FloatRange(0.1),
-    default=30.0,
-    show_default=True,
-    help="A worker whose noetl.runtime heartbeat is older than this many seconds is dead.",
-)
-@click.option(
-    "--max-attempts",
-    envvar=_env("MAX_ATTEMPTS"),
-    show_envvar=True,
-    type=click.IntRange(1, 1000),
-    default=3,
-    show_default=True,
-    help="A command abandoned by this many workers (crashes) ends FAILED instead of rerunning.",
-)
-@click.option(
-    "--command-timeout",
-    envvar=_env("COMMAND_TIMEOUT"),
-    show_envvar=True,
-    type=click.FloatRange(0.001),
-    default=300.0,
-    show_default=True,
-    help="Seconds a command may run; tool_config.timeout_seconds|timeout overrides it.",
-)
-@click.option(
-    "--python-mode",
-    envvar=_env("PYTHON_MODE"),
-    show_envvar=True,
-    type=click.Choice(["process", "spawn", "inline"]),
-    default="process",
-    show_default=True,
-    help="Run python commands in a fresh fork of the fork server (isolated), in a new"
-    " interpreter each (spawn: isolated, slower), or inline on a worker thread (fastest; a"
-    " crash or endless loop in the code takes the worker down).",
-)
-@click.option(
-    "--python-preload",
-    envvar=_env("PYTHON_PRELOAD"),
-    show_envvar=True,
-    default=None,
-    help="Comma-separated modules the fork server imports once, so python steps that import"
-    " them start warm.  [default: what the python runner needs]",
-)
-@click.option(
-    "--run-as",
-    envvar=_env("RUN_AS"),
-    show_envvar=True,
-    default=None,
-    help="Run python and shell commands as this user (the worker must run as root).",
-)
-@click.option(
-    "--child-max-procs",
-    envvar=_env("CHILD_MAX_PROCS"),
-    show_envvar=True,
-    type=click.IntRange(1),
-    default=256,
-    show_default=True,
-    help="Process limit (RLIMIT_NPROC, per user) of python and shell commands.",
-)
-@click.option(
-    "--child-max-file-mb",
-    envvar=_env("CHILD_MAX_FILE_MB"),
-    show_envvar=True,
-    type=click.IntRange(1),
-    default=1024,
-    show_default=True,
-    help="Largest file a python or shell command may write (RLIMIT_FSIZE), MiB.",
-)
-@click.option(
-    "--child-cpu-seconds",
-    envvar=_env("CHILD_CPU_SECONDS"),
-    show_envvar=True,
-    type=click.IntRange(1),
-    default=3600,
-    show_default=True,
-    help="CPU seconds of each process of a python or shell command (RLIMIT_CPU).",
-)
-@click.option(
-    "--python-memory-mb",
-    envvar=_env("PYTHON_MEMORY_MB"),
-    show_envvar=True,
-    type=click.IntRange(16),
-    default=2048,
-    show_default=True,
-    help="Address-space cap of a python or shell command's process (not inline).",
-)
-@click.option(
-    "--server-url",
-    envvar=[_env("SERVER_URL"), "NOETL_SERVER_URL"],
-    show_envvar=True,
-    default=None,
-    help="Report to this NoETL server over HTTP (so that workflows advance) instead of writing"
-    " status and event rows directly.  [default: direct mode]",
-)
-@click.option(
-    "--session-dsn",
-    envvar=_env("SESSION_DSN"),
-    show_envvar=True,
-    default=None,
-    help="A direct connection to PostgreSQL for what needs a session (LISTEN, the claim"
-    " session's advisory locks) when --dsn goes through a transaction-pooling proxy."
-    "  [default: --dsn]",
-)
-@click.option(
-    "--pool-mode",
-    envvar=_env("POOL_MODE"),
-    show_envvar=True,
-    type=click.Choice(["direct", "session", "transaction"]),
-    default="direct",
-    show_default=True,
-    help="How --dsn reaches PostgreSQL: directly, or through a pooling proxy such as PgBouncer"
-    " pooling sessions or transactions. transaction: no server-side prepared statements, and"
-    " LISTEN and the claim session's locks only over --session-dsn (without it the worker"
-    " polls every --poll-interval).",
-)
-@click.option(
-    "--metrics-port",
-    envvar=_env("METRICS_PORT"),
-    show_envvar=True,
-    type=click.IntRange(0, 65535),
-    default=None,
-    help="Serve Prometheus /metrics, /healthz and /readyz on this port.  [default: off]",
-)
-@click.option(
-    "--metrics-host",
-    envvar=_env("METRICS_HOST"),
-    show_envvar=True,
-    default="127.0.0.1",
-    show_default=True,
-    help="Address the metrics server listens on (0.0.0.0: every interface).",
-)
-@click.option(
-    "--gather",
-    envvar=_env("GATHER"),
-    show_envvar=True,
-    type=click.FloatRange(0, 0.5),
-    default=0.015,
-    show_default=True,
-    help="Seconds a finished command's outcome waits for other running commands' outcomes,"
-    " and (twice this) a free thread waits for others before claiming, so that one statement"
-    " serves several commands; only while other commands run and finish that often (an idle"
-    " worker never waits). 0: write and claim at once.",
-)
-@click.option(
-    "--start-write-delay",
-    envvar=_env("START_WRITE_DELAY"),
-    show_envvar=True,
-    type=click.FloatRange(0, 60),
-    default=0.2,
-    show_default=True,
-    help="Seconds a command runs before its start (status RUNNING, command.started) is written"
-    " on its own; a command that ends sooner has its start written with its outcome, in one"
-    " write. 0: write every start at once.",
-)
-@click.option(
-    "--skip-schema-check",
-    envvar=_env("SKIP_SCHEMA_CHECK"),
-    show_envvar=True,
-    is_flag=True,
-    help="Do not verify the schema before starting.",
-)
+@options(*_START_OPTIONS)
 @log_options
 @handle_errors
-def start(
-    dsn: str,
-    worker_id: str | None,
-    concurrency: int,
-    tool_kinds: str | None,
-    poll_interval: float,
-    drain: bool,
-    heartbeat_interval: float,
-    shutdown_timeout: float,
-    spool_dir: str | None,
-    connect_timeout: float,
-    max_result_bytes: int,
-    lease: float,
-    stale_after: float,
-    max_attempts: int,
-    command_timeout: float,
-    python_mode: str,
-    python_preload: str | None,
-    run_as: str | None,
-    child_max_procs: int,
-    child_max_file_mb: int,
-    child_cpu_seconds: int,
-    python_memory_mb: int,
-    server_url: str | None,
-    session_dsn: str | None,
-    pool_mode: str,
-    metrics_port: int | None,
-    metrics_host: str,
-    gather: float,
-    start_write_delay: float,
-    skip_schema_check: bool,
-    log_level: str,
-    log_format: str,
-    verbose: bool,
-) -> None:
+def start(**opts: Any) -> None:
     """Claim and run commands until stopped (SIGTERM/SIGINT: graceful; twice: now)."""
     from .worker import Worker
 
-    values: dict[str, Any] = {
-        "dsn": dsn,
-        "concurrency": concurrency,
-        "tool_kinds": tool_kinds,
-        "poll_interval": poll_interval,
-        "drain": drain,
-        "heartbeat_interval": heartbeat_interval,
-        "shutdown_timeout": shutdown_timeout,
-        "connect_timeout": connect_timeout,
-        "max_result_bytes": max_result_bytes,
-        "lease": lease,
-        "stale_after": stale_after,
-        "max_attempts": max_attempts,
-        "command_timeout": command_timeout,
-        "python_mode": python_mode,
-        "python_memory_mb": python_memory_mb,
-        "python_preload": python_preload or None,
-        "run_as": run_as or None,
-        "child_max_procs": child_max_procs,
-        "child_max_file_mb": child_max_file_mb,
-        "child_cpu_seconds": child_cpu_seconds,
-        "spool_dir": spool_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or None,
-        "server_url": server_url or None,
-        "session_dsn": session_dsn or None,
-        "pool_mode": pool_mode,
-        "metrics_port": metrics_port,
-        "metrics_host": metrics_host,
-        "verify_schema": not skip_schema_check,
-        "write_gather": gather,
-        "claim_gather": 2 * gather,
-        "start_write_delay": start_write_delay,
-    }
-    if worker_id:
-        values["worker_id"] = worker_id
-    try:
-        settings = Settings(**values)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        raise ConfigError(f"invalid settings: {problems}") from exc
-    if not worker_id:
-        logs.configure(log_level, log_format, settings.worker_id)
+    settings = _start_settings(opts)
+    if not opts["worker_id"]:
+        logs.configure(opts["log_level"], opts["log_format"], settings.worker_id)
     harden_process()  # children cannot read this process's memory or /proc/<pid>/environ
     worker = Worker(settings, notifier=Notifier.from_env())
     _install_signal_handlers(worker.stop)
     summary = worker.run()
     if not summary.clean:
         sys.exit(1)
+
+
+# start's options that go to Settings under the same name and value.
+_SETTINGS_AS_IS = (
+    "dsn",
+    "concurrency",
+    "tool_kinds",
+    "poll_interval",
+    "drain",
+    "heartbeat_interval",
+    "shutdown_timeout",
+    "connect_timeout",
+    "max_result_bytes",
+    "lease",
+    "stale_after",
+    "max_attempts",
+    "command_timeout",
+    "python_mode",
+    "python_memory_mb",
+    "child_max_procs",
+    "child_max_file_mb",
+    "child_cpu_seconds",
+    "pool_mode",
+    "metrics_port",
+    "metrics_host",
+    "start_write_delay",
+)
+
+
+def _start_settings(opts: dict[str, Any]) -> Settings:
+    """The Settings of ``start``'s options; a clear ConfigError when they do not validate."""
+    values: dict[str, Any] = {name: opts[name] for name in _SETTINGS_AS_IS}
+    for name in ("python_preload", "run_as", "server_url", "session_dsn"):
+        values[name] = opts[name] or None
+    state_directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    values["spool_dir"] = opts["spool_dir"] or state_directory or None
+    values["verify_schema"] = not opts["skip_schema_check"]
+    values["write_gather"] = opts["gather"]
+    values["claim_gather"] = 2 * opts["gather"]
+    if opts["worker_id"]:
+        values["worker_id"] = opts["worker_id"]
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc
 
 
 def _install_signal_handlers(graceful: Callable[[], None]) -> None:
@@ -561,42 +551,52 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
     return parsed
 
 
+_ENQUEUE_OPTIONS = (
+    click.option(
+        "--tool-kind", default="noop", show_default=True, help="Tool kind of the commands."
+    ),
+    click.option("--step", default="step", show_default=True, help="Step name of the commands."),
+    click.option(
+        "--config",
+        "tool_config",
+        callback=_json_object,
+        help="Tool configuration as a JSON object (context.tool_config),"
+        ' e.g. \'{"code": "result = 1"}\'.',
+    ),
+    click.option(
+        "--input",
+        "args",
+        callback=_json_object,
+        help="Step inputs as a JSON object (context.input).",
+    ),
+    click.option(
+        "--count", type=click.IntRange(1), default=1, show_default=True, help="How many commands."
+    ),
+    click.option(
+        "--executions",
+        type=click.IntRange(1),
+        default=1,
+        show_default=True,
+        help="Spread the commands over this many new executions.",
+    ),
+    click.option(
+        "--execution-id",
+        type=int,
+        default=None,
+        help="Add the commands to this existing execution instead.",
+    ),
+    click.option(
+        "--catalog-path",
+        default=enqueue_mod.DEFAULT_CATALOG_PATH,
+        show_default=True,
+        help="Playbook path in noetl.catalog (created when missing).",
+    ),
+)
+
+
 @main.command(name="enqueue")
 @dsn_option
-@click.option("--tool-kind", default="noop", show_default=True, help="Tool kind of the commands.")
-@click.option("--step", default="step", show_default=True, help="Step name of the commands.")
-@click.option(
-    "--config",
-    "tool_config",
-    callback=_json_object,
-    help="Tool configuration as a JSON object (context.tool_config),"
-    ' e.g. \'{"code": "result = 1"}\'.',
-)
-@click.option(
-    "--input", "args", callback=_json_object, help="Step inputs as a JSON object (context.input)."
-)
-@click.option(
-    "--count", type=click.IntRange(1), default=1, show_default=True, help="How many commands."
-)
-@click.option(
-    "--executions",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    help="Spread the commands over this many new executions.",
-)
-@click.option(
-    "--execution-id",
-    type=int,
-    default=None,
-    help="Add the commands to this existing execution instead.",
-)
-@click.option(
-    "--catalog-path",
-    default=enqueue_mod.DEFAULT_CATALOG_PATH,
-    show_default=True,
-    help="Playbook path in noetl.catalog (created when missing).",
-)
+@options(*_ENQUEUE_OPTIONS)
 @log_options
 @handle_errors
 def enqueue_cmd(
@@ -636,31 +636,36 @@ def enqueue_cmd(
     )
 
 
+_STATUS_OPTIONS = (
+    click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
+    click.option(
+        "--watch",
+        "watch",
+        type=click.FloatRange(0.2),
+        default=None,
+        is_flag=False,
+        flag_value=2.0,
+        help="Refresh every N seconds (2 if no value) until Ctrl-C, with commands/s per worker.",
+    ),
+    click.option(
+        "--lease",
+        type=click.FloatRange(0.1),
+        default=120.0,
+        show_default=True,
+        help="Claims older than this are reported as stuck.",
+    ),
+    click.option(
+        "--exact",
+        is_flag=True,
+        help="Count finished commands (history) exactly: reads every row of noetl.command."
+        "  [default: live commands exact, history estimated from statistics]",
+    ),
+)
+
+
 @main.command(name="status")
 @dsn_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option(
-    "--watch",
-    "watch",
-    type=click.FloatRange(0.2),
-    default=None,
-    is_flag=False,
-    flag_value=2.0,
-    help="Refresh every N seconds (2 if no value) until Ctrl-C, with commands/s per worker.",
-)
-@click.option(
-    "--lease",
-    type=click.FloatRange(0.1),
-    default=120.0,
-    show_default=True,
-    help="Claims older than this are reported as stuck.",
-)
-@click.option(
-    "--exact",
-    is_flag=True,
-    help="Count finished commands (history) exactly: reads every row of noetl.command."
-    "  [default: live commands exact, history estimated from statistics]",
-)
+@options(*_STATUS_OPTIONS)
 @log_options
 @handle_errors
 def status_cmd(
