@@ -78,31 +78,7 @@ class HttpTool:
         params = cfg.get("params")
         if params is not None and not isinstance(params, dict):
             raise ToolError("http: tool_config.params must be an object")
-        auth: tuple[str, str] | None = None
-        cred: Credential | None = None
-        alias_headers: set[str] = set()  # names of the headers the alias adds
-        alias = auth_alias(cfg)
-        if alias:
-            cred = ctx.credentials.get(alias)
-            headers.update(cred.headers)
-            alias_headers = {k.lower() for k in cred.headers}
-            if cred.token and "authorization" not in {k.lower() for k in headers}:
-                headers["Authorization"] = f"Bearer {cred.token}"
-                alias_headers.add("authorization")
-            if cred.username is not None and cred.password is not None:
-                auth = (cred.username, cred.password)
-                alias_headers.add("authorization")
-        body: dict[str, Any] = {}
-        for key in ("payload", "body", "json"):
-            if cfg.get(key) is not None:
-                body["json"] = cfg[key]
-                break
-        else:
-            form = cfg.get("data")
-            if isinstance(form, dict):
-                body["data"] = form
-            elif isinstance(form, str):
-                body["content"] = form
+        alias = _AliasAuth.of(cfg, ctx, headers)
         follow = bool(cfg.get("follow_redirects", True))
         try:
             max_redirects = int(cfg.get("max_redirects", DEFAULT_MAX_REDIRECTS))
@@ -112,41 +88,12 @@ class HttpTool:
         client = self._client(bool(cfg.get("verify_ssl", True)))
         try:
             request = client.build_request(
-                method, url, headers=headers, params=params, timeout=ctx.remaining(), **body
+                method, url, headers=headers, params=params, timeout=ctx.remaining(), **_body(cfg)
             )
-            if cred is not None and not cred.allows_host(request.url.host):
-                raise CredentialError(
-                    f"http: credential {cred.alias!r} may not be sent to"
-                    f" {request.url.host!r} (its allowed_hosts:"
-                    f" {', '.join(cred.allowed_hosts or ())})"
-                )
-            first_url = request.url
-            redirects = 0
-            while True:
-                response = client.send(request, auth=auth if redirects == 0 else None, stream=True)
-                try:
-                    next_request = response.next_request if follow else None
-                    if next_request is None:
-                        content = bytearray()
-                        for chunk in response.iter_bytes():
-                            content += chunk
-                            if len(content) > MAX_RESPONSE_BYTES:
-                                raise ToolError(
-                                    f"http: response from {shown} is larger than"
-                                    f" {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB"
-                                )
-                        break
-                finally:
-                    response.close()
-                redirects += 1
-                if redirects > max_redirects:
-                    raise ToolError(f"http: {method} {shown}: more than {max_redirects} redirects")
-                # httpx drops only Authorization on a cross-origin redirect: drop every header
-                # the alias added, so its secrets go nowhere but where they were meant for.
-                if alias_headers and not _same_site(first_url, next_request.url):
-                    for name in alias_headers:
-                        next_request.headers.pop(name, None)
-                request = next_request
+            alias.check_host(request.url.host)
+            response, content = _send(
+                client, request, alias, max_redirects if follow else None, method, shown
+            )
         except httpx.TimeoutException:
             raise ToolTimeout(f"http: {method} {shown} timed out after {ctx.timeout:g} s") from None
         except httpx.ConnectError as exc:
@@ -160,13 +107,105 @@ class HttpTool:
             "headers": dict(response.headers),
             "url": redact_url(str(response.url)),
             "elapsed": response.elapsed.total_seconds(),
-            "data": _decode(bytes(content), response),
+            "data": _decode(content, response),
         }
-        if cred is not None:  # a server may echo what it was sent
-            out = cred.scrub(out)
+        if alias.cred is not None:  # a server may echo what it was sent
+            out = alias.cred.scrub(out)
         if not response.is_success:
             raise ToolError(f"HTTP {response.status_code}: {response.reason_phrase}", data=out)
         return out
+
+
+class _AliasAuth:
+    """What a credential alias adds to a request: headers, basic auth, the hosts it may reach."""
+
+    def __init__(self) -> None:
+        self.cred: Credential | None = None
+        self.auth: tuple[str, str] | None = None
+        self.headers: set[str] = set()  # names (lower case) of the headers the alias adds
+
+    @classmethod
+    def of(cls, cfg: dict[str, Any], ctx: ToolContext, headers: dict[str, str]) -> _AliasAuth:
+        """The alias of ``cfg`` (if any), its headers added to ``headers``."""
+        self = cls()
+        alias = auth_alias(cfg)
+        if not alias:
+            return self
+        cred = self.cred = ctx.credentials.get(alias)
+        headers.update(cred.headers)
+        self.headers = {k.lower() for k in cred.headers}
+        if cred.token and "authorization" not in {k.lower() for k in headers}:
+            headers["Authorization"] = f"Bearer {cred.token}"
+            self.headers.add("authorization")
+        if cred.username is not None and cred.password is not None:
+            self.auth = (cred.username, cred.password)
+            self.headers.add("authorization")
+        return self
+
+    def check_host(self, host: str) -> None:
+        cred = self.cred
+        if cred is not None and not cred.allows_host(host):
+            raise CredentialError(
+                f"http: credential {cred.alias!r} may not be sent to"
+                f" {host!r} (its allowed_hosts:"
+                f" {', '.join(cred.allowed_hosts or ())})"
+            )
+
+
+def _body(cfg: dict[str, Any]) -> dict[str, Any]:
+    """httpx's body keyword: ``json`` of payload|body|json, else ``data`` (form) or ``content``."""
+    for key in ("payload", "body", "json"):
+        if cfg.get(key) is not None:
+            return {"json": cfg[key]}
+    form = cfg.get("data")
+    if isinstance(form, dict):
+        return {"data": form}
+    if isinstance(form, str):
+        return {"content": form}
+    return {}
+
+
+def _send(
+    client: httpx.Client,
+    request: httpx.Request,
+    alias: _AliasAuth,
+    max_redirects: int | None,
+    method: str,
+    shown: str,
+) -> tuple[httpx.Response, bytes]:
+    """Send ``request``, following up to ``max_redirects`` redirects (None: none); the last
+    response (closed) and its body, refused over MAX_RESPONSE_BYTES."""
+    first_url = request.url
+    redirects = 0
+    while True:
+        response = client.send(request, auth=alias.auth if redirects == 0 else None, stream=True)
+        try:
+            next_request = response.next_request if max_redirects is not None else None
+            if next_request is None:
+                return response, _read_limited(response, shown)
+        finally:
+            response.close()
+        redirects += 1
+        if redirects > (max_redirects or 0):
+            raise ToolError(f"http: {method} {shown}: more than {max_redirects} redirects")
+        # httpx drops only Authorization on a cross-origin redirect: drop every header
+        # the alias added, so its secrets go nowhere but where they were meant for.
+        if alias.headers and not _same_site(first_url, next_request.url):
+            for name in alias.headers:
+                next_request.headers.pop(name, None)
+        request = next_request
+
+
+def _read_limited(response: httpx.Response, shown: str) -> bytes:
+    content = bytearray()
+    for chunk in response.iter_bytes():
+        content += chunk
+        if len(content) > MAX_RESPONSE_BYTES:
+            raise ToolError(
+                f"http: response from {shown} is larger than"
+                f" {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB"
+            )
+    return bytes(content)
 
 
 def _same_site(origin: httpx.URL, url: httpx.URL) -> bool:
