@@ -64,9 +64,33 @@ class Metrics(NullMetrics):
         listener_reconnects: Callable[[], int],
         heartbeat_age: Callable[[], float],
     ) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry(auto_describe=True)
+        self._add_counters()
+        self._add_histograms()
+        self._add_gauges(
+            {
+                "noetl_pgworker_in_flight": ("Commands running now.", in_flight),
+                "noetl_pgworker_free_slots": ("Threads free to start a command.", free_slots),
+                "noetl_pgworker_pending_writes": (
+                    "Commands whose state awaits its write.",
+                    pending_writes,
+                ),
+                "noetl_pgworker_listener_reconnects": (
+                    "LISTEN connections replaced.",
+                    listener_reconnects,
+                ),
+                "noetl_pgworker_heartbeat_age_seconds": (
+                    "Seconds since the last successful heartbeat.",
+                    heartbeat_age,
+                ),
+            }
+        )
+
+    def _add_counters(self) -> None:
+        from prometheus_client import Counter
+
         r = self.registry
         self._claimed = Counter(
             "noetl_pgworker_commands_claimed", "Commands claimed.", ["tool_kind"], registry=r
@@ -98,6 +122,17 @@ class Metrics(NullMetrics):
             "Event batches the NoETL server accepted (202) and then failed.",
             registry=r,
         )
+        self._db_errors = Counter(
+            "noetl_pgworker_database_errors",
+            "Database errors by component.",
+            ["component"],
+            registry=r,
+        )
+
+    def _add_histograms(self) -> None:
+        from prometheus_client import Histogram
+
+        r = self.registry
         self._duration = Histogram(
             "noetl_pgworker_command_duration_seconds",
             "Time a tool ran.",
@@ -117,12 +152,12 @@ class Metrics(NullMetrics):
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self._db_errors = Counter(
-            "noetl_pgworker_database_errors",
-            "Database errors by component.",
-            ["component"],
-            registry=r,
-        )
+
+    def _add_gauges(self, sampled: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        """The sampled gauges, and one gauge per ``sampled`` name reading (doc, function)."""
+        from prometheus_client import Gauge
+
+        r = self.registry
         self._depth = Gauge(
             "noetl_pgworker_queue_depth",
             "Commands by status and tool kind (sampled).",
@@ -134,25 +169,7 @@ class Metrics(NullMetrics):
             "Claims (any worker's) older than the lease (sampled).",
             registry=r,
         )
-        for name, doc, fn in (
-            ("noetl_pgworker_in_flight", "Commands running now.", in_flight),
-            ("noetl_pgworker_free_slots", "Threads free to start a command.", free_slots),
-            (
-                "noetl_pgworker_pending_writes",
-                "Commands whose state awaits its write.",
-                pending_writes,
-            ),
-            (
-                "noetl_pgworker_listener_reconnects",
-                "LISTEN connections replaced.",
-                listener_reconnects,
-            ),
-            (
-                "noetl_pgworker_heartbeat_age_seconds",
-                "Seconds since the last successful heartbeat.",
-                heartbeat_age,
-            ),
-        ):
+        for name, (doc, fn) in sampled.items():
             Gauge(name, doc, registry=r).set_function(fn)
 
     def claimed(
