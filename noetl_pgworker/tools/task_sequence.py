@@ -157,13 +157,8 @@ class TaskSequenceTool:
                 )
             runs += 1
             if runs > MAX_TASK_RUNS:
-                return state.finish(
-                    "failed",
-                    error={
-                        "kind": "config",
-                        "message": f"task_sequence: more than {MAX_TASK_RUNS} task runs",
-                    },
-                    failed_task=task.name,
+                return _config_failure(
+                    state, task, f"task_sequence: more than {MAX_TASK_RUNS} task runs"
                 )
             state.task = task.name
             state.attempt = retries.get(task.name, 0) + 1
@@ -174,16 +169,7 @@ class TaskSequenceTool:
 
             eval_ctx = {**render_ctx, **state.variables()}
             action = decide(task.rules, eval_ctx, state.output or {})
-            for key, value in (action.set or {}).items():
-                if isinstance(value, str) and "{{" in value:
-                    value = render_condition(value, eval_ctx)
-                key = str(key)
-                if key.startswith("iter."):
-                    state.iter[key[5:]] = value
-                elif key.startswith(("ctx.", "step.")):
-                    state.ctx[key.split(".", 1)[1]] = value
-                else:
-                    state.ctx[key] = value
+            _apply_set(state, action.set or {}, eval_ctx)
 
             error = (state.output or {}).get("error")
             if action.do == "continue":
@@ -196,36 +182,10 @@ class TaskSequenceTool:
                 if delay > 0:
                     self._sleep(min(delay, ctx.remaining()))
             elif action.do == "jump":
-                target = action.to
-                if not target:
-                    return state.finish(
-                        "failed",
-                        error={"kind": "config", "message": "Jump action missing 'to' target"},
-                        failed_task=task.name,
-                    )
-                if isinstance(target, str) and target.strip().lower() in PREVIOUS:
-                    if index == 0:
-                        return state.finish(
-                            "failed",
-                            error={
-                                "kind": "config",
-                                "message": "Jump target 'previous' invalid for first task",
-                            },
-                            failed_task=task.name,
-                        )
-                    index -= 1
-                else:
-                    found = [i for i, t in enumerate(tasks) if t.name == target]
-                    if not found:
-                        return state.finish(
-                            "failed",
-                            error={
-                                "kind": "config",
-                                "message": f"Jump target '{target}' not found",
-                            },
-                            failed_task=task.name,
-                        )
-                    index = found[0]
+                jumped = _jump(tasks, index, action.to)
+                if isinstance(jumped, str):
+                    return _config_failure(state, task, jumped)
+                index = jumped
             elif action.do == "break":
                 return state.finish("break", remaining_actions=raw_tasks[index + 1 :])
             else:  # fail, or an action NoETL does not know (it fails too)
@@ -247,34 +207,12 @@ class TaskSequenceTool:
     ) -> None:
         """Render and run one task; record its output in ``state``."""
         started = time.monotonic()
-        render_ms = tool_ms = 0
         kind = task.kind if isinstance(task.kind, str) else str(task.kind)
+        times = {"render_ms": 0, "tool_ms": 0}
         error: dict[str, Any] | None = None
         result: Any = None
         try:
-            config = {k: v for k, v in task.config.items() if k not in ("kind", "spec", "output")}
-            if kind != "noop" and config:
-                config = render_value(config, render_ctx)
-            render_ms = _ms(started)
-            sub = command.model_copy(
-                update={
-                    "tool_kind": kind,
-                    "input": {"tool_config": config, "input": {}, "render_context": render_ctx},
-                }
-            )
-            tool = self.registry.get(kind)
-            remaining = ctx.remaining()
-            sub_ctx = ToolContext(
-                timeout=min(command_timeout(sub, remaining), remaining),
-                credentials=ctx.credentials,
-            )
-            tool_started = time.monotonic()
-            try:
-                result = tool.run(sub, sub_ctx)
-            finally:
-                tool_ms = _ms(tool_started)
-            if isinstance(result, ToolOutput):
-                result = result.data
+            result = self._call_tool(command, ctx, task, kind, render_ctx, times)
             if isinstance(result, dict) and result.get("status") == "error":
                 error = returned_error(result)
         except ToolError as exc:
@@ -300,10 +238,77 @@ class TaskSequenceTool:
                 "attempt": state.attempt,
                 "status": status,
                 "duration_ms": duration_ms,
-                "render_ms": render_ms,
-                "tool_ms": tool_ms,
+                **times,
             }
         )
+
+    def _call_tool(
+        self,
+        command: Command,
+        ctx: ToolContext,
+        task: Task,
+        kind: str,
+        render_ctx: dict[str, Any],
+        times: dict[str, int],
+    ) -> Any:
+        """Render ``task``'s config and run its tool; ``times`` gets render_ms and tool_ms."""
+        started = time.monotonic()
+        config = {k: v for k, v in task.config.items() if k not in ("kind", "spec", "output")}
+        if kind != "noop" and config:
+            config = render_value(config, render_ctx)
+        times["render_ms"] = _ms(started)
+        sub = command.model_copy(
+            update={
+                "tool_kind": kind,
+                "input": {"tool_config": config, "input": {}, "render_context": render_ctx},
+            }
+        )
+        tool = self.registry.get(kind)
+        remaining = ctx.remaining()
+        sub_ctx = ToolContext(
+            timeout=min(command_timeout(sub, remaining), remaining),
+            credentials=ctx.credentials,
+        )
+        tool_started = time.monotonic()
+        try:
+            result = tool.run(sub, sub_ctx)
+        finally:
+            times["tool_ms"] = _ms(tool_started)
+        return result.data if isinstance(result, ToolOutput) else result
+
+
+def _config_failure(state: State, task: Task, message: str) -> dict[str, Any]:
+    return state.finish(
+        "failed", error={"kind": "config", "message": message}, failed_task=task.name
+    )
+
+
+def _apply_set(state: State, values: dict[Any, Any], eval_ctx: dict[str, Any]) -> None:
+    """A policy's ``set``: ``iter.x`` into the iteration, ``ctx.x``/``step.x``/``x`` into ctx."""
+    for key, value in values.items():
+        if isinstance(value, str) and "{{" in value:
+            value = render_condition(value, eval_ctx)
+        key = str(key)
+        if key.startswith("iter."):
+            state.iter[key[5:]] = value
+        elif key.startswith(("ctx.", "step.")):
+            state.ctx[key.split(".", 1)[1]] = value
+        else:
+            state.ctx[key] = value
+
+
+def _jump(tasks: list[Task], index: int, target: Any) -> int | str:
+    """The index a jump from ``tasks[index]`` to ``target`` lands on, or why it cannot."""
+    if not target:
+        return "Jump action missing 'to' target"
+    if isinstance(target, str) and target.strip().lower() in PREVIOUS:
+        if index == 0:
+            return "Jump target 'previous' invalid for first task"
+        return index - 1
+    found = [i for i, t in enumerate(tasks) if t.name == target]
+    if not found:
+        return f"Jump target '{target}' not found"
+    return found[0]
 
 
 def _mapping(value: Any) -> dict[str, Any]:
