@@ -18,11 +18,12 @@ from .memory import InMemorySink, InMemorySource
 from .models import Command, CommandRef, CommandStatus, Outcome
 from .reporter import Reporter
 from .sink import PgSink, Sink
-from .source import CommandSource, PgCommandSource, SourceHooks
+from .source import ClaimOptions, CommandSource, PgCommandSource, SourceHooks
 from .tools import Tool, ToolRegistry, default_registry
 from .worker import RunSummary, Worker
 
 __all__ = [
+    "ClaimOptions",
     "Command",
     "CommandRef",
     "CommandSource",

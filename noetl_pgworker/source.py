@@ -126,12 +126,30 @@ class CommandSource(Protocol):
 SourceFactory = Callable[[SourceHooks], CommandSource]
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimOptions:
+    """How a :class:`PgCommandSource` claims (the worker's settings of the same names)."""
+
+    #: Seconds between claims when no NOTIFY arrives.
+    poll_interval: float = 2.0
+    #: ``next()`` returns None once nothing is left to claim.
+    drain: bool = False
+    #: Seconds after which a dead worker's claim may be taken back.
+    lease: float = 120.0
+    #: A worker whose heartbeat is older than this many seconds is dead.
+    stale_after: float = 30.0
+    #: A command abandoned this many times ends FAILED (poison).
+    max_attempts: int = 3
+    #: Seconds between recoveries of dead workers' claims.  [default: min(lease, stale_after)/4]
+    reclaim_every: float | None = None
+
+
 class PgCommandSource:
     """Claims commands from ``noetl.command`` in batches as large as the free thread slots.
 
-    ``free_slots`` tells how many threads are free *besides* the one the caller of ``next()``
-    already holds; a claim takes at most ``1 + free_slots()`` rows. The claimed rows wait in a
-    small local buffer only until the claim loop hands them to those free threads.
+    ``hooks.free_slots`` tells how many threads are free *besides* the one the caller of
+    ``next()`` already holds; a claim takes at most ``1 + free_slots()`` rows. The claimed rows
+    wait in a small local buffer only until the claim loop hands them to those free threads.
     """
 
     def __init__(
@@ -140,66 +158,55 @@ class PgCommandSource:
         *,
         worker_id: str,
         tool_kinds: Iterable[str],
-        free_slots: Callable[[], int],
-        wake: threading.Event,
-        stop: threading.Event,
-        poll_interval: float = 2.0,
-        drain: bool = False,
-        on_malformed: MalformedHandler | None = None,
-        lease: float = 120.0,
-        stale_after: float = 30.0,
-        max_attempts: int = 3,
-        reclaim_every: float | None = None,
-        held: Callable[[], Iterable[int]] = tuple,
+        hooks: SourceHooks | None = None,
+        options: ClaimOptions | None = None,
         metrics: NullMetrics | None = None,
-        tick: Callable[[], None] | None = None,
-        woken_at: Callable[[], float | None] | None = None,
-        on_poisoned: MalformedHandler | None = None,
         session: ClaimSession | None = None,
     ) -> None:
         self._pool = pool
-        if session is None:
-            # A session of its own (tests, tools): closed with the source.
-            me = weakref.ref(self)
-            conninfo = pool.conninfo if isinstance(pool.conninfo, str) else pool.conninfo()
-            kwargs = pool.kwargs if isinstance(pool.kwargs, dict) or pool.kwargs is None else {}
-            session = ClaimSession(
-                conninfo,
-                held=lambda: me()._held_now() if me() is not None else (),  # type: ignore[union-attr]
-                connect_options=dict(kwargs or {}),
-            )
-            weakref.finalize(self, session.close)
         #: Claims run here; it holds a session-level lock on each claimed command.
-        self.session = session
+        self.session = session if session is not None else self._own_session(pool)
         self._worker_id = worker_id
         self._tool_kinds = sorted(set(tool_kinds))
-        self._free_slots = free_slots
-        self._wake = wake
-        self._stop = stop
-        self._poll_interval = poll_interval
-        self._drain = drain
-        self._on_malformed = on_malformed
+        hooks = hooks or SourceHooks()
+        self._free_slots = hooks.free_slots
+        self._wake = hooks.wake
+        self._stop = hooks.stop
+        self._on_malformed = hooks.on_malformed
         #: Called for each command failed as poison (already FAILED in the database).
-        self._on_poisoned = on_poisoned
-        self._lease = lease
-        self._stale_after = stale_after
-        self._max_attempts = max_attempts
+        self._on_poisoned = hooks.on_poisoned
+        self._held = hooks.held
+        self._tick = hooks.tick
+        self._woken_at = hooks.woken_at
+        o = self.options = options or ClaimOptions()
         # Recovery runs inside the claim transaction, but only this often: it reads claims, not
         # the PENDING index, and the hot path should not pay for it on every claim.
         self._reclaim_every = (
-            reclaim_every if reclaim_every is not None else max(0.1, min(lease, stale_after) / 4)
+            o.reclaim_every
+            if o.reclaim_every is not None
+            else max(0.1, min(o.lease, o.stale_after) / 4)
         )
         self._next_reclaim = 0.0  # the first claim also recovers this worker's own old claims
-        self._held = held
         self._buffer: collections.deque[Command] = collections.deque()
         self._healthy = True
         self._metrics = metrics or NullMetrics()
-        self._tick = tick or (lambda: None)
-        self._woken_at = woken_at or (lambda: None)
         self._wake_pending: float | None = None
         #: Set after the first claim statement succeeded (the worker is really working).
         self.first_claim = threading.Event()
         self.counts = SourceCounts()
+
+    def _own_session(self, pool: ConnectionPool[Any]) -> ClaimSession:
+        """A session of its own (tests, tools): closed with the source."""
+        me = weakref.ref(self)
+        conninfo = pool.conninfo if isinstance(pool.conninfo, str) else pool.conninfo()
+        kwargs = pool.kwargs if isinstance(pool.kwargs, dict) or pool.kwargs is None else {}
+        session = ClaimSession(
+            conninfo,
+            held=lambda: me()._held_now() if me() is not None else (),  # type: ignore[union-attr]
+            connect_options=dict(kwargs or {}),
+        )
+        weakref.finalize(self, session.close)
+        return session
 
     def next(self) -> Command | None:
         backoff = 0.0
@@ -234,13 +241,13 @@ class PgCommandSource:
             backoff = 0.0
             if got_rows:
                 continue  # claimed, or cancelled/malformed rows: look again at once
-            if self._drain:
+            if self.options.drain:
                 return None
             self._wait_for_work()
 
     def _wait_for_work(self) -> None:
         """Until a NOTIFY or the poll timer; in short steps, so that the loop shows progress."""
-        deadline = time.monotonic() + self._poll_interval
+        deadline = time.monotonic() + self.options.poll_interval
         while not self._stop.is_set():
             self._tick()
             self.session.unlock_pending()
@@ -261,9 +268,7 @@ class PgCommandSource:
     def _claim(self, limit: int) -> bool:
         """Claim into the buffer; True if any row was claimed, reclaimed or cancelled."""
         t0 = time.perf_counter()
-        reclaimed: list[dict[str, Any]] = []
-        poisoned = 0
-        poisoned_rows: list[dict[str, Any]] = []
+        found: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
         # Recovery and the claim in one transaction; the claim alone is one statement, atomic
         # by itself, sent with the pending unlocks in one round trip.
@@ -271,26 +276,8 @@ class PgCommandSource:
         scope = self.session.transaction() if recover else self.session.statement()
         with scope as conn, conn.cursor(row_factory=dict_row) as cur:
             if recover:
-                cur.execute(
-                    query("reclaim_commands"),
-                    {
-                        "limit": limit,
-                        "tool_kinds": self._tool_kinds,
-                        "worker_id": self._worker_id,
-                        "known": sorted(
-                            {*self._held(), *(int(c.command_id) for c in self._buffer)}
-                        ),
-                        "lease": self._lease,
-                        "stale_after": self._stale_after,
-                        "max_attempts": self._max_attempts,
-                        "session_locks": self.session.session_locks,
-                    },
-                )
-                found = cur.fetchall()
-                poisoned = int(found[0]["poisoned_count"]) if found else 0
-                poisoned_rows = (found[0]["poisoned"] or []) if poisoned else []
-                reclaimed = [r for r in found if r["command_id"] is not None]
-                limit -= len(reclaimed)
+                found = self._reclaim_rows(cur, limit)
+                limit -= sum(1 for r in found if r["command_id"] is not None)
             if limit > 0:
                 cur.execute(
                     query("claim_commands"),
@@ -304,11 +291,7 @@ class PgCommandSource:
                 rows = cur.fetchall()
         if time.monotonic() >= self._next_reclaim:
             self._next_reclaim = time.monotonic() + self._reclaim_every
-        if reclaimed or poisoned:
-            self._log_recovery(reclaimed, poisoned)
-        if self._on_poisoned is not None:  # committed: now it may be told elsewhere
-            for row in poisoned_rows:
-                self._on_poisoned(CommandRef.from_row(row), str(row.get("error")))
+        reclaimed, poisoned = self._recovered(found)
         cancelled = int(rows[0]["cancelled_count"]) if rows else 0
         claimed = reclaimed + [r for r in rows if r["command_id"] is not None]
         if cancelled:
@@ -318,6 +301,43 @@ class PgCommandSource:
                 cancelled,
                 extra={"action": "cancelled_ended"},
             )
+        self._take(claimed)
+        self._count_claim(claimed, len(reclaimed), t0)
+        return bool(claimed) or cancelled > 0 or poisoned > 0
+
+    def _reclaim_rows(
+        self, cur: psycopg.Cursor[dict[str, Any]], limit: int
+    ) -> list[dict[str, Any]]:
+        """Take back dead workers' claims (and fail poison): the statement's rows."""
+        cur.execute(
+            query("reclaim_commands"),
+            {
+                "limit": limit,
+                "tool_kinds": self._tool_kinds,
+                "worker_id": self._worker_id,
+                "known": sorted({*self._held(), *(int(c.command_id) for c in self._buffer)}),
+                "lease": self.options.lease,
+                "stale_after": self.options.stale_after,
+                "max_attempts": self.options.max_attempts,
+                "session_locks": self.session.session_locks,
+            },
+        )
+        return cur.fetchall()
+
+    def _recovered(self, found: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+        """After the commit: log and report what recovery did; (reclaimed rows, poisoned)."""
+        poisoned = int(found[0]["poisoned_count"]) if found else 0
+        poisoned_rows = (found[0]["poisoned"] or []) if poisoned else []
+        reclaimed = [r for r in found if r["command_id"] is not None]
+        if reclaimed or poisoned:
+            self._log_recovery(reclaimed, poisoned)
+        if self._on_poisoned is not None:  # committed: now it may be told elsewhere
+            for row in poisoned_rows:
+                self._on_poisoned(CommandRef.from_row(row), str(row.get("error")))
+        return reclaimed, poisoned
+
+    def _take(self, claimed: list[dict[str, Any]]) -> None:
+        """Claimed rows into the buffer; a malformed one is logged and reported instead."""
         for row in claimed:
             try:
                 self._buffer.append(Command.from_row(row))
@@ -335,12 +355,14 @@ class PgCommandSource:
                 )
                 if self._on_malformed is not None:
                     self._on_malformed(CommandRef.from_row(row), exc.message)
+
+    def _count_claim(self, claimed: list[dict[str, Any]], reclaimed: int, t0: float) -> None:
         self.counts.claimed += len(claimed)
         self.first_claim.set()
         wake, self._wake_pending = self._wake_pending, None
         self._metrics.claimed(
             [str(r.get("tool_kind")) for r in claimed],
-            reclaimed=len(reclaimed),
+            reclaimed=reclaimed,
             wake_latency=(time.monotonic() - wake) if wake is not None and claimed else None,
         )
         if claimed:
@@ -350,7 +372,6 @@ class PgCommandSource:
                 (time.perf_counter() - t0) * 1000,
                 extra={"action": "claimed"},
             )
-        return bool(claimed) or cancelled > 0 or poisoned > 0
 
     def _log_recovery(self, reclaimed: list[dict[str, Any]], poisoned: int) -> None:
         self.counts.reclaimed += len(reclaimed)
@@ -370,7 +391,7 @@ class PgCommandSource:
             logger.warning(
                 "failed %d command(s) abandoned by %d workers in a row (poison)",
                 poisoned,
-                self._max_attempts,
+                self.options.max_attempts,
                 extra={"action": "poisoned", "count": poisoned},
             )
 

@@ -42,7 +42,7 @@ from .server import CommandHeartbeats, HttpSink, NoetlServer, resolver
 from .server_credentials import ServerCredentials
 from .session import ClaimSession
 from .sink import PgSink, Sink
-from .source import CommandSource, PgCommandSource, SourceFactory, SourceHooks
+from .source import ClaimOptions, CommandSource, PgCommandSource, SourceFactory, SourceHooks
 from .spool import Spool
 from .tools import ToolRegistry, default_registry
 
@@ -421,20 +421,15 @@ class Worker:
             pool,
             worker_id=s.worker_id,
             tool_kinds=self.tool_kinds,
-            free_slots=hooks.free_slots,
-            wake=hooks.wake,
-            stop=hooks.stop,
-            poll_interval=s.poll_interval,
-            drain=s.drain,
-            on_malformed=hooks.on_malformed,
-            lease=s.lease,
-            stale_after=s.stale_after,
-            max_attempts=s.max_attempts,
-            held=hooks.held,
+            hooks=hooks,
+            options=ClaimOptions(
+                poll_interval=s.poll_interval,
+                drain=s.drain,
+                lease=s.lease,
+                stale_after=s.stale_after,
+                max_attempts=s.max_attempts,
+            ),
             metrics=self._metrics,
-            tick=hooks.tick,
-            woken_at=hooks.woken_at,
-            on_poisoned=hooks.on_poisoned,
             session=session,
         )
 

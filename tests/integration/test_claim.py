@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ from noetl_pgworker import CommandSource
 from noetl_pgworker.enqueue import enqueue
 from noetl_pgworker.queries import query
 from noetl_pgworker.sink import PgSink, WriteItem
-from noetl_pgworker.source import PgCommandSource
+from noetl_pgworker.source import ClaimOptions, PgCommandSource, SourceHooks
 
 from ..helpers import insert_raw_command, scalar
 
@@ -32,14 +31,13 @@ def pool(dsn: str) -> Iterator[ConnectionPool[Any]]:
 def make_source(
     pool: ConnectionPool[Any], worker_id: str = "w1", kinds=("noop", "python"), **kw: Any
 ) -> PgCommandSource:
+    hooks = {k: kw.pop(k) for k in list(kw) if k in SourceHooks.__dataclass_fields__}
     return PgCommandSource(
         pool,
         worker_id=worker_id,
         tool_kinds=kinds,
-        free_slots=lambda: 0,
-        wake=threading.Event(),
-        stop=threading.Event(),
-        **kw,
+        hooks=SourceHooks(**hooks),
+        options=ClaimOptions(**kw),
     )
 
 

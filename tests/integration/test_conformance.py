@@ -19,7 +19,7 @@ from noetl_pgworker import CommandSource, ItemRefused, Sink, SourceHooks
 from noetl_pgworker.enqueue import enqueue
 from noetl_pgworker.models import Command, CommandRef, Outcome
 from noetl_pgworker.sink import PgSink, WriteItem
-from noetl_pgworker.source import PgCommandSource
+from noetl_pgworker.source import ClaimOptions, PgCommandSource
 from noetl_pgworker.testing import InMemorySink, InMemorySource
 
 pytestmark = pytest.mark.integration
@@ -64,11 +64,10 @@ class PgSourceKit:
             self.pool,
             worker_id="w1",
             tool_kinds=kinds,
-            free_slots=hooks.free_slots,
-            wake=hooks.wake,
-            stop=hooks.stop,
-            drain=True,
-            held=hooks.held,
+            hooks=SourceHooks(
+                free_slots=hooks.free_slots, wake=hooks.wake, stop=hooks.stop, held=hooks.held
+            ),
+            options=ClaimOptions(drain=True),
         )
 
     def pending(self) -> int:
@@ -207,9 +206,6 @@ class PgSinkKit:
             self.pool,
             worker_id=worker_id,
             tool_kinds=("noop",),
-            free_slots=lambda: 0,
-            wake=threading.Event(),
-            stop=threading.Event(),
         )
         (command,) = source.claim(1)
         source.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from noetl_pgworker.enqueue import enqueue
-from noetl_pgworker.source import PgCommandSource
+from noetl_pgworker.source import ClaimOptions, PgCommandSource, SourceHooks
 
 from ..helpers import scalar
 
@@ -25,16 +24,13 @@ def pool(dsn: str) -> Iterator[ConnectionPool[Any]]:
 
 
 def source(pool: ConnectionPool[Any], worker_id: str = "rescuer", **kw: Any) -> PgCommandSource:
+    hooks = {k: kw.pop(k) for k in list(kw) if k in SourceHooks.__dataclass_fields__}
     return PgCommandSource(
         pool,
         worker_id=worker_id,
         tool_kinds=("noop", "python"),
-        free_slots=lambda: 0,
-        wake=threading.Event(),
-        stop=threading.Event(),
-        lease=60,
-        stale_after=30,
-        **kw,
+        hooks=SourceHooks(**hooks),
+        options=ClaimOptions(lease=60, stale_after=30, **kw),
     )
 
 

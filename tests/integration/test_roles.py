@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,7 +13,7 @@ from psycopg_pool import ConnectionPool
 
 from noetl_pgworker import schema
 from noetl_pgworker.enqueue import enqueue
-from noetl_pgworker.source import PgCommandSource
+from noetl_pgworker.source import ClaimOptions, PgCommandSource
 
 from ..conftest import RunningWorker
 from ..helpers import count_status, scalar
@@ -48,12 +47,7 @@ def source(pool: ConnectionPool[Any], worker_id: str) -> PgCommandSource:
         pool,
         worker_id=worker_id,
         tool_kinds=("noop", "python"),
-        free_slots=lambda: 0,
-        wake=threading.Event(),
-        stop=threading.Event(),
-        lease=60,
-        stale_after=30,
-        max_attempts=3,
+        options=ClaimOptions(lease=60, stale_after=30, max_attempts=3),
     )
 
 
