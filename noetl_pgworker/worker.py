@@ -316,16 +316,7 @@ class Worker:
         health = self._build_health()
         server = NoetlServer(s.server_url) if s.server_url else None
         checker = BatchChecker(server, metrics=self._metrics) if server else None
-        reporter = Reporter(
-            self._build_sink(pool, server, checker),
-            flush_interval=s.flush_interval,
-            flush_max=s.flush_max,
-            start_delay=s.start_write_delay,
-            gather=s.write_gather,
-            busy=lambda: self.inflight.outcomes_worth_gathering(s.write_gather),
-            on_done=self._written,
-            metrics=self._metrics,
-        )
+        reporter = self._build_reporter(self._build_sink(pool, server, checker))
         hooks = SourceHooks(
             stop=self._stop,
             wake=self._wake,
@@ -351,6 +342,27 @@ class Worker:
         )
         parts = Parts(source, reporter, dispatcher, pool=pool, health=health, server=server)
         parts.checker = checker
+        self._add_background(parts)
+        return parts
+
+    def _build_reporter(self, sink: Sink) -> Reporter:
+        s = self.settings
+        return Reporter(
+            sink,
+            flush_interval=s.flush_interval,
+            flush_max=s.flush_max,
+            start_delay=s.start_write_delay,
+            gather=s.write_gather,
+            busy=lambda: self.inflight.outcomes_worth_gathering(s.write_gather),
+            on_done=self._written,
+            metrics=self._metrics,
+        )
+
+    def _add_background(self, parts: Parts) -> None:
+        """The parts that run beside the claim loop: heartbeat, listener, command heartbeats,
+        spool."""
+        s = self.settings
+        pool, server = parts.pool, parts.server
         if pool is not None:
             parts.heartbeat = Heartbeat(
                 pool,
@@ -374,7 +386,6 @@ class Worker:
             )
         if s.spool_dir:
             parts.spool = Spool(Path(s.spool_dir), s.worker_id)
-        return parts
 
     def _build_metrics(self) -> NullMetrics:
         if self.settings.metrics_port is None:
