@@ -188,45 +188,13 @@ def outcome_events(
     error = clean_text(outcome.error)
     if outcome.ok:
         result = envelope(status, response)
-        call = _event(
-            ref,
-            "call.done",
-            {"response": response, "result": result, "command_id": cid, **loop},
-            worker_id,
-            actionable=True,
-        )
-        final = _event(
-            ref,
-            "command.completed",
-            {"command_id": cid, "worker_id": worker_id, "result": result},
-            worker_id,
-            actionable=False,
-        )
+        call, final = _done_events(ref, response, result, worker_id, loop)
     else:
         failure = {"error": error, "error_type": outcome.error_type}
         if isinstance(response, dict):
             failure = {**response, **failure}
         result = envelope(status, failure)
-        call = _event(
-            ref,
-            "call.error",
-            {"error": error, "response": response, "result": result, "command_id": cid, **loop},
-            worker_id,
-            actionable=True,
-        )
-        final = _event(
-            ref,
-            "command.failed",
-            {
-                "command_id": cid,
-                "worker_id": worker_id,
-                "error": error,
-                "error_type": outcome.error_type,
-                "result": result,
-            },
-            worker_id,
-            actionable=False,
-        )
+        call, final = _error_events(ref, outcome, response, result, worker_id, loop)
     if outcome.extra:  # captured output: beside the data, never in the step's result
         context = result.setdefault("context", {})
         for key, value in outcome.extra.items():
@@ -240,6 +208,62 @@ def outcome_events(
         actionable=False,
     )
     return [call, exit_, final]
+
+
+def _done_events(
+    ref: CommandRef, response: Any, result: dict[str, Any], worker_id: str, loop: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``call.done`` and ``command.completed``."""
+    cid = ref.wire_command_id
+    call = _event(
+        ref,
+        "call.done",
+        {"response": response, "result": result, "command_id": cid, **loop},
+        worker_id,
+        actionable=True,
+    )
+    final = _event(
+        ref,
+        "command.completed",
+        {"command_id": cid, "worker_id": worker_id, "result": result},
+        worker_id,
+        actionable=False,
+    )
+    return call, final
+
+
+def _error_events(
+    ref: CommandRef,
+    outcome: Outcome,
+    response: Any,
+    result: dict[str, Any],
+    worker_id: str,
+    loop: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``call.error`` and ``command.failed``."""
+    cid = ref.wire_command_id
+    error = clean_text(outcome.error)
+    call = _event(
+        ref,
+        "call.error",
+        {"error": error, "response": response, "result": result, "command_id": cid, **loop},
+        worker_id,
+        actionable=True,
+    )
+    final = _event(
+        ref,
+        "command.failed",
+        {
+            "command_id": cid,
+            "worker_id": worker_id,
+            "error": error,
+            "error_type": outcome.error_type,
+            "result": result,
+        },
+        worker_id,
+        actionable=False,
+    )
+    return call, final
 
 
 def item_events(item: WriteItem, worker_id: str) -> list[dict[str, Any]]:
