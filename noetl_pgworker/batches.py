@@ -17,18 +17,23 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import threads
 from .metrics import NullMetrics
-
-if TYPE_CHECKING:
-    from .server import NoetlServer
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between asks about one batch (then the last value repeats until the deadline).
 _DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class BatchStatus(Protocol):
+    """What the checker asks of the server (``server.NoetlServer`` is one)."""
+
+    def batch_status(self, request_id: str) -> dict[str, Any]:
+        """``{"state": …, "message": …}`` of the batch sent as ``request_id``."""
+        ...
 
 
 @dataclass(order=True, slots=True)
@@ -46,7 +51,7 @@ class BatchChecker:
 
     def __init__(
         self,
-        server: NoetlServer,
+        server: BatchStatus,
         *,
         metrics: NullMetrics | None = None,
         deadline: float = 120.0,

@@ -28,8 +28,9 @@ from . import enqueue as enqueue_mod
 from . import logs, schema
 from . import status as status_mod
 from .config import Settings
-from .db import connect, redact_dsn, redact_secrets, wrap_errors
+from .db import connect, wrap_errors
 from .errors import ConfigError, PgWorkerError
+from .redact import redact_dsn, redact_secrets
 from .sdnotify import Notifier
 from .tools import default_registry
 from .tools.process import harden_process

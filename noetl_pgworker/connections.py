@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
 from typing import Any
 
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -17,15 +16,13 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from . import schema
 from .config import Settings
 from .db import (
-    PoolMode,
     apply_session_settings,
     connect_kwargs,
-    redact_dsn,
     worker_session_kwargs,
     wrap_errors,
 )
 from .errors import DatabaseUnavailable
-from .session import ClaimSession
+from .redact import redact_dsn
 
 logger = logging.getLogger(__name__)
 
@@ -57,38 +54,6 @@ def open_pool(settings: Settings, closing: contextlib.ExitStack) -> ConnectionPo
         with wrap_errors(s.dsn, "checking the schema"), pool.connection(timeout=10) as conn:
             schema.require(conn)
     return pool
-
-
-def open_session(
-    settings: Settings,
-    held: Callable[[], Iterable[int]],
-    closing: contextlib.ExitStack,
-    *,
-    listens: bool,
-) -> ClaimSession:
-    """The claim session, connected (closed by ``closing``); it refuses to open while another
-    process runs with this worker id."""
-    s = settings
-    session_dsn = s.session_dsn or s.dsn
-    # A session DSN is a session (direct, or a session-pooling proxy); else the claim
-    # session goes where --dsn goes, and through transaction pooling holds no session lock.
-    session_mode: PoolMode = s.pool_mode
-    if s.session_dsn and s.pool_mode == "transaction":
-        session_mode = "session"
-    session = ClaimSession(
-        session_dsn,
-        worker_id=s.worker_id,
-        application_name=f"noetl-pgworker-claim:{s.worker_id}",
-        connect_timeout=s.connect_timeout,
-        held=held,
-        pool_mode=session_mode,
-        connect_options=worker_session_kwargs(session_dsn, session_mode),
-    )
-    log_pool_mode(s, listens=listens, session_locks=session.session_locks)
-    with wrap_errors(session_dsn, "opening the claim session"):
-        session.open()
-    closing.callback(session.close)
-    return session
 
 
 def log_pool_mode(settings: Settings, *, listens: bool, session_locks: bool) -> None:

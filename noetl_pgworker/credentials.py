@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .db import dsn_password
 from .errors import ConfigError, CredentialError
+from .redact import dsn_password
 
 _ENV_FILE = "NOETL_PGWORKER_CREDENTIALS"
 _ENV_PREFIX = "NOETL_PGWORKER_CREDENTIAL_"

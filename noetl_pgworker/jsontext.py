@@ -10,7 +10,7 @@ import json
 import re
 from typing import Any
 
-from .db import redact_secrets
+from .redact import redact_secrets
 
 #: ``noetl.command.error`` holds at most this many characters.
 ERROR_LIMIT = 2000

@@ -28,7 +28,9 @@ from typing import Any
 
 import psycopg
 
-from .db import PoolMode, apply_session_settings, connect_kwargs
+from .config import Settings
+from .connections import log_pool_mode
+from .db import PoolMode, apply_session_settings, connect_kwargs, worker_session_kwargs, wrap_errors
 from .errors import PgWorkerError
 from .queries import query
 
@@ -219,3 +221,35 @@ class ClaimSession:
         with self._lock:
             conn = self._connection()
             return {int(r[0]) for r in conn.execute(query("session_held_locks")).fetchall()}
+
+
+def open_session(
+    settings: Settings,
+    held: Callable[[], Iterable[int]],
+    closing: contextlib.ExitStack,
+    *,
+    listens: bool,
+) -> ClaimSession:
+    """The claim session, connected (closed by ``closing``); it refuses to open while another
+    process runs with this worker id."""
+    s = settings
+    session_dsn = s.session_dsn or s.dsn
+    # A session DSN is a session (direct, or a session-pooling proxy); else the claim
+    # session goes where --dsn goes, and through transaction pooling holds no session lock.
+    session_mode: PoolMode = s.pool_mode
+    if s.session_dsn and s.pool_mode == "transaction":
+        session_mode = "session"
+    session = ClaimSession(
+        session_dsn,
+        worker_id=s.worker_id,
+        application_name=f"noetl-pgworker-claim:{s.worker_id}",
+        connect_timeout=s.connect_timeout,
+        held=held,
+        pool_mode=session_mode,
+        connect_options=worker_session_kwargs(session_dsn, session_mode),
+    )
+    log_pool_mode(s, listens=listens, session_locks=session.session_locks)
+    with wrap_errors(session_dsn, "opening the claim session"):
+        session.open()
+    closing.callback(session.close)
+    return session

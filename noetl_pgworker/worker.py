@@ -25,9 +25,9 @@ from psycopg_pool import ConnectionPool
 from . import threads
 from .batches import BatchChecker
 from .config import Settings
-from .connections import open_pool, open_session
+from .connections import open_pool
 from .credentials import CredentialProvider, EnvCredentials
-from .db import redact_dsn, redact_text, wrap_errors
+from .db import wrap_errors
 from .dispatcher import Dispatcher
 from .errors import ConfigError, PgWorkerError
 from .inflight import InFlight
@@ -35,12 +35,13 @@ from .listener import Listener
 from .metrics import HealthServer, Metrics, NullMetrics
 from .models import CommandRef, Outcome
 from .queries import query
+from .redact import redact_dsn, redact_text
 from .reporter import Reporter
 from .runtime import Heartbeat
 from .sdnotify import Notifier
 from .server import CommandHeartbeats, HttpSink, NoetlServer, resolver
 from .server_credentials import ServerCredentials
-from .session import ClaimSession
+from .session import ClaimSession, open_session
 from .sink import PgSink, Sink
 from .source import ClaimOptions, CommandSource, PgCommandSource, SourceFactory, SourceHooks
 from .spool import Spool

@@ -25,9 +25,10 @@ from typing import Any
 import psycopg
 
 from ..credentials import auth_alias
-from ..db import first_line, redact_dsn, redact_text
+from ..db import first_line
 from ..errors import ToolError, ToolTimeout
 from ..models import Command
+from ..redact import redact_dsn, redact_text
 from ..render import render_sql
 from . import ToolContext
 from .pgconnect import tool_conninfo

@@ -63,8 +63,9 @@ def test_session_pooling_sets_the_worker_session_settings_with_set(dsn: str) -> 
     import contextlib
 
     from noetl_pgworker.config import Settings
-    from noetl_pgworker.connections import open_pool, open_session
+    from noetl_pgworker.connections import open_pool
     from noetl_pgworker.db import WORKER_SESSION_SETTINGS
+    from noetl_pgworker.session import open_session
 
     wanted = {"lock_timeout": "5s", "statement_timeout": "1min", "plan_cache_mode": ""}
     wanted["plan_cache_mode"] = WORKER_SESSION_SETTINGS["plan_cache_mode"]

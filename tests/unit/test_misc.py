@@ -6,8 +6,8 @@ from click.testing import CliRunner
 import noetl_pgworker
 from noetl_pgworker.cli import main
 from noetl_pgworker.config import Settings
-from noetl_pgworker.db import redact_dsn, redact_text
 from noetl_pgworker.queries import all_queries, parse_queries
+from noetl_pgworker.redact import redact_dsn, redact_text
 
 pytestmark = pytest.mark.unit
 

@@ -12,9 +12,10 @@ import pytest
 
 from noetl_pgworker import logs
 from noetl_pgworker.credentials import Credential
-from noetl_pgworker.db import connect, redact_dsn, redact_secrets, redact_text
+from noetl_pgworker.db import connect
 from noetl_pgworker.errors import DatabaseUnavailable
 from noetl_pgworker.jsontext import clean_text
+from noetl_pgworker.redact import redact_dsn, redact_secrets, redact_text
 
 SECRET = "pw-s3cret"
 
