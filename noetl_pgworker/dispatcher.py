@@ -20,7 +20,7 @@ from .errors import PgWorkerError, ToolError
 from .inflight import InFlight
 from .jsontext import NotSerialisable, dumps
 from .models import Command, CommandRef, Outcome, ToolOutput
-from .tools import DEFAULT_COMMAND_TIMEOUT, ToolContext, ToolRegistry, command_timeout
+from .tools.base import DEFAULT_COMMAND_TIMEOUT, ToolContext, ToolRegistry, command_timeout
 
 logger = logging.getLogger(__name__)
 

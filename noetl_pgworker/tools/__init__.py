@@ -7,92 +7,9 @@ dispatcher's threads and must honour ``ctx.timeout``; they must not keep per-com
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
 
-from ..credentials import CredentialProvider, EnvCredentials
-from ..errors import ToolError, UnknownTool
-from ..models import Command
-
-DEFAULT_COMMAND_TIMEOUT = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class ToolContext:
-    """What a tool may use besides the command."""
-
-    timeout: float = DEFAULT_COMMAND_TIMEOUT
-    credentials: CredentialProvider = field(default_factory=EnvCredentials)
-    started: float = field(default_factory=time.monotonic)
-
-    def remaining(self) -> float:
-        """Seconds left of the command's time (never below a millisecond)."""
-        return max(0.001, self.timeout - (time.monotonic() - self.started))
-
-
-@runtime_checkable
-class Tool(Protocol):
-    kind: str
-
-    def run(self, command: Command, ctx: ToolContext) -> Any:
-        """Execute ``command`` within ``ctx.timeout``; return its output, or raise to fail it."""
-        ...
-
-
-def command_timeout(command: Command, default: float) -> float:
-    """``tool_config.timeout_seconds`` or ``tool_config.timeout``, else the worker's default."""
-    for key in ("timeout_seconds", "timeout"):
-        value = command.tool_config.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ToolError(f"tool_config.{key} must be a positive number of seconds")
-        return float(value)
-    return default
-
-
-class ToolRegistry:
-    """Tools by kind."""
-
-    def __init__(self, tools: Iterable[Tool] = ()) -> None:
-        self._tools: dict[str, Tool] = {}
-        for tool in tools:
-            self.register(tool)
-
-    def register(self, tool: Tool) -> None:
-        if not tool.kind or tool.kind != tool.kind.strip():
-            raise ValueError(f"invalid tool kind {tool.kind!r}")
-        self._tools[tool.kind] = tool
-
-    def get(self, kind: str) -> Tool:
-        try:
-            return self._tools[kind]
-        except KeyError:
-            raise UnknownTool(
-                f"unknown tool kind {kind!r}; this worker runs: {', '.join(self.kinds())}"
-            ) from None
-
-    def kinds(self) -> tuple[str, ...]:
-        return tuple(sorted(self._tools))
-
-    def start(self) -> None:
-        """Start what tools keep running (the fork server of python and shell)."""
-        for tool in self._tools.values():
-            start = getattr(tool, "start", None)
-            if callable(start):
-                start()
-
-    def close(self) -> None:
-        """Release what tools keep open (HTTP connection pools, the fork server)."""
-        for tool in self._tools.values():
-            close = getattr(tool, "close", None)
-            if callable(close):
-                close()
-
-    def __contains__(self, kind: object) -> bool:
-        return kind in self._tools
+from .base import DEFAULT_COMMAND_TIMEOUT, Tool, ToolContext, ToolRegistry, command_timeout
 
 
 def default_registry(
@@ -144,4 +61,11 @@ def default_registry(
     return registry
 
 
-__all__ = ["Tool", "ToolContext", "ToolRegistry", "command_timeout", "default_registry"]
+__all__ = [
+    "DEFAULT_COMMAND_TIMEOUT",
+    "Tool",
+    "ToolContext",
+    "ToolRegistry",
+    "command_timeout",
+    "default_registry",
+]

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import ToolError, ToolTimeout
 from ..models import Command
 from ..render import render_sql
-from . import ToolContext
+from .base import ToolContext
 from .postgres import command_result, rows_result, shape, statements_of
 from .values import to_json
 

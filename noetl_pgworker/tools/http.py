@@ -26,7 +26,7 @@ from ..credentials import Credential, auth_alias
 from ..errors import CredentialError, ToolError, ToolTimeout
 from ..models import Command
 from ..render import render_http
-from . import ToolContext
+from .base import ToolContext
 
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_REDIRECTS = 20

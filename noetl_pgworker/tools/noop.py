@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..models import Command
-from . import ToolContext
+from .base import ToolContext
 
 
 class NoopTool:

@@ -25,7 +25,7 @@ import httpx
 
 from ..errors import ToolError
 from ..models import Command
-from . import ToolContext
+from .base import ToolContext
 
 POLL_INTERVAL = 2.0
 

@@ -30,7 +30,7 @@ from ..errors import ToolError, ToolTimeout
 from ..models import Command
 from ..redact import redact_dsn, redact_text
 from ..render import render_sql
-from . import ToolContext
+from .base import ToolContext
 from .pgconnect import tool_conninfo
 from .values import statement_result
 

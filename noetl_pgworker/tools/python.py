@@ -35,7 +35,8 @@ from typing import Any
 from ..errors import ToolError, ToolTimeout
 from ..models import Command, ToolOutput
 from ..render import render_args
-from . import ToolContext, process
+from . import process
+from .base import ToolContext
 from .pyrunner import NoEntryPoint, run_code
 
 RUNNER = process.RUNNER

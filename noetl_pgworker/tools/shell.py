@@ -21,7 +21,8 @@ from typing import Any
 from ..errors import ToolError, ToolTimeout
 from ..models import Command
 from ..render import render_shell
-from . import ToolContext, process
+from . import process
+from .base import ToolContext
 
 
 class ShellTool:

@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import ToolError, ToolTimeout
 from ..models import Command, ToolOutput
 from ..render import command_context, render_condition, render_value
-from . import ToolContext, ToolRegistry, command_timeout
+from .base import ToolContext, ToolRegistry, command_timeout
 
 #: Task runs (retries and jumps included) one sequence may make.
 MAX_TASK_RUNS = 10_000
