@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   - run the worker on a throwaway database with a mixed workload"
 	@echo "make test   - install (if needed) and run the whole test suite"
-	@echo "make lint   - ruff and mypy"
+	@echo "make lint   - function length, ruff and mypy"
 	@echo "make e2e    - real playbooks on a running NoETL server (NOETL_E2E_SERVER_URL, NOETL_E2E_DSN)"
 	@echo "make bench  - the benchmark (docs/benchmarks.md)"
 
@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) bench/bench.py $(BENCH_ARGS)
 
 lint: $(STAMP)
+	$(PY) scripts/check_function_length.py --max 60 noetl_pgworker
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy

@@ -600,7 +600,7 @@ _ENQUEUE_OPTIONS = (
 @options(*_ENQUEUE_OPTIONS)
 @log_options
 @handle_errors
-def enqueue_cmd(
+def enqueue_cmd(  # noqa: PLR0913 — click passes each option as an argument
     dsn: str,
     tool_kind: str,
     step: str,

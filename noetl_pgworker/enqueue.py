@@ -37,7 +37,7 @@ def ensure_catalog(conn: psycopg.Connection[Any], path: str = DEFAULT_CATALOG_PA
         return int(row[0])
 
 
-def enqueue(
+def enqueue(  # noqa: PLR0913 — keyword-only, the columns of the commands it writes
     conn: psycopg.Connection[Any],
     *,
     tool_kind: str,

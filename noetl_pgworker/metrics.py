@@ -305,30 +305,38 @@ class HealthServer:
                         assert isinstance(conn, socket.socket)
                         if conn is self._sock:
                             self._accept(sel, pending, drop)
-                            continue
-                        if conn not in pending:
-                            continue
-                        try:
-                            data = conn.recv(4096)
-                        except BlockingIOError:
-                            continue
-                        except OSError:
-                            drop(conn)
-                            continue
-                        buf = pending[conn][1]
-                        buf += data
-                        if not data or len(buf) > self.MAX_REQUEST_HEAD:
-                            drop(conn)
-                        elif b"\r\n\r\n" in buf or b"\n\n" in buf:
-                            del pending[conn]
-                            sel.unregister(conn)
-                            try:
-                                self._queue.put_nowait((conn, bytes(buf)))
-                            except queue.Full:
-                                _close(conn)
+                        elif conn in pending:
+                            self._read_head(conn, sel, pending, drop)
             finally:
                 for conn in list(pending):
                     drop(conn)
+
+    def _read_head(
+        self,
+        conn: socket.socket,
+        sel: selectors.BaseSelector,
+        pending: dict[socket.socket, tuple[float, bytearray]],
+        drop: Callable[[socket.socket], None],
+    ) -> None:
+        """Read what ``conn`` sent; a complete request head goes to the answering threads."""
+        try:
+            data = conn.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            drop(conn)
+            return
+        buf = pending[conn][1]
+        buf += data
+        if not data or len(buf) > self.MAX_REQUEST_HEAD:
+            drop(conn)
+        elif b"\r\n\r\n" in buf or b"\n\n" in buf:
+            del pending[conn]
+            sel.unregister(conn)
+            try:
+                self._queue.put_nowait((conn, bytes(buf)))
+            except queue.Full:
+                _close(conn)
 
     def _accept(
         self,

@@ -58,7 +58,7 @@ class ReporterStats:
 class Reporter:
     """Batches outcomes into a :class:`Sink` from one named thread."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 — keyword-only settings, each with a default
         self,
         sink: Sink,
         *,

@@ -122,7 +122,7 @@ class CredentialNotFound(CredentialError):
 class ServerCredentials:
     """``auth`` keys: the worker's own aliases first (``local``), then NoETL's server."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 — keyword-only settings, each with a default
         self,
         base_url: str,
         *,

@@ -50,22 +50,7 @@ class DuckdbTool:
         noetl: dict[str, Any] = {}  # NoETL's own keys: command_<n>_rows, command_<n>_sample
         try:
             for text in texts:
-                statements = duckdb.extract_statements(text)
-                for stmt in statements:
-                    if params and len(statements) == 1:
-                        rel = con.execute(stmt, params)
-                    else:
-                        rel = con.execute(stmt)
-                    if rel.description:
-                        columns = [d[0] for d in rel.description]
-                        rows = rel.fetchall()
-                        results.append(rows_result(columns, rows))
-                        if rows:
-                            n = len(results)
-                            noetl[f"command_{n}_rows"] = len(rows)
-                            noetl[f"command_{n}_sample"] = to_json([list(r) for r in rows[:5]])
-                    else:
-                        results.append(command_result(-1))
+                _execute(duckdb, con, text, params, results, noetl)
         except duckdb.InterruptException:
             raise ToolTimeout(f"duckdb: interrupted after {ctx.timeout:g} s") from None
         except duckdb.Error as exc:
@@ -84,3 +69,28 @@ class DuckdbTool:
             "secrets_created": 0,
             **noetl,
         }
+
+
+def _execute(
+    duckdb: Any,
+    con: Any,
+    text: str,
+    params: dict[str, Any] | list[Any] | None,
+    results: list[dict[str, Any]],
+    noetl: dict[str, Any],
+) -> None:
+    """Run one text's statements (``params`` only for a single statement); add their results
+    to ``results`` and NoETL's ``command_<n>_rows|sample`` keys to ``noetl``."""
+    statements = duckdb.extract_statements(text)
+    for stmt in statements:
+        rel = con.execute(stmt, params) if params and len(statements) == 1 else con.execute(stmt)
+        if not rel.description:
+            results.append(command_result(-1))
+            continue
+        columns = [d[0] for d in rel.description]
+        rows = rel.fetchall()
+        results.append(rows_result(columns, rows))
+        if rows:
+            n = len(results)
+            noetl[f"command_{n}_rows"] = len(rows)
+            noetl[f"command_{n}_sample"] = to_json([list(r) for r in rows[:5]])

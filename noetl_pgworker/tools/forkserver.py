@@ -137,7 +137,9 @@ def close_fds(keep: tuple[int, ...]) -> None:
     os.closerange(low, top)
 
 
-def _child(
+# One frame, no helpers: in the forked process every function that runs for the first time
+# writes to its code object, a page copied per command.
+def _child(  # noqa: PLR0913, PLR0915 — see above
     req: dict[str, Any],
     fds: list[int],
     env: dict[str, str],
@@ -489,6 +491,26 @@ class Server:
         if msg is None or (isinstance(msg, dict) and msg.get("kill")):
             self.finish(pid, killed=True)
 
+    def read_ready(self, ready: list[int], conns: dict[int, int], pipes: dict[int, int]) -> None:
+        """Starting commands' failure pipes, then running commands' connections, that are
+        ready to read."""
+        for fd in ready:
+            pid = pipes.get(fd)
+            if pid is not None and self.starting.get(pid) == fd:
+                self.read_failure(pid)
+        for fd in ready:
+            pid = conns.get(fd)
+            if pid is not None and pid in self.commands:
+                self.message(pid)
+
+    def accept_waiting(self, listener: socket.socket) -> None:
+        for _ in range(16):  # the requests waiting, several per wake-up
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # (BlockingIOError: none left)
+                break
+            self.start(conn)
+
     def run(self, listener: socket.socket, wake_r: int) -> None:
         stopping: list[int] = []
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
@@ -506,22 +528,10 @@ class Server:
             if wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)
-            for fd in ready:
-                pid = pipes.get(fd)
-                if pid is not None and self.starting.get(pid) == fd:
-                    self.read_failure(pid)
-            for fd in ready:
-                pid = conns.get(fd)
-                if pid is not None and pid in self.commands:
-                    self.message(pid)
+            self.read_ready(ready, conns, pipes)
             self.sweep()
             if listener.fileno() in ready:
-                for _ in range(16):  # the requests waiting, several per wake-up
-                    try:
-                        conn, _ = listener.accept()
-                    except OSError:  # (BlockingIOError: none left)
-                        break
-                    self.start(conn)
+                self.accept_waiting(listener)
         for pid in list(self.commands):
             self.finish(pid, killed=True)
         self.kill_session(-1, limit=5)

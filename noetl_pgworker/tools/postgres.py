@@ -109,14 +109,8 @@ class PostgresTool:
         params = cfg.get("params")
         if params is not None and not isinstance(params, dict | list):
             raise ToolError("postgres: tool_config.params must be an object or a list")
-        dsn = cfg.get("connection_string") or cfg.get("dsn")
         alias = auth_alias(cfg)
-        if alias:
-            dsn = ctx.credentials.get(alias).dsn
-            if not dsn:
-                raise ToolError(f"postgres: credential {alias!r} has no dsn")
-        if not isinstance(dsn, str) or not dsn:
-            raise ToolError("postgres: give connection_string (or dsn) or an auth alias")
+        dsn = _target_dsn(cfg, ctx, alias)
         remaining = ctx.remaining()
         conninfo = tool_conninfo(dsn, trusted=bool(alias))
         try:
@@ -142,15 +136,7 @@ class PostgresTool:
                 )
                 for sql in statements:
                     cur.execute(sql.encode(), params or None)
-                    while True:
-                        status = cur.pgresult.status if cur.pgresult is not None else None
-                        if cur.description is not None:
-                            columns = [d.name for d in cur.description]
-                            results.append(rows_result(columns, cur.fetchall()))
-                        elif status != psycopg.pq.ExecStatus.EMPTY_QUERY:  # not just comments
-                            results.append(command_result(cur.rowcount))
-                        if not cur.nextset():
-                            break
+                    _collect(cur, results)
         except psycopg.errors.QueryCanceled:
             raise ToolTimeout(f"postgres: statement timed out after {ctx.timeout:g} s") from None
         except psycopg.Error as exc:
@@ -159,3 +145,28 @@ class PostgresTool:
         finally:
             conn.close()
         return shape(results)
+
+
+def _target_dsn(cfg: dict[str, Any], ctx: ToolContext, alias: str | None) -> str:
+    """The DSN to connect to: the ``auth`` alias's, else ``connection_string`` (or ``dsn``)."""
+    dsn = cfg.get("connection_string") or cfg.get("dsn")
+    if alias:
+        dsn = ctx.credentials.get(alias).dsn
+        if not dsn:
+            raise ToolError(f"postgres: credential {alias!r} has no dsn")
+    if not isinstance(dsn, str) or not dsn:
+        raise ToolError("postgres: give connection_string (or dsn) or an auth alias")
+    return dsn
+
+
+def _collect(cur: psycopg.Cursor[Any], results: list[dict[str, Any]]) -> None:
+    """The results of the statement just executed (each of its result sets) into ``results``."""
+    while True:
+        status = cur.pgresult.status if cur.pgresult is not None else None
+        if cur.description is not None:
+            columns = [d.name for d in cur.description]
+            results.append(rows_result(columns, cur.fetchall()))
+        elif status != psycopg.pq.ExecStatus.EMPTY_QUERY:  # not just comments
+            results.append(command_result(cur.rowcount))
+        if not cur.nextset():
+            break

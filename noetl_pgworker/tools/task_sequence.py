@@ -320,29 +320,30 @@ def _ms(since: float) -> int:
 
 
 def parse_tasks(raw: list[Any]) -> list[Task]:
-    tasks: list[Task] = []
-    for index, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise ToolError(f"task_sequence: task {index} must be an object")
-        if "kind" not in item:
-            raise ToolError(
-                f"task_sequence: task {index} must be {{name, kind, ...}} or {{kind, ...}};"
-                f" it has {sorted(map(str, item))}"
-            )
-        if "name" in item:
-            name = str(item["name"])
-            config = {k: v for k, v in item.items() if k != "name"}
-        else:
-            name, config = f"task_{index}", dict(item)
-        if "eval" in config:
-            raise ToolError(
-                f"task_sequence: task {name!r}: 'eval' is not allowed; use spec.policy.rules"
-            )
-        spec = config.get("spec")
-        policy = spec.get("policy") if isinstance(spec, dict) else None
-        rules = policy.get("rules") if isinstance(policy, dict) else None
-        tasks.append(Task(name, config["kind"], config, rules if isinstance(rules, list) else []))
-    return tasks
+    return [_task(index, item) for index, item in enumerate(raw)]
+
+
+def _task(index: int, item: Any) -> Task:
+    if not isinstance(item, dict):
+        raise ToolError(f"task_sequence: task {index} must be an object")
+    if "kind" not in item:
+        raise ToolError(
+            f"task_sequence: task {index} must be {{name, kind, ...}} or {{kind, ...}};"
+            f" it has {sorted(map(str, item))}"
+        )
+    if "name" in item:
+        name = str(item["name"])
+        config = {k: v for k, v in item.items() if k != "name"}
+    else:
+        name, config = f"task_{index}", dict(item)
+    if "eval" in config:
+        raise ToolError(
+            f"task_sequence: task {name!r}: 'eval' is not allowed; use spec.policy.rules"
+        )
+    spec = config.get("spec")
+    policy = spec.get("policy") if isinstance(spec, dict) else None
+    rules = policy.get("rules") if isinstance(policy, dict) else None
+    return Task(name, config["kind"], config, rules if isinstance(rules, list) else [])
 
 
 def decide(rules: list[Any], context: dict[str, Any], output: dict[str, Any]) -> Action:
@@ -362,19 +363,21 @@ def decide(rules: list[Any], context: dict[str, Any], output: dict[str, Any]) ->
             if "then" in rule:
                 return parse_then(rule["then"])
             continue
-        if isinstance(condition, bool):
-            matches = condition
-        else:
-            rendered = render_condition(str(condition), context)
-            if isinstance(rendered, bool):
-                matches = rendered
-            else:
-                matches = str(rendered).strip().lower() in ("true", "1", "yes")
-        if matches:
+        if _holds(condition, context):
             if "then" not in rule:
                 raise ToolError(f"task_sequence: a rule with 'when' needs 'then': {rule}")
             return parse_then(rule["then"])
     return Action("fail" if output.get("status") == "error" else "continue")
+
+
+def _holds(condition: Any, context: dict[str, Any]) -> bool:
+    """A rule's ``when``: a boolean, or a template rendering to one (or true|1|yes)."""
+    if isinstance(condition, bool):
+        return condition
+    rendered = render_condition(str(condition), context)
+    if isinstance(rendered, bool):
+        return rendered
+    return str(rendered).strip().lower() in ("true", "1", "yes")
 
 
 def parse_then(then: Any) -> Action:

@@ -11,6 +11,18 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+#: Values whose JSON form is their text: Decimal (exact), UUID, network addresses.
+_AS_STRING = (
+    decimal.Decimal,
+    uuid.UUID,
+    ipaddress.IPv4Address,
+    ipaddress.IPv6Address,
+    ipaddress.IPv4Network,
+    ipaddress.IPv6Network,
+    ipaddress.IPv4Interface,
+    ipaddress.IPv6Interface,
+)
+
 
 def to_json(value: Any) -> Any:
     """A JSON-ready form of a value read from a database.
@@ -23,22 +35,14 @@ def to_json(value: Any) -> Any:
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
-    if isinstance(value, decimal.Decimal):
+    if isinstance(value, _AS_STRING):
         return str(value)
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat()
     if isinstance(value, dt.timedelta):
         return value.total_seconds()
-    if isinstance(value, uuid.UUID):
-        return str(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        return str(value)
-    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return str(value)
-    if isinstance(value, ipaddress.IPv4Interface | ipaddress.IPv6Interface):
-        return str(value)
     if isinstance(value, dict):
         return {str(k): to_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
