@@ -23,6 +23,8 @@ from typing import Any
 
 import psycopg
 from psycopg import conninfo
+from psycopg_pool import ConnectionPool
+from psycopg_pool.base import AttemptWithBackoff
 
 #: The default of ``--network-timeout`` (seconds): a dead peer is noticed within about this.
 DEFAULT_NETWORK_TIMEOUT = 20.0
@@ -80,3 +82,27 @@ def server_settings(timeout: float = DEFAULT_NETWORK_TIMEOUT) -> dict[str, str]:
         "tcp_keepalives_count": str(count),
         "tcp_user_timeout": str(user_ms),
     }
+
+
+#: The longest wait between two attempts of the pool to replace a lost connection (seconds).
+RECONNECT_PACE = 2.0
+
+
+class _PacedAttempt(AttemptWithBackoff):
+    """psycopg_pool's reconnection backoff, capped: its delay doubles without bound (1, 2, 4,
+    … 32 s), so after an outage of a minute the pool would come back up to half a minute after
+    the database; capped, within ``RECONNECT_PACE`` plus one connection attempt."""
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, RECONNECT_PACE)
+
+
+class PacedPool(ConnectionPool[Any]):
+    """A :class:`~psycopg_pool.ConnectionPool` that keeps trying to replace lost connections
+    at a steady pace (never giving up while the worker runs)."""
+
+    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        if attempt is None:
+            attempt = _PacedAttempt(timeout=self.reconnect_timeout)
+        super()._add_connection(attempt, growing)
