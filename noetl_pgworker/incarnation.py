@@ -14,7 +14,8 @@ and when the lock is held:
   same rule other workers apply to reclaim its commands: the worker id's heartbeat in
   ``noetl.runtime`` is older than ``--stale-after``, or says ``offline``. A heartbeat that
   advances while we wait means a live process: the start is refused (two processes never
-  share an id). Waiting is bounded by ``--stale-after`` (plus a second or two).
+  share an id), and so is one while the id has no runtime row at all. Waiting is bounded by
+  ``--stale-after`` (plus a second or two).
 - by another incarnation, while running: this process was taken for dead and its id taken
   over; it refuses (and stops) rather than take the id back.
 
@@ -138,8 +139,8 @@ def _holder_dead(
     """(dead?, the heartbeat seen, why): dead when the id's heartbeat is older than
     ``stale_after`` or offline; "alive" when it advanced since ``seen_beat``."""
     row = conn.execute(query("worker_id_heartbeat"), {"worker_id": worker_id}).fetchone()
-    if row is None:
-        return False, seen_beat, "no heartbeat yet"
+    if row is None:  # a holder that never beat: starting, or not a worker; not ours to end
+        return False, seen_beat, "alive"
     status, age, beat = row
     if status == "offline":
         return True, beat, "offline"

@@ -55,8 +55,8 @@ class StopDeadline:
             return
         self.expire(f"the stop took longer than --shutdown-timeout + {STOP_MARGIN:.0f} s")
 
-    def expire(self, why: str) -> None:
-        """Keep what is unwritten, then end the process now."""
+    def expire(self, why: str, status: int = 1) -> None:
+        """Keep what is unwritten, then end the process now with ``status``."""
         try:
             kept = self._keep()
         except Exception:  # exiting anyway: say so, never hang here
@@ -70,4 +70,4 @@ class StopDeadline:
             extra={"action": "stop_deadline"},
         )
         logging.shutdown()
-        self._exit_now(1)
+        self._exit_now(status)
