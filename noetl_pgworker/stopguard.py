@@ -31,11 +31,11 @@ class StopDeadline:
         seconds: float,
         keep: Callable[[], int],
         *,
-        exit_now: Callable[[int], None] = os._exit,
+        exit_now: Callable[[int], None] | None = None,
     ) -> None:
         self._seconds = seconds
         self._keep = keep
-        self._exit_now = exit_now
+        self._exit_now = exit_now or _exit
         self._armed = threading.Event()
         self._disarmed = threading.Event()
 
@@ -69,5 +69,10 @@ class StopDeadline:
             kept,
             extra={"action": "stop_deadline"},
         )
-        logging.shutdown()
         self._exit_now(status)
+
+
+def _exit(status: int) -> None:
+    """Flush the logs, then end the process at once (no thread is waited for)."""
+    logging.shutdown()
+    os._exit(status)
