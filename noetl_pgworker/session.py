@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import pq
 
 from .config import Settings
 from .connections import log_pool_mode
@@ -45,6 +46,15 @@ from .queries import query
 __all__ = ["WORKER_LOCK_CLASS", "ClaimSession", "SessionGuard", "WorkerIdInUse", "open_session"]
 
 logger = logging.getLogger(__name__)
+
+
+def _usable(conn: psycopg.Connection[Any] | None) -> bool:
+    """Open, not broken, and idle: a statement cut off midway (a silent network that timed
+    out while a result was awaited) can leave a connection neither broken nor usable ("another
+    command is already in progress"); it is replaced."""
+    if conn is None or conn.closed or conn.broken:
+        return False
+    return conn.info.transaction_status == pq.TransactionStatus.IDLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +117,8 @@ class ClaimSession:
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn = self._conn
-        if conn is not None and not conn.closed and not conn.broken:
+        if _usable(conn):
+            assert conn is not None
             return conn
         if conn is not None:
             self.reconnects += 1
@@ -213,8 +224,9 @@ class ClaimSession:
                 return
         with self._lock:
             conn = self._conn
-            if conn is None or conn.closed or conn.broken:
-                return
+            if not _usable(conn):
+                return  # the next claim connects again (and takes the locks back)
+            assert conn is not None
             with contextlib.suppress(psycopg.Error):
                 self._flush_unlocks(conn)
 
