@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test unit integration acceptance chaos e2e demo bench lint clean
+.PHONY: help install test unit integration acceptance chaos fault e2e demo bench lint clean
 
 help:
 	@echo "make demo   - run the worker on a throwaway database with a mixed workload"
@@ -38,6 +38,10 @@ acceptance: $(STAMP)
 
 chaos: $(STAMP)
 	$(PY) -m pytest -m chaos $(PYTEST_ARGS)
+
+# Silent network partitions (root: a network namespace and a veth pair); part of `make test`.
+fault: $(STAMP)
+	$(PY) -m pytest -m fault $(PYTEST_ARGS)
 
 # Real playbooks on a running NoETL server (not part of `make test`): see docs/compatibility.md.
 e2e: $(STAMP)

@@ -27,6 +27,11 @@ throwaway PostgreSQL. Prints a table and writes JSON (``--out``). Scenarios:
             --python-mode (inline, process = fork server, spawn = new interpreter), the modes
             interleaved 3 times (--python-rounds), median; an idle worker's RSS with its fork
             server; one step's p50 time per mode, sequentially.
+  latency-net
+            the same N no-op commands (--net-commands, 5,000) drained by one worker
+            (--concurrency 8) and by PgQueuer, each through bench/delayproxy.py holding every
+            chunk 0, 1, 2 and 5 ms each way (a database 0-10 ms round trip away); commands/s
+            and each one's ratio to its own 0 ms rate.
 
 The throwaway cluster runs with PostgreSQL's default durability (fsync, synchronous_commit and
 full_page_writes on). --fast-cluster also runs drain, peers and latency on a second cluster
@@ -848,7 +853,7 @@ def main() -> int:
         "--only",
         nargs="*",
         default=None,
-        choices=["drain", "ceiling", "latency", "history", "python", "peers"],
+        choices=["drain", "ceiling", "latency", "history", "python", "peers", "latency-net"],
     )
     parser.add_argument(
         "--fast-cluster",
@@ -858,6 +863,7 @@ def main() -> int:
     )
     parser.add_argument("--python-commands", type=int, default=400)
     parser.add_argument("--python-rounds", type=int, default=3)
+    parser.add_argument("--net-commands", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=Path(".bench/results.json"))
     args = parser.parse_args()
     wanted = set(args.only or ["drain", "ceiling", "latency", "history", "peers"])
@@ -898,6 +904,8 @@ def main() -> int:
         if "peers" in wanted:
             say("peers")
             report["peers"] = peers(admin, args.commands)
+        if "latency-net" in wanted:
+            report["latency_net"] = latency_net(admin, args.net_commands)
     if args.fast_cluster and wanted & {"drain", "peers", "latency"}:
         with server(FAST, given_ok=False) as fast_admin:
             fast: dict[str, Any] = {"machine": machine(fast_admin)}
@@ -916,6 +924,94 @@ def main() -> int:
     args.out.write_text(json.dumps(report, indent=2))
     say(f"results written to {args.out}")
     return 0
+
+
+NET_DELAYS_MS = (0, 1, 2, 5)
+
+
+@contextlib.contextmanager
+def delay_proxy(dsn: str, delay_ms: float) -> Iterator[str]:
+    """``dsn`` through bench/delayproxy.py holding each chunk ``delay_ms`` each way."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    upstream = f"{params.get('host') or '127.0.0.1'}:{params.get('port') or 5432}"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "delayproxy.py"), "--upstream", upstream,
+         "--delay-ms", str(delay_ms)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield psycopg.conninfo.make_conninfo(dsn, host="127.0.0.1", port=str(port))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def net_worker_drain(admin_dsn: str, n: int, delay_ms: float) -> float:
+    """One worker (--concurrency 8) drains ``n`` no-op commands through the proxy; commands/s."""
+    with scratch_db(admin_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        enqueue(conn, tool_kind="noop", count=n, executions=max(1, n // 100))
+        conn.execute("VACUUM ANALYZE noetl.command")
+        with delay_proxy(dsn, delay_ms) as far:
+            args = [sys.executable, "-m", "noetl_pgworker", "start", "--dsn", far,
+                    "--worker-id", "bench-net", "--concurrency", "8", "--poll-interval", "0.5",
+                    "--log-level", "warning"]  # fmt: skip
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                wait_terminal(conn, n, timeout=900)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=120)
+                if proc.returncode != 0:
+                    say(f"worker exited {proc.returncode}: {err.decode()[-500:]}")
+        row = conn.execute(
+            "SELECT EXTRACT(epoch FROM max(completed_at) - min(claimed_at)) FROM noetl.command"
+        ).fetchone()
+        assert row is not None
+        return round(n / float(row[0]), 1)
+
+
+def net_peer_drain(admin_dsn: str, python: Path, n: int, delay_ms: float) -> float:
+    """PgQueuer drains ``n`` no-op jobs through the proxy (bench/peers/); jobs/s."""
+    with scratch_database(admin_dsn, prefix="pgw_bench_pgqueuer") as dsn:
+        with delay_proxy(dsn, delay_ms) as far:
+            proc = subprocess.run(
+                [str(python), str(PEERS / PEER_SCRIPTS["pgqueuer"]), "--dsn", far,
+                 "--jobs", str(n)],
+                capture_output=True, text=True, timeout=3600, check=False,
+            )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"pgqueuer drain failed: {proc.stderr[-2000:]}")
+        out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return float(out["jobs_per_s"])
+
+
+def latency_net(admin_dsn: str, n: int) -> dict[str, Any]:
+    """The worker and PgQueuer through the delay proxy at each of NET_DELAYS_MS."""
+    python = peers_python()
+    rows = []
+    for delay in NET_DELAYS_MS:
+        say(f"latency-net, +{delay} ms each way: noetl-pgworker")
+        worker = net_worker_drain(admin_dsn, n, delay)
+        say(f"latency-net, +{delay} ms each way: pgqueuer")
+        peer = net_peer_drain(admin_dsn, python, n, delay)
+        rows.append({"delay_ms": delay, "noetl-pgworker": worker, "pgqueuer": peer})
+    for name in ("noetl-pgworker", "pgqueuer"):
+        base = rows[0][name]
+        for r in rows:
+            r[f"{name}_ratio"] = round(r[name] / base, 2) if base else None
+    return {"commands": n, "concurrency": 8, "rows": rows}
+
+
+def print_latency_net(net: dict[str, Any]) -> None:
+    for r in net["rows"]:
+        print(
+            f"latency-net +{r['delay_ms']} ms each way  noetl-pgworker"
+            f" {r['noetl-pgworker']:>7.0f}/s ({r['noetl-pgworker_ratio']:.0%})"
+            f"  pgqueuer {r['pgqueuer']:>7.0f}/s ({r['pgqueuer_ratio']:.0%})"
+        )
 
 
 def print_table(report: dict[str, Any], best: float | None) -> None:
@@ -944,6 +1040,8 @@ def print_table(report: dict[str, Any], best: float | None) -> None:
                 f"{label}latency  p50 {lat['p50_ms']} ms  p95 {lat['p95_ms']} ms"
                 f"  p99 {lat['p99_ms']} ms  max {lat['max_ms']} ms"
             )
+    if "latency_net" in report:
+        print_latency_net(report["latency_net"])
     if "python" in report:
         py = report["python"]
         rates = {d["mode"]: d["commands_per_s"] for d in py["drain"]}

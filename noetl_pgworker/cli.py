@@ -32,6 +32,7 @@ from .db import connect, wrap_errors
 from .errors import ConfigError, PgWorkerError
 from .redact import redact_dsn, redact_secrets
 from .sdnotify import Notifier
+from .stopguard import STOP_MARGIN, StopDeadline
 from .tools import default_registry
 from .tools.process import harden_process
 
@@ -168,6 +169,17 @@ _START_OPTIONS = (
         default=10.0,
         show_default=True,
         help="Seconds to wait for a database connection.",
+    ),
+    click.option(
+        "--network-timeout",
+        envvar=_env("NETWORK_TIMEOUT"),
+        show_envvar=True,
+        type=click.FloatRange(0, 3600),
+        default=20.0,
+        show_default=True,
+        help="Seconds after which a connection whose peer does not answer is dropped"
+        " (keepalives and tcp_user_timeout, on the worker's and the server's side; a DSN's own"
+        " keepalives_* or tcp_user_timeout win; 0: the system's, i.e. up to hours).",
     ),
     click.option(
         "--max-result-bytes",
@@ -401,8 +413,10 @@ def start(**opts: Any) -> None:
         logs.configure(opts["log_level"], opts["log_format"], settings.worker_id)
     harden_process()  # children cannot read this process's memory or /proc/<pid>/environ
     worker = Worker(settings, notifier=Notifier.from_env())
-    _install_signal_handlers(worker.stop)
+    deadline = StopDeadline(settings.shutdown_timeout + STOP_MARGIN, worker.keep_unwritten)
+    _install_signal_handlers(worker.stop, deadline)
     summary = worker.run()
+    deadline.disarm()
     if not summary.clean:
         sys.exit(1)
 
@@ -417,6 +431,7 @@ _SETTINGS_AS_IS = (
     "heartbeat_interval",
     "shutdown_timeout",
     "connect_timeout",
+    "network_timeout",
     "max_result_bytes",
     "lease",
     "stale_after",
@@ -456,8 +471,9 @@ def _start_settings(opts: dict[str, Any]) -> Settings:
         raise ConfigError(f"invalid settings: {problems}") from exc
 
 
-def _install_signal_handlers(graceful: Callable[[], None]) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: stop now, exit 130."""
+def _install_signal_handlers(graceful: Callable[[], None], deadline: StopDeadline) -> None:
+    """First SIGTERM/SIGINT: graceful stop, ended at --shutdown-timeout + STOP_MARGIN s at the
+    latest (``stopguard.py``). Second: keep the unwritten outcomes, exit 130 at once."""
     received: list[int] = []
 
     def handler(signum: int, _frame: FrameType | None) -> None:
@@ -468,11 +484,10 @@ def _install_signal_handlers(graceful: Callable[[], None]) -> None:
                 signal.Signals(signum).name,
                 extra={"action": "stopping"},
             )
+            deadline.arm()
             graceful()
         else:
-            logger.error("second signal: stopping at once; running commands will be recovered")
-            logging.shutdown()
-            os._exit(130)
+            deadline.expire("second signal: stopping at once", status=130)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

@@ -56,6 +56,13 @@ class Settings(BaseModel):
         " start (default: systemd's $STATE_DIRECTORY, else none)",
     )
     connect_timeout: float = Field(default=10.0, gt=0)
+    network_timeout: float = Field(
+        default=20.0,
+        ge=0,
+        le=3600,
+        description="a connection whose peer does not answer is dropped after about this long"
+        " (keepalives and tcp_user_timeout, client and server side; 0: the system's)",
+    )
     flush_interval: float = Field(
         default=0.0, ge=0, le=1, description="how long the writer gathers outcomes"
     )

@@ -22,25 +22,43 @@ from .db import (
     wrap_errors,
 )
 from .errors import DatabaseUnavailable
+from .incarnation import application_name, new_token
+from .netguard import PacedPool
 from .redact import redact_dsn
 
 logger = logging.getLogger(__name__)
 
 
-def open_pool(settings: Settings, closing: contextlib.ExitStack) -> ConnectionPool[Any]:
-    """The worker's connection pool, open (closed by ``closing``); the schema checked."""
+#: The pool never gives up replacing a lost connection while the worker runs (seconds).
+RECONNECT_FOREVER = 365 * 86400.0
+
+
+def open_pool(
+    settings: Settings, closing: contextlib.ExitStack, incarnation: str | None = None
+) -> ConnectionPool[Any]:
+    """The worker's connection pool, open (closed by ``closing``); the schema checked.
+
+    Its connections are named ``noetl-pgworker@<incarnation>:<worker id>``; a lost one is
+    replaced at a steady pace (``netguard.PacedPool``)."""
     s = settings
-    pool: ConnectionPool[Any] = ConnectionPool(
+    pool: ConnectionPool[Any] = PacedPool(
         s.dsn,
         min_size=3,
         max_size=4,
         kwargs={
-            **connect_kwargs(f"noetl-pgworker:{s.worker_id}", s.connect_timeout, s.pool_mode),
-            **worker_session_kwargs(s.dsn, s.pool_mode),
+            **connect_kwargs(
+                application_name("", s.worker_id, incarnation or new_token()),
+                s.connect_timeout,
+                s.pool_mode,
+                dsn=s.dsn,
+                network_timeout=s.network_timeout,
+            ),
+            **worker_session_kwargs(s.dsn, s.pool_mode, s.network_timeout),
         },
         name="noetl-pgworker",
         open=False,
         timeout=30,
+        reconnect_timeout=RECONNECT_FOREVER,
         configure=lambda conn: apply_session_settings(conn, s.pool_mode),
     )
     try:

@@ -10,7 +10,9 @@ import psycopg
 from psycopg import conninfo, sql
 from psycopg_pool import PoolTimeout
 
+from . import netguard
 from .errors import DatabaseUnavailable, ItemRefused, PgWorkerError, RetryLater
+from .netguard import DEFAULT_NETWORK_TIMEOUT
 from .redact import redact_dsn, redact_text
 
 #: Exceptions that mean "the database is not there right now" rather than "the SQL is wrong".
@@ -54,9 +56,17 @@ POOL_MODES: tuple[PoolMode, ...] = ("direct", "session", "transaction")
 
 
 def connect_kwargs(
-    application_name: str, connect_timeout: float, pool_mode: PoolMode = "direct"
+    application_name: str,
+    connect_timeout: float,
+    pool_mode: PoolMode = "direct",
+    *,
+    dsn: str = "",
+    network_timeout: float = DEFAULT_NETWORK_TIMEOUT,
 ) -> dict[str, Any]:
     """Connection parameters added to the user's DSN (which libpq reads untouched).
+
+    A dead peer is noticed within about ``network_timeout`` seconds (keepalives and
+    ``tcp_user_timeout``, ``netguard.py``), unless ``dsn`` sets those itself.
 
     Through a pooler (``session``, ``transaction``) only startup parameters PgBouncer accepts
     are sent: no ``options`` (PgBouncer refuses unknown startup parameters; a setting the
@@ -68,11 +78,7 @@ def connect_kwargs(
     kwargs: dict[str, Any] = {
         "application_name": application_name[:63],
         "connect_timeout": max(1, int(connect_timeout)),
-        # A dead peer is noticed within about half a minute instead of the kernel's hours.
-        "keepalives": 1,
-        "keepalives_idle": 10,
-        "keepalives_interval": 5,
-        "keepalives_count": 3,
+        **netguard.client_kwargs(dsn, network_timeout),
     }
     if pool_mode == "transaction":
         kwargs["prepare_threshold"] = None
@@ -106,16 +112,22 @@ def apply_session_settings(conn: psycopg.Connection[Any], pool_mode: PoolMode) -
         conn.commit()
 
 
-def worker_session_kwargs(dsn: str, pool_mode: PoolMode) -> dict[str, Any]:
-    """``options`` for the worker's own sessions, added to what the DSN's ``options`` hold;
-    nothing through a pooler (PgBouncer refuses an ``options`` startup parameter)."""
+def worker_session_kwargs(
+    dsn: str, pool_mode: PoolMode, network_timeout: float = DEFAULT_NETWORK_TIMEOUT
+) -> dict[str, Any]:
+    """``options`` for the worker's own sessions, added to what the DSN's ``options`` hold:
+    the settings above, and the server's side of the bounds against a silent network (its
+    keepalives and ``tcp_user_timeout``, so that the server ends a session whose client it
+    cannot reach, and frees its locks). Nothing through a pooler (PgBouncer refuses an
+    ``options`` startup parameter)."""
     if pool_mode != "direct":
         return {}
     try:
         given = conninfo.conninfo_to_dict(dsn).get("options") if dsn else None
     except psycopg.ProgrammingError:
         given = None
-    ours = " ".join(f"-c {k}={v}" for k, v in WORKER_SESSION_SETTINGS.items())
+    settings = {**WORKER_SESSION_SETTINGS, **netguard.server_settings(network_timeout)}
+    ours = " ".join(f"-c {k}={v}" for k, v in settings.items())
     return {"options": f"{given} {ours}" if given else ours}
 
 
@@ -125,13 +137,22 @@ def connect(
     application_name: str = "noetl-pgworker",
     connect_timeout: float = 10.0,
     autocommit: bool = False,
+    network_timeout: float = DEFAULT_NETWORK_TIMEOUT,
+    extra: dict[str, Any] | None = None,
 ) -> psycopg.Connection[Any]:
     """Open one connection; an unreachable database raises :class:`DatabaseUnavailable`.
 
     It prepares no statement on the server: these connections (the CLI's, the listener's)
-    gain nothing from it, and they may go through a transaction-pooling proxy.
+    gain nothing from it, and they may go through a transaction-pooling proxy. ``extra``:
+    more connection parameters (e.g. :func:`worker_session_kwargs`).
     """
-    kwargs = {**connect_kwargs(application_name, connect_timeout), "prepare_threshold": None}
+    kwargs = {
+        **connect_kwargs(
+            application_name, connect_timeout, dsn=dsn, network_timeout=network_timeout
+        ),
+        "prepare_threshold": None,
+        **(extra or {}),
+    }
     try:
         return psycopg.connect(dsn, autocommit=autocommit, **kwargs)
     except psycopg.Error as exc:

@@ -18,6 +18,7 @@ from psycopg import sql
 from . import threads
 from .config import NOTIFY_CHANNEL
 from .db import connect, first_line
+from .netguard import DEFAULT_NETWORK_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,12 @@ class Listener:
         application_name: str = "noetl-pgworker-listener",
         connect_timeout: float = 10.0,
         check_interval: float = 30.0,
+        network_timeout: float = DEFAULT_NETWORK_TIMEOUT,
+        session_options: dict[str, Any] | None = None,
     ) -> None:
+        #: ``--network-timeout`` and the server-side options (``db.worker_session_kwargs``).
+        self._network_timeout = network_timeout
+        self._session_options = session_options
         self._dsn = dsn
         self._wake = wake
         self._channel = channel
@@ -92,6 +98,8 @@ class Listener:
             application_name=self._application_name,
             connect_timeout=self._connect_timeout,
             autocommit=True,
+            network_timeout=self._network_timeout,
+            extra=self._session_options,
         )
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
         self._connected.set()

@@ -84,6 +84,8 @@ class Reporter:
         self._entries: dict[Key, _Entry] = {}
         self._cond = threading.Condition()
         self._stop = threading.Event()
+        self._keep_lock = threading.RLock()
+        self._kept: int | None = None
         self._thread = threading.Thread(
             target=self._loop, name="noetl-pgworker-reporter", daemon=True
         )
@@ -167,8 +169,7 @@ class Reporter:
         # A write under way ends within its statement timeout; do not wait longer.
         threads.join(self._thread, min(5.0, max(1.0, timeout)))
         if not flushed:
-            left = self.unwritten()
-            kept = spool.save(left) if spool is not None else 0
+            kept = self.keep(spool) if spool is not None else 0
             if kept:
                 logger.warning(
                     "%d command outcome(s) could not be written before shutdown; kept in %s for"
@@ -185,6 +186,15 @@ class Reporter:
                     extra={"action": "unwritten_outcomes"},
                 )
         return flushed
+
+    def keep(self, spool: Spool) -> int:
+        """Save the outcomes not written yet in ``spool``, once (a stop that runs out of time
+        and the end of a graceful one may both ask); how many were kept."""
+        with self._keep_lock:
+            if self._kept is not None:
+                return self._kept
+            self._kept = spool.save(self.unwritten())
+            return self._kept
 
     def unwritten(self) -> list[Spooled]:
         """Finished commands whose outcome is not written yet."""

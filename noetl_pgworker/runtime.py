@@ -101,10 +101,22 @@ class Heartbeat:
                         extra={"action": "heartbeat_failed"},
                     )
 
+    def _answering(self) -> bool:
+        """The last beat succeeded within three intervals (else the offline write would wait
+        on a database that does not answer)."""
+        return self.last_ok is not None and time.monotonic() - self.last_ok < 3 * self._interval
+
     def stop(self, *, mark_offline: bool = True, timeout: float = 5.0) -> None:
         self._stop.set()
         threads.join(self._thread, timeout)
-        if mark_offline:
+        if mark_offline and not self._answering():
+            logger.warning(
+                "not marking the worker offline: the database has not answered a heartbeat"
+                " for %.0f s (a stale heartbeat says the same)",
+                time.monotonic() - (self.last_ok or 0.0),
+                extra={"action": "offline_skipped"},
+            )
+        elif mark_offline:
             try:
                 with self._pool.connection(timeout=timeout) as conn:
                     conn.execute(

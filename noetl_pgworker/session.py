@@ -24,25 +24,49 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import pq
 
 from .config import Settings
 from .connections import log_pool_mode
 from .db import PoolMode, apply_session_settings, connect_kwargs, worker_session_kwargs, wrap_errors
-from .errors import PgWorkerError
+from .incarnation import (
+    WORKER_LOCK_CLASS,
+    WorkerIdInUse,
+    application_name,
+    new_token,
+    take_worker_id,
+)
+from .netguard import DEFAULT_NETWORK_TIMEOUT
 from .queries import query
+
+__all__ = ["WORKER_LOCK_CLASS", "ClaimSession", "SessionGuard", "WorkerIdInUse", "open_session"]
 
 logger = logging.getLogger(__name__)
 
-#: The first key of the two-key advisory lock on a worker id (two int4 keys never collide with
-#: the one-bigint keys of command ids).
-WORKER_LOCK_CLASS = 0x70677772  # "pgwr"
+
+def _usable(conn: psycopg.Connection[Any] | None) -> bool:
+    """Open, not broken, and idle: a statement cut off midway (a silent network that timed
+    out while a result was awaited) can leave a connection neither broken nor usable ("another
+    command is already in progress"); it is replaced."""
+    if conn is None or conn.closed or conn.broken:
+        return False
+    return conn.info.transaction_status == pq.TransactionStatus.IDLE
 
 
-class WorkerIdInUse(PgWorkerError):
-    """Another process is running with this worker id."""
+@dataclass(frozen=True, slots=True)
+class SessionGuard:
+    """How the claim session keeps its worker id and notices a dead network."""
+
+    #: This process's incarnation token (``incarnation.py``); None: a fresh one.
+    incarnation: str | None = None
+    #: An earlier process holding the worker id is dead once its heartbeat is this old.
+    stale_after: float = 30.0
+    #: ``--network-timeout`` (``netguard.py``).
+    network_timeout: float = DEFAULT_NETWORK_TIMEOUT
 
 
 class ClaimSession:
@@ -58,15 +82,28 @@ class ClaimSession:
         held: Callable[[], Iterable[int]] = tuple,
         connect_options: dict[str, Any] | None = None,
         pool_mode: PoolMode = "direct",
+        guard: SessionGuard | None = None,
     ) -> None:
+        guard = guard or SessionGuard()
         self._dsn = dsn
+        #: This process's token (``incarnation.py``): a lock held by a session carrying it is
+        #: one this session abandoned; an earlier process's is taken over only once dead.
+        self._incarnation = guard.incarnation or new_token()
+        self._stale_after = guard.stale_after
+        self._opened = False
         #: Session-level locks (per claimed command, and on the worker id) are taken only on a
         #: real session: not through transaction pooling.
         self.session_locks = pool_mode != "transaction"
         self._pool_mode: PoolMode = pool_mode
         self._worker_id = worker_id if self.session_locks else None
         self._kwargs = {
-            **connect_kwargs(application_name, connect_timeout, pool_mode),
+            **connect_kwargs(
+                application_name,
+                connect_timeout,
+                pool_mode,
+                dsn=dsn,
+                network_timeout=guard.network_timeout,
+            ),
             **(connect_options or {}),
         }
         self._held = held
@@ -80,7 +117,8 @@ class ClaimSession:
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn = self._conn
-        if conn is not None and not conn.closed and not conn.broken:
+        if _usable(conn):
+            assert conn is not None
             return conn
         if conn is not None:
             self.reconnects += 1
@@ -103,23 +141,20 @@ class ClaimSession:
         self._conn = conn
         return conn
 
-    @staticmethod
-    def _lock_worker_id(conn: psycopg.Connection[Any], worker_id: str) -> None:
-        row = conn.execute(
-            query("lock_worker_id"), {"cls": WORKER_LOCK_CLASS, "worker_id": worker_id}
-        ).fetchone()
-        if not row or not row[0]:
-            holder = row[1] if row else None
-            raise WorkerIdInUse(
-                f"another process is already running as worker id {worker_id!r}"
-                + (f" ({holder})" if holder else "")
-                + "; give each process its own --worker-id"
-            )
+    def _lock_worker_id(self, conn: psycopg.Connection[Any], worker_id: str) -> None:
+        take_worker_id(
+            conn,
+            worker_id,
+            self._incarnation,
+            stale_after=self._stale_after,
+            running=self._opened,
+        )
 
     def open(self) -> None:
         """Connect now (and take the worker id's lock); raises if either fails."""
         with self._lock:
             self._connection()
+            self._opened = True
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
@@ -189,8 +224,9 @@ class ClaimSession:
                 return
         with self._lock:
             conn = self._conn
-            if conn is None or conn.closed or conn.broken:
-                return
+            if not _usable(conn):
+                return  # the next claim connects again (and takes the locks back)
+            assert conn is not None
             with contextlib.suppress(psycopg.Error):
                 self._flush_unlocks(conn)
 
@@ -223,30 +259,38 @@ class ClaimSession:
             return {int(r[0]) for r in conn.execute(query("session_held_locks")).fetchall()}
 
 
+def session_mode(settings: Settings) -> PoolMode:
+    """How the sessions (claim session, listener) reach PostgreSQL: a session DSN is a
+    session (direct, or a session-pooling proxy); else they go where --dsn goes, and through
+    transaction pooling the claim session holds no session lock."""
+    if settings.session_dsn and settings.pool_mode == "transaction":
+        return "session"
+    return settings.pool_mode
+
+
 def open_session(
     settings: Settings,
     held: Callable[[], Iterable[int]],
     closing: contextlib.ExitStack,
     *,
     listens: bool,
+    incarnation: str | None = None,
 ) -> ClaimSession:
     """The claim session, connected (closed by ``closing``); it refuses to open while another
     process runs with this worker id."""
     s = settings
+    token = incarnation or new_token()
     session_dsn = s.session_dsn or s.dsn
-    # A session DSN is a session (direct, or a session-pooling proxy); else the claim
-    # session goes where --dsn goes, and through transaction pooling holds no session lock.
-    session_mode: PoolMode = s.pool_mode
-    if s.session_dsn and s.pool_mode == "transaction":
-        session_mode = "session"
+    mode = session_mode(s)
     session = ClaimSession(
         session_dsn,
         worker_id=s.worker_id,
-        application_name=f"noetl-pgworker-claim:{s.worker_id}",
+        application_name=application_name("claim", s.worker_id, token),
         connect_timeout=s.connect_timeout,
         held=held,
-        pool_mode=session_mode,
-        connect_options=worker_session_kwargs(session_dsn, session_mode),
+        pool_mode=mode,
+        connect_options=worker_session_kwargs(session_dsn, mode, s.network_timeout),
+        guard=SessionGuard(token, s.stale_after, s.network_timeout),
     )
     log_pool_mode(s, listens=listens, session_locks=session.session_locks)
     with wrap_errors(session_dsn, "opening the claim session"):

@@ -91,6 +91,21 @@ class Spooled:
         )
 
 
+def _line(item: Spooled) -> str | None:
+    """One spool line; None (logged) for an outcome that cannot be serialised."""
+    try:
+        return dumps(item.to_json()) + "\n"
+    except (RecursionError, ValueError, TypeError) as exc:
+        logger.error(
+            "command %s: its outcome cannot be kept in the spool (%s); it will be recovered"
+            " after the lease",
+            item.ref.command_id,
+            "nested too deeply" if isinstance(exc, RecursionError) else exc,
+            extra={"action": "spool_failed"},
+        )
+        return None
+
+
 def _time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
@@ -111,8 +126,8 @@ class Spool:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             with os.fdopen(fd, "a", encoding="utf-8") as fh:
-                for item in items:
-                    fh.write(dumps(item.to_json()) + "\n")
+                lines = [line for line in map(_line, items) if line is not None]
+                fh.write("".join(lines))
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
@@ -124,25 +139,62 @@ class Spool:
                 extra={"action": "spool_failed"},
             )
             return 0
-        return len(items)
+        return len(lines)
 
     def take(self) -> list[Spooled]:
-        """What an earlier run kept, removing the file; unreadable lines are logged, skipped."""
+        """What an earlier run kept, removing the file. A line that cannot be read (not JSON,
+        not an outcome, nested too deeply to parse) is logged and moved to
+        ``<file>.rejected``, never lost and never in the way of the others."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            text = self.path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return []
         except OSError as exc:
             logger.error("cannot read the spool %s: %s", self.path, exc)
             return []
         items: list[Spooled] = []
+        rejected: list[str] = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 items.append(Spooled.from_json(json.loads(line)))
-            except (ValueError, KeyError, TypeError) as exc:
-                logger.error("spool %s line %d is unreadable (%s); skipped", self.path, number, exc)
+            except RecursionError:
+                self._reject(number, "nested too deeply to read", line, rejected)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                self._reject(number, str(exc) or type(exc).__name__, line, rejected)
+        if rejected and not self._keep_rejected(rejected):
+            return items  # the file stays: nothing of it is lost
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         return items
+
+    @property
+    def rejected_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".rejected")
+
+    def _reject(self, number: int, why: str, line: str, rejected: list[str]) -> None:
+        logger.error(
+            "spool %s line %d is unreadable (%s); set aside in %s",
+            self.path,
+            number,
+            why[:200],
+            self.rejected_path,
+            extra={"action": "spool_rejected"},
+        )
+        rejected.append(line)
+
+    def _keep_rejected(self, lines: list[str]) -> bool:
+        try:
+            fd = os.open(self.rejected_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as fh:
+                fh.write("".join(line + "\n" for line in lines))
+        except OSError as exc:
+            logger.error(
+                "cannot set aside unreadable spool lines in %s (%s); %s is kept as it is",
+                self.rejected_path,
+                exc,
+                self.path,
+            )
+            return False
+        return True

@@ -27,9 +27,10 @@ from .batches import BatchChecker
 from .config import Settings
 from .connections import open_pool
 from .credentials import CredentialProvider, EnvCredentials
-from .db import wrap_errors
+from .db import worker_session_kwargs, wrap_errors
 from .dispatcher import Dispatcher
 from .errors import ConfigError, PgWorkerError
+from .incarnation import application_name, new_token
 from .inflight import InFlight
 from .listener import Listener
 from .metrics import HealthServer, Metrics, NullMetrics
@@ -41,7 +42,7 @@ from .runtime import Heartbeat
 from .sdnotify import Notifier
 from .server import CommandHeartbeats, HttpSink, NoetlServer, resolver
 from .server_credentials import ServerCredentials
-from .session import ClaimSession, open_session
+from .session import ClaimSession, open_session, session_mode
 from .sink import PgSink, Sink
 from .source import ClaimOptions, CommandSource, PgCommandSource, SourceFactory, SourceHooks
 from .spool import Spool
@@ -156,6 +157,8 @@ class Worker:
         self.tool_kinds: tuple[str, ...] = tuple(kinds)
         self.inflight = InFlight(settings.concurrency, settings.max_pending_writes)
         self._stop = threading.Event()
+        #: This process's token in its connections' names (``incarnation.py``).
+        self.incarnation = new_token()
         self._wake = threading.Event()
         self._ready = threading.Event()
         self._progress = time.monotonic()
@@ -175,6 +178,14 @@ class Worker:
         """Graceful stop: claim nothing more, finish what runs, write everything, exit."""
         self._stop.set()
         self._wake.set()
+
+    def keep_unwritten(self) -> int:
+        """Save the outcomes not written yet in the spool now (a stop that ran out of time);
+        how many were kept (0 without a spool directory)."""
+        parts = self._parts
+        if parts is None or parts.spool is None:
+            return 0
+        return parts.reporter.keep(parts.spool)
 
     @property
     def stopping(self) -> bool:
@@ -294,9 +305,17 @@ class Worker:
         t0 = time.monotonic()
         self.registry.start()  # the fork server, before any command
         with contextlib.ExitStack() as closing:
-            pool = open_pool(self.settings, closing) if self.uses_database else None
+            pool = (
+                open_pool(self.settings, closing, self.incarnation) if self.uses_database else None
+            )
             session = (
-                open_session(self.settings, self._held_ids, closing, listens=self._listens)
+                open_session(
+                    self.settings,
+                    self._held_ids,
+                    closing,
+                    listens=self._listens,
+                    incarnation=self.incarnation,
+                )
                 if pool is not None and self._source_factory is None
                 else None
             )
@@ -374,12 +393,17 @@ class Worker:
                 stats=self._runtime_stats,
             )
         if self._listens:
+            listen_dsn = s.session_dsn or s.dsn
             parts.listener = Listener(
-                s.session_dsn or s.dsn,
+                listen_dsn,
                 self._wake,
-                application_name=f"noetl-pgworker-listener:{s.worker_id}",
+                application_name=application_name("listener", s.worker_id, self.incarnation),
                 connect_timeout=s.connect_timeout,
                 check_interval=s.listener_check_interval,
+                network_timeout=s.network_timeout,
+                session_options=worker_session_kwargs(
+                    listen_dsn, session_mode(s), s.network_timeout
+                ),
             )
         if server is not None:
             parts.cmd_heartbeats = CommandHeartbeats(

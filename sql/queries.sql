@@ -607,17 +607,46 @@ WHERE c.execution_id = ANY(%(execution_ids)s::bigint[])
 
 -- name: lock_worker_id
 -- One process per worker id: a session-level advisory lock on (class, hashtext(worker id)),
--- held by the claim session for the worker's life. `holder` names the process holding it,
--- when this login may see it.
+-- held by the claim session for the worker's life. `holder` names the session holding it
+-- (its application_name carries the holding process's incarnation token), `holder_pid` is its
+-- server process, when this login may see it.
 SELECT pg_try_advisory_lock(%(cls)s::int, hashtext(%(worker_id)s::text)) AS locked,
-       (SELECT a.application_name
-          FROM pg_locks AS l
-          JOIN pg_stat_activity AS a ON a.pid = l.pid
-         WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
-           AND l.classid::bigint = (%(cls)s::int)::bigint & 4294967295
-           AND l.objid::bigint = hashtext(%(worker_id)s::text)::bigint & 4294967295
-           AND l.pid <> pg_backend_pid()
-         LIMIT 1) AS holder;
+       h.application_name AS holder, h.pid AS holder_pid
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (
+    SELECT a.application_name, a.pid
+      FROM pg_locks AS l
+      JOIN pg_stat_activity AS a ON a.pid = l.pid
+     WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+       AND l.classid::bigint = (%(cls)s::int)::bigint & 4294967295
+       AND l.objid::bigint = hashtext(%(worker_id)s::text)::bigint & 4294967295
+       AND l.pid <> pg_backend_pid()
+     LIMIT 1
+) AS h ON true;
+
+-- name: worker_id_heartbeat
+-- The worker id's runtime row: whether its last holder went offline, and how old its last
+-- heartbeat is (seconds); no row when the id never ran here.
+SELECT status, extract(epoch FROM clock_timestamp() - heartbeat)::float8 AS age,
+       heartbeat
+FROM noetl.runtime
+WHERE kind = 'worker_pool' AND name = %(worker_id)s;
+
+-- name: terminate_incarnation
+-- End the server sessions of one incarnation of a worker (their application_name carries its
+-- token, `marker`), and the session `pid`; never this session. Needs membership in the
+-- sessions' role (or pg_signal_backend). Returns how many were signalled.
+SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid)) AS ended
+FROM pg_stat_activity AS a
+WHERE a.pid <> pg_backend_pid()
+  AND (a.pid = %(pid)s OR strpos(a.application_name, %(marker)s) > 0);
+
+-- name: incarnation_sessions
+-- How many server sessions of that incarnation (or the session `pid`) are still there.
+SELECT count(*) AS left
+FROM pg_stat_activity AS a
+WHERE a.pid <> pg_backend_pid()
+  AND (a.pid = %(pid)s OR strpos(a.application_name, %(marker)s) > 0);
 
 -- name: session_unlock
 -- Give back the session-level locks of commands whose outcome is written.

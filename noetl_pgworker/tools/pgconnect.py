@@ -38,15 +38,20 @@ NEUTRAL = {
     "sslkey": NO_FILE,
     "sslrootcert": NO_FILE,
     "sslcertmode": "allow",
+    # A command's connection notices a silent network within about 20 s, as the worker's
+    # own do (netguard.py), unless the connection string says otherwise.
     "keepalives": "1",
-    "tcp_user_timeout": "0",
+    "keepalives_idle": "10",
+    "keepalives_interval": "3",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "20000",
     "min_protocol_version": "3.0",
     "max_protocol_version": "3.0",
 }
 
 #: Options without an environment variable that only a service file could set, and that
-#: accept an empty value (= not set). The rest of them (keepalive timings, SCRAM keys) have
-#: no neutral explicit value; PGSERVICE could still set those.
+#: accept an empty value (= not set). The rest of them (SCRAM keys) have no neutral explicit
+#: value; PGSERVICE could still set those.
 EMPTY_OK = (
     "fallback_application_name",
     "sslpassword",

@@ -75,10 +75,10 @@ def test_one_process_per_worker_id_holds_between_non_superuser_logins(
         # The lock query reads pg_locks and pg_stat_activity only to name the holder: another
         # login may not see it, and the answer is still "taken".
         with psycopg.connect(other_login, autocommit=True) as conn:
-            locked, _holder = conn.execute(
+            row = conn.execute(
                 query("lock_worker_id"), {"cls": WORKER_LOCK_CLASS, "worker_id": "managed"}
-            ).fetchone() or (None, None)
-            assert locked is False
+            ).fetchone()
+            assert row is not None and row[0] is False
         with pytest.raises(WorkerIdInUse, match="already running as worker id 'managed'"):
             ClaimSession(other_login, worker_id="managed").open()
     finally:

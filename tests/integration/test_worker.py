@@ -325,7 +325,7 @@ def test_a_killed_listener_connection_is_replaced(
     killed = scalar(
         conn,
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-        " WHERE application_name = 'noetl-pgworker-listener:deaf'",
+        " WHERE application_name LIKE 'noetl-pgworker-listener@%:deaf'",
     )
     assert killed == 1
     wait_until(lambda: listener.reconnects >= 1 and listener.connected, timeout=15)

@@ -127,12 +127,15 @@ def test_gather_and_start_write_delay_reach_the_settings(monkeypatch: pytest.Mon
         def stop(self) -> None:
             pass
 
+        def keep_unwritten(self) -> int:
+            return 0
+
         def run(self) -> object:
             return type("Summary", (), {"clean": True})()
 
     monkeypatch.setattr(worker_module, "Worker", Captured)
     monkeypatch.setattr(cli, "harden_process", lambda: None)
-    monkeypatch.setattr(cli, "_install_signal_handlers", lambda _stop: None)
+    monkeypatch.setattr(cli, "_install_signal_handlers", lambda _stop, _deadline: None)
     args = ["start", "--dsn", "host=nowhere", "--worker-id", "w"]
     assert CliRunner().invoke(main, args).exit_code == 0
     assert (seen[0].write_gather, seen[0].claim_gather, seen[0].start_write_delay) == (
