@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,11 @@ PRELOAD = ("json", "inspect", "traceback", "noetl_pgworker.render")
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 #: stdout/stderr kept of an isolated call (only for errors).
 OUTPUT_LIMIT = 8 * 1024
+#: The environment of its fork server: two malloc arenas, not eight per core (each reserves
+#: 64 MiB of address space, which counts against the sandbox's limit).
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
+#: The function that renders a command's templates in the child.
+RENDER_ENTRY = "noetl_pgworker.render:evaluate_isolated"
 
 
 class IsolatedError(ToolError):
@@ -41,6 +46,12 @@ def preload(extra: Sequence[str] = ()) -> tuple[str, ...]:
     """:data:`PRELOAD` plus those of ``extra`` that are installed."""
     found = tuple(name for name in extra if importlib.util.find_spec(name) is not None)
     return PRELOAD + found
+
+
+def isolated_preload() -> tuple[str, ...]:
+    """What the worker's isolated fork server imports: the templates' engine, and duckdb
+    where it is installed."""
+    return preload(("duckdb",))
 
 
 class Isolated:
@@ -103,6 +114,17 @@ class Isolated:
             os.close(result_fd)
         return _answer(raw, done, what, limits)
 
+    def templates(self, remaining: Callable[[], float]) -> Callable[[str, list[Any]], Any]:
+        """A command's :data:`noetl_pgworker.render.ISOLATE`: its templates evaluated in a
+        child, within the command's remaining time (``remaining()``)."""
+
+        def isolate(op: str, args: list[Any]) -> Any:
+            return self.call(
+                RENDER_ENTRY, {"op": op, "data": args}, timeout=remaining(), what="templates"
+            )
+
+        return isolate
+
 
 def _answer(raw: bytes, done: process.Finished, what: str, limits: process.Limits) -> Any:
     try:
@@ -134,4 +156,4 @@ def _answer(raw: bytes, done: process.Finished, what: str, limits: process.Limit
     raise failure
 
 
-__all__ = ["Isolated", "IsolatedError", "preload"]
+__all__ = ["MALLOC_ENV", "RENDER_ENTRY", "Isolated", "IsolatedError", "preload"]
