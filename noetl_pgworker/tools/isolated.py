@@ -23,8 +23,15 @@ from typing import Any
 from ..errors import ToolError, ToolTimeout
 from . import process
 
-#: What this fork server imports before serving: the template engine (and its callers).
-PRELOAD = ("json", "inspect", "traceback", "noetl_pgworker.render")
+#: What this fork server imports before serving: the template engine (and its callers), and
+#: its warm-up (constant templates rendered once, before any command's process is forked).
+PRELOAD = (
+    "json",
+    "inspect",
+    "traceback",
+    "noetl_pgworker.render",
+    "noetl_pgworker.tools.isolated_warm",
+)
 #: The answer's size when the caller names none.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 #: stdout/stderr kept of an isolated call (only for errors).

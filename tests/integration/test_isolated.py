@@ -119,3 +119,46 @@ def test_postgres_rows_are_read_in_chunks_up_to_the_cap(dsn: str) -> None:
         assert "max-result-bytes" in failed.value.message
         conn.rollback()
         assert conn.execute("SELECT 1").fetchone() == (1,)  # the connection is usable again
+
+
+RENDERED = [
+    ("{{ a + 1 }}", {"a": 41}),
+    ("{% for i in l %}{{ i }},{% endfor %}", {"l": [1, 2]}),
+    ("{{ s.data.x * 2 }}", {"s": {"x": 3}}),
+    ("[{{ a }}, {{ a ~ 'x' | tojson }}]", {"a": 1}),
+    ("{{ missing.attr }}", {}),
+    ({"k": ["{% if a %}yes{% endif %}", 3]}, {"a": True}),
+]
+
+
+@pytest.mark.parametrize(("template", "context"), RENDERED)
+def test_an_isolated_template_renders_as_in_the_worker(
+    iso: isolated.Isolated, template: Any, context: dict[str, Any]
+) -> None:
+    from noetl_pgworker import render
+
+    here = render.render_value(template, context)
+    token = render.ISOLATE.set(iso.templates(lambda: 30.0))
+    try:
+        there = render.render_value(template, context)
+        text = render.render_text("{% if a %}t{% endif %}", {"a": 1})
+    finally:
+        render.ISOLATE.reset(token)
+    assert there == here and text == "t"
+
+
+def test_a_template_bomb_fails_in_its_own_process(iso: isolated.Isolated) -> None:
+    from noetl_pgworker import render
+
+    token = render.ISOLATE.set(iso.templates(lambda: 2.0))
+    try:
+        with pytest.raises(ToolTimeout):
+            render.render_text(
+                "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+                {},
+            )
+        with pytest.raises(ToolError) as failed:
+            render.render_text("{% for i in range(100) %}{{ '%0100000000d' % 1 }}{% endfor %}", {})
+    finally:
+        render.ISOLATE.reset(token)
+    assert failed.value.message.startswith("templates: ")
