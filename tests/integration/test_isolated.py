@@ -162,3 +162,57 @@ def test_a_template_bomb_fails_in_its_own_process(iso: isolated.Isolated) -> Non
     finally:
         render.ISOLATE.reset(token)
     assert failed.value.message.startswith("templates: ")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--run-as needs a root worker")
+def test_duckdb_and_templates_run_as_the_run_as_user(tmp_path: Path) -> None:
+    pytest.importorskip("duckdb")
+    from noetl_pgworker import render
+    from noetl_pgworker.models import Command
+    from noetl_pgworker.tools.base import ToolContext
+    from noetl_pgworker.tools.duckdb import DuckdbTool
+
+    sandbox = process.Sandbox(
+        process.Limits(memory_mb=2048),
+        run_as="nobody",
+        preload=isolated.isolated_preload(),
+        extra_env=isolated.MALLOC_ENV,
+    )
+    runner = isolated.Isolated(sandbox)
+    try:
+        tool = DuckdbTool(runner)
+        command = Command(
+            command_id="1",
+            execution_id=1,
+            step="s",
+            tool_kind="duckdb",
+            catalog_id=1,
+            input={
+                "tool_config": {
+                    "query": "CREATE TABLE t AS SELECT 5 AS n; SELECT * FROM t",
+                    "db_path": "local.duckdb",
+                }
+            },
+        )
+        out = tool.run(command, ToolContext(timeout=30))
+        assert out["rows"] == [{"n": 5}] and out["database_path"] == "local.duckdb"
+        with pytest.raises(ToolError) as refused:
+            tool.run(
+                Command(
+                    command_id="2",
+                    execution_id=1,
+                    step="s",
+                    tool_kind="duckdb",
+                    catalog_id=1,
+                    input={"tool_config": {"query": "SELECT 1", "db_path": "../../x.duckdb"}},
+                ),
+                ToolContext(timeout=30),
+            )
+        assert "outside the command's own directory" in refused.value.message
+        token = render.ISOLATE.set(runner.templates(lambda: 30.0))
+        try:
+            assert render.render_value("{{ a * 2 }}", {"a": 21}) == 42
+        finally:
+            render.ISOLATE.reset(token)
+    finally:
+        runner.close()
