@@ -259,6 +259,7 @@ def test_a_credential_goes_only_to_its_hosts(dsn: str) -> None:
             assert "host" in error_of(conn, unbound), error_of(conn, unbound)
     finally:
         capture.shutdown()
+        capture.server_close()
     sent = repr(capture.seen)
     assert "credential-token-secret-4711" not in sent and "bound-token-4711" not in sent
 
@@ -286,4 +287,5 @@ def test_loopback_is_refused_unless_allowed(dsn: str) -> None:
                 ), error_of(conn, command_id)
     finally:
         capture.shutdown()
+        capture.server_close()
     assert capture.seen == []

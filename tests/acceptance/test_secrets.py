@@ -137,7 +137,10 @@ def _rows(env: dict[str, str], capture: Capture, fake_pg: FakePostgres) -> list[
 
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not IS_ROOT, reason="--run-as (the production setup) needs a root worker")
-def test_no_tool_kind_reads_a_secret_of_the_worker(dsn: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("python_mode", ["process", "spawn"])  # (inline is the worker itself)
+def test_no_tool_kind_reads_a_secret_of_the_worker(
+    dsn: str, tmp_path: Path, python_mode: str
+) -> None:
     env = _worker_env(tmp_path)
     os.chmod(tmp_path, 0o755)
     capture = Capture()
@@ -153,6 +156,8 @@ def test_no_tool_kind_reads_a_secret_of_the_worker(dsn: str, tmp_path: Path) -> 
                 "--run-as",
                 "nobody",
                 "--http-allow-loopback",
+                "--python-mode",
+                python_mode,
                 env=env,
             ),
         ):
@@ -168,6 +173,7 @@ def test_no_tool_kind_reads_a_secret_of_the_worker(dsn: str, tmp_path: Path) -> 
             written = every_text(conn)
     finally:
         capture.shutdown()
+        capture.server_close()
         fake_pg.close()
     sent = "\n".join(capture.seen) + json.dumps(fake_pg.passwords)
     for name, secret in SECRETS.items():
