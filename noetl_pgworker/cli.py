@@ -246,6 +246,32 @@ _START_OPTIONS = (
         " them start warm.  [default: what the python runner needs]",
     ),
     click.option(
+        "--duckdb-dir",
+        envvar=_env("DUCKDB_DIR"),
+        show_envvar=True,
+        default=None,
+        help="Directory of duckdb database files: a command's db_path is a file under it."
+        "  [default: none: in-memory databases, or files in the command's own directory,"
+        " removed after]",
+    ),
+    click.option(
+        "--duckdb-allowed-dirs",
+        envvar=_env("DUCKDB_ALLOWED_DIRS"),
+        show_envvar=True,
+        default=None,
+        help="Comma-separated directories duckdb SQL may read and write (read_csv, COPY,"
+        " ATTACH); nothing else of the machine.  [default: none]",
+    ),
+    click.option(
+        "--http-allow-loopback",
+        envvar=_env("HTTP_ALLOW_LOOPBACK"),
+        show_envvar=True,
+        is_flag=True,
+        help="Let http commands reach loopback (127.0.0.0/8, ::1) and link-local"
+        " (169.254.0.0/16, fe80::/10: cloud metadata) addresses; never the worker's own"
+        " metrics port.",
+    ),
+    click.option(
         "--run-as",
         envvar=_env("RUN_AS"),
         show_envvar=True,
@@ -446,16 +472,18 @@ _SETTINGS_AS_IS = (
     "metrics_port",
     "metrics_host",
     "start_write_delay",
+    "http_allow_loopback",
 )
 
 
 def _start_settings(opts: dict[str, Any]) -> Settings:
     """The Settings of ``start``'s options; a clear ConfigError when they do not validate."""
     values: dict[str, Any] = {name: opts[name] for name in _SETTINGS_AS_IS}
-    for name in ("python_preload", "run_as", "server_url", "session_dsn"):
+    for name in ("python_preload", "run_as", "server_url", "session_dsn", "duckdb_dir"):
         values[name] = opts[name] or None
     state_directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
     values["spool_dir"] = opts["spool_dir"] or state_directory or None
+    values["duckdb_allowed_dirs"] = opts["duckdb_allowed_dirs"] or ()
     values["verify_schema"] = not opts["skip_schema_check"]
     values["write_gather"] = opts["gather"]
     values["claim_gather"] = 2 * opts["gather"]

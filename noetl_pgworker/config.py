@@ -122,6 +122,15 @@ class Settings(BaseModel):
     server_url: str | None = Field(
         default=None, description="report to this NoETL server instead of writing rows"
     )
+    duckdb_dir: str | None = Field(
+        default=None, description="where duckdb database files (db_path) live; None: nowhere"
+    )
+    duckdb_allowed_dirs: tuple[str, ...] = Field(
+        default=(), description="directories duckdb SQL may read and write besides its own"
+    )
+    http_allow_loopback: bool = Field(
+        default=False, description="let http commands reach loopback and link-local addresses"
+    )
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = Field(
         default="127.0.0.1", description="the metrics server's address; 0.0.0.0 exposes it"
@@ -136,7 +145,7 @@ class Settings(BaseModel):
             )
         return self
 
-    @field_validator("python_preload", mode="before")
+    @field_validator("python_preload", "duckdb_allowed_dirs", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):

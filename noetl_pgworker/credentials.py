@@ -5,7 +5,9 @@ by ``NOETL_PGWORKER_CREDENTIALS`` (``{"alias": {"dsn": …} | {"headers": {…}}
 and, for single aliases, ``NOETL_PGWORKER_CREDENTIAL_<ALIAS>`` variables holding the same JSON
 or a bare DSN. Values never reach logs, errors or event payloads: tools use them, report only
 the alias, and scrub the values from what they return (a server may echo them back). An alias
-may name the hosts it may be sent to (``"allowed_hosts": ["api.example.com", "*.example.org"]``).
+is sent only to the hosts it names: ``"allowed_hosts": ["api.example.com", "*.example.org"]``,
+else the host of its ``base_url`` (or ``url``/``endpoint``), else its DSN's hosts; an alias
+that names none is never attached to a request.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from .errors import ConfigError, CredentialError
 from .redact import dsn_password
@@ -37,7 +43,8 @@ class Credential:
     headers: Mapping[str, str] = field(default_factory=dict)
     username: str | None = None
     password: str | None = None
-    #: hosts this credential may be sent to (``*.example.com`` matches subdomains); None: any
+    #: hosts this credential may be sent to (``*.example.com`` matches subdomains); None or
+    #: empty: none (it is never attached to a request)
     allowed_hosts: tuple[str, ...] | None = None
 
     def __repr__(self) -> str:  # never print the secret parts
@@ -72,18 +79,30 @@ class Credential:
         return walk(value)
 
     def allows_host(self, host: str) -> bool:
-        if self.allowed_hosts is None:
-            return True
+        if not self.allowed_hosts:
+            return False
         host = host.lower().rstrip(".")
         return any(
             host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
             for allowed in self.allowed_hosts
         )
 
+    def refusal(self, host: str) -> str:
+        """Why this credential is not sent to ``host`` (see :meth:`allows_host`)."""
+        if not self.allowed_hosts:
+            return (
+                f"credential {self.alias!r} names no host it may be sent to: give it"
+                " allowed_hosts (or a base_url)"
+            )
+        return (
+            f"credential {self.alias!r} may not be sent to {host!r} (its allowed_hosts:"
+            f" {', '.join(self.allowed_hosts)})"
+        )
+
     @classmethod
     def parse(cls, alias: str, value: Any) -> Credential:
         if isinstance(value, str):
-            return cls(alias=alias, dsn=value)
+            return cls(alias=alias, dsn=value, allowed_hosts=dsn_hosts(value))
         if not isinstance(value, dict):
             raise ConfigError(f"credential {alias!r} must be a JSON object or a DSN string")
         headers = value.get("headers") or {}
@@ -91,6 +110,8 @@ class Credential:
             raise ConfigError(f"credential {alias!r}: headers must be an object")
         dsn = value.get("dsn") or value.get("connection_string")
         hosts = value.get("allowed_hosts")
+        if hosts is None:
+            hosts = list(bound_hosts(value, str(dsn) if dsn else None)) or None
         if isinstance(hosts, str):
             hosts = [h.strip() for h in hosts.split(",") if h.strip()]
         if hosts is not None and (
@@ -106,6 +127,33 @@ class Credential:
             password=value.get("password"),
             allowed_hosts=None if hosts is None else tuple(h.lower() for h in hosts),
         )
+
+
+def dsn_hosts(dsn: str) -> tuple[str, ...]:
+    """The hosts a PostgreSQL connection string names (none for a socket or a bad DSN)."""
+    try:
+        hosts = conninfo_to_dict(dsn).get("host") or ""
+    except psycopg.ProgrammingError:
+        return ()
+    return tuple(h.strip().lower() for h in str(hosts).split(",") if h.strip() and "/" not in h)
+
+
+#: Where a credential names the service it belongs to (its host is where it may go).
+URL_FIELDS = ("base_url", "url", "endpoint", "api_url", "server_url")
+
+
+def bound_hosts(record: Mapping[str, Any], dsn: str | None = None) -> tuple[str, ...]:
+    """The hosts a credential record is bound to when it names no ``allowed_hosts``: its
+    DSN's hosts, or the host of its ``base_url`` (``url``, ``endpoint``…)."""
+    if dsn:
+        return dsn_hosts(dsn)
+    for name in URL_FIELDS:
+        value = record.get(name)
+        if isinstance(value, str) and value:
+            host = urlsplit(value if "//" in value else f"//{value}").hostname
+            if host:
+                return (host.lower(),)
+    return ()
 
 
 class CredentialProvider(Protocol):

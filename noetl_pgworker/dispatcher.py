@@ -20,6 +20,7 @@ from .errors import PgWorkerError, ToolError
 from .inflight import InFlight
 from .jsontext import NotSerialisable, dumps
 from .models import Command, CommandRef, Outcome, ToolOutput
+from .render import ISOLATE
 from .tools.base import DEFAULT_COMMAND_TIMEOUT, ToolContext, ToolRegistry, command_timeout
 
 logger = logging.getLogger(__name__)
@@ -46,12 +47,12 @@ def execute(
     try:
         if prepare is not None:
             command = prepare(command)  # e.g. resolve context fields NoETL externalised
-        tool = registry.get(command.tool_kind)
+        registry.get(command.tool_kind)  # (an unknown kind fails before its timeout is read)
         ctx = ToolContext(
             timeout=command_timeout(command, timeout),
             credentials=credentials or EnvCredentials(),
         )
-        data = tool.run(command, ctx)
+        data = _run_tool(registry, command, ctx)
         extra: dict[str, Any] | None = None
         if isinstance(data, ToolOutput):
             data, extra = data.data, (data.extra or None)
@@ -81,6 +82,17 @@ def execute(
             started_at=started_at,
         )
     return Outcome.success(data, duration=took(), started_at=started_at, extra=extra)
+
+
+def _run_tool(registry: ToolRegistry, command: Command, ctx: ToolContext) -> Any:
+    """The tool's output; the command's templates evaluated in the registry's sandbox unless
+    they are bounded (:data:`~noetl_pgworker.render.ISOLATE`)."""
+    isolated = registry.isolated
+    token = ISOLATE.set(isolated.templates(ctx.remaining) if isolated is not None else None)
+    try:
+        return registry.get(command.tool_kind).run(command, ctx)
+    finally:
+        ISOLATE.reset(token)
 
 
 def _log_extra(action: str, command: Command) -> dict[str, Any]:

@@ -18,7 +18,11 @@ command's ``render_context``; so does this worker:
   render as JSON; a top-level list also answers ``.result`` (itself).
 
 Templates come from the command table, so they run in Jinja's sandbox (no private attributes,
-no unsafe calls), with repetition (``*``) and powers (``**``) bounded.
+no unsafe calls), with repetition (``*``) and powers (``**``) bounded; and, while a command
+runs, in a sandboxed child process (:data:`ISOLATE`, set by the dispatcher) unless every
+template a call renders is bounded (:mod:`noetl_pgworker.template_check`): a template can loop,
+hold the GIL in one C call or allocate without end only in a process of its own, under the
+sandbox's limits and the command's timeout.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import base64
 import functools
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from jinja2 import Template
@@ -37,6 +42,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
 from .models import Command
+from .template_check import all_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +320,8 @@ class _Renderer:
             return direct
         try:
             rendered = _compile(template).render(self.wrapped)
+        except MemoryError:
+            raise  # not the template's fault NoETL forgives: the command fails
         except Exception as exc:  # NoETL keeps the template when it cannot render it
             logger.debug("template kept as is: %s: %s", type(exc).__name__, exc)
             return template
@@ -324,24 +332,64 @@ class _Renderer:
             return template
         try:
             return _compile(template).render(self.wrapped)
+        except MemoryError:
+            raise
         except Exception as exc:
             logger.debug("template kept as is: %s: %s", type(exc).__name__, exc)
             return template
 
 
+#: While a command runs: how to evaluate, in the sandbox, a call whose templates are not all
+#: bounded (``op``, its arguments) -> its value. None: everything is evaluated here.
+ISOLATE: ContextVar[Callable[[str, list[Any]], Any] | None] = ContextVar(
+    "noetl_pgworker_isolate", default=None
+)
+#: The largest answer an isolated evaluation may give (bytes of JSON).
+MAX_ISOLATED_ANSWER = 32 * 1024 * 1024
+
+
+def _evaluate(op: str, templates: Any, *args: Any) -> Any:
+    """``_LOCAL[op](*args)``: here if every template in ``templates`` is bounded (or no
+    command runs), else in the sandbox."""
+    isolate = ISOLATE.get()
+    if isolate is not None and not all_bounded(templates):
+        return isolate(op, list(args))
+    return _LOCAL[op](*args)
+
+
+def evaluate_isolated(op: str, data: list[Any], max_bytes: int = MAX_ISOLATED_ANSWER) -> Any:
+    """In the sandbox's child process: ``op`` evaluated, its answer at most ``max_bytes``."""
+    value = _LOCAL[op](*data)
+    if len(json.dumps(value, default=_unwrap)) > max_bytes:
+        raise ValueError(f"templates: the rendered values are larger than {max_bytes} bytes")
+    return value
+
+
 def render_value(template: Any, context: Mapping[str, Any]) -> Any:
     """NoETL's ``render_template`` (see the module's docstring)."""
-    return _Renderer(context).value(template)
+    return _evaluate("value", template, template, context)
 
 
 def render_text(template: str, context: Mapping[str, Any]) -> str:
     """Render to text, no parsing back; the template itself if it cannot be rendered."""
-    return _Renderer(context).text(template)
+    return str(_evaluate("text", template, template, context))
 
 
 def render_condition(template: str, context: Mapping[str, Any]) -> Any:
     """A condition or ``set`` value (NoETL's task_sequence): text, ``[..]``/``{..}`` parsed."""
-    return _json_like(render_text(template, context))
+    return _evaluate("condition", template, template, context)
+
+
+def _value_here(template: Any, context: Mapping[str, Any]) -> Any:
+    return _Renderer(context).value(template)
+
+
+def _text_here(template: str, context: Mapping[str, Any]) -> str:
+    return _Renderer(context).text(template)
+
+
+def _condition_here(template: str, context: Mapping[str, Any]) -> Any:
+    return _json_like(_Renderer(context).text(template))
 
 
 def _json_like(text: str) -> Any:
@@ -396,8 +444,13 @@ def render_sql(command: Command, sql: Any, *, quote: bool = True) -> Any:
     with ``task_with`` over it; a string is rendered whole, a list item by item."""
     base = command_context(command)
     params = task_with(command)
-    params = sql_quoted(params) if quote else render_value(params, base)
-    return render_value(sql, {**base, **params})
+    templates = [sql] if quote else [sql, params]
+    return _evaluate("sql", templates, sql, base, params, quote)
+
+
+def _sql_here(sql: Any, base: dict[str, Any], params: dict[str, Any], quote: bool) -> Any:
+    params = sql_quoted(params) if quote else _value_here(params, base)
+    return _value_here(sql, {**base, **params})
 
 
 HTTP_KEYS = ("url", "endpoint", "params", "payload", "body", "json", "data", "headers")
@@ -405,7 +458,12 @@ HTTP_KEYS = ("url", "endpoint", "params", "payload", "body", "json", "data", "he
 
 def render_http(command: Command, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``cfg`` with the request parts NoETL's http tool renders (URL, query, body, headers)."""
-    renderer = _Renderer(command_context(command))
+    parts = [cfg[key] for key in HTTP_KEYS if key in cfg]
+    return dict(_evaluate("http", parts, dict(cfg), command_context(command)))
+
+
+def _http_here(cfg: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    renderer = _Renderer(context)
     out = dict(cfg)
     for key in HTTP_KEYS:
         if key in out:
@@ -416,7 +474,12 @@ def render_http(command: Command, cfg: Mapping[str, Any]) -> dict[str, Any]:
 def render_shell(command: Command, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``cfg`` with the command(s) and ``env`` values rendered to text (NoETL's shell tool: only
     strings holding a template, against the render context; kept as is if rendering fails)."""
-    renderer = _Renderer(command_context(command))
+    parts = [cfg.get(key) for key in ("command", "cmd", "cmds", "env")]
+    return dict(_evaluate("shell", parts, dict(cfg), command_context(command)))
+
+
+def _shell_here(cfg: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    renderer = _Renderer(context)
     out = dict(cfg)
     for key in ("command", "cmd", "cmds"):
         value = out.get(key)
@@ -434,7 +497,10 @@ def render_args(command: Command, args: Mapping[str, Any]) -> dict[str, Any]:
     """The python tool's arguments as NoETL renders them: a bare ``{{ name }}`` of a context
     key gives its value; other strings are rendered to text (kept if that fails), and every
     string that looks like ``[..]``/``{..}`` is parsed (JSON, else a Python literal)."""
-    context = command_context(command)
+    return dict(_evaluate("args", dict(args), dict(args), command_context(command)))
+
+
+def _args_here(args: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     renderer = _Renderer(context)
     out: dict[str, Any] = {}
     for key, value in args.items():
@@ -451,11 +517,24 @@ def render_args(command: Command, args: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_LOCAL: dict[str, Callable[..., Any]] = {
+    "value": _value_here,
+    "text": _text_here,
+    "condition": _condition_here,
+    "sql": _sql_here,
+    "http": _http_here,
+    "shell": _shell_here,
+    "args": _args_here,
+}
+
+
 __all__ = [
     "ENV",
+    "ISOLATE",
     "ListView",
     "ResultView",
     "command_context",
+    "evaluate_isolated",
     "has_template",
     "render_args",
     "render_condition",

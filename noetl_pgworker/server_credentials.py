@@ -13,7 +13,9 @@ else built from ``host|db_host|pg_host``, ``port|db_port``, ``user|username|db_u
 ``password|db_password``, ``database|dbname|db_name``, ``sslmode``); other credentials give a
 bearer ``token`` (``token``/``access_token``/``bearer_token``), ``headers`` (and ``api_key``
 under ``header_name``) or ``username``/``password``. Secret values are never logged nor put in
-an error message.
+an error message. A credential is bound to the hosts it names (``allowed_hosts``, else the
+host of its ``base_url``/``url``/``endpoint``, or for a postgres credential its DSN's hosts):
+the http tool refuses to send one that names none.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from urllib.parse import quote
 import httpx
 from psycopg.conninfo import make_conninfo
 
-from .credentials import Credential, CredentialProvider
+from .credentials import Credential, CredentialProvider, bound_hosts
 from .errors import CredentialError
 
 logger = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ def credential_from(key: str, record: Mapping[str, Any]) -> Credential:
         if parts:
             dsn = make_conninfo(**parts, connect_timeout="10")
     if dsn is not None:
-        return Credential(alias=key, dsn=str(dsn))
+        return Credential(alias=key, dsn=str(dsn), allowed_hosts=bound_hosts(record, str(dsn)))
     headers_value = record.get("headers")
     headers = (
         {str(k): str(v) for k, v in headers_value.items()}
@@ -106,11 +108,23 @@ def credential_from(key: str, record: Mapping[str, Any]) -> Credential:
     password = record.get("password")
     return Credential(
         alias=key,
+        allowed_hosts=_allowed_hosts(record),
         token=str(token) if token is not None else None,
         headers=headers,
         username=str(username) if username is not None and password is not None else None,
         password=str(password) if username is not None and password is not None else None,
     )
+
+
+def _allowed_hosts(record: Mapping[str, Any]) -> tuple[str, ...]:
+    """The record's ``allowed_hosts`` (a list, or a comma-separated string), else the host of
+    its ``base_url``/``url``/``endpoint``: where it may be sent."""
+    hosts = record.get("allowed_hosts")
+    if isinstance(hosts, str):
+        hosts = hosts.split(",")
+    if isinstance(hosts, list):
+        return tuple(str(h).strip().lower() for h in hosts if str(h).strip())
+    return bound_hosts(record)
 
 
 class CredentialNotFound(CredentialError):

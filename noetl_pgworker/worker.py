@@ -46,7 +46,8 @@ from .session import ClaimSession, open_session, session_mode
 from .sink import PgSink, Sink
 from .source import ClaimOptions, CommandSource, PgCommandSource, SourceFactory, SourceHooks
 from .spool import Spool
-from .tools import ToolRegistry, default_registry
+from .tools import Confinement, ToolRegistry, default_registry
+from .tools.playbook import PlaybookTool
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,30 @@ class Parts:
         return found
 
 
+def _registry(settings: Settings) -> ToolRegistry:
+    """The tools of a worker with these settings (``playbook``, a sub-playbook started through
+    NoETL's server, only in server mode)."""
+    registry = default_registry(
+        python_mode=settings.python_mode,
+        python_memory_mb=settings.python_memory_mb,
+        run_as=settings.run_as,
+        child_max_procs=settings.child_max_procs,
+        child_max_file_mb=settings.child_max_file_mb,
+        child_cpu_seconds=settings.child_cpu_seconds,
+        python_preload=settings.python_preload,
+        confinement=Confinement(
+            max_result_bytes=settings.max_result_bytes,
+            duckdb_dir=settings.duckdb_dir,
+            duckdb_allowed_dirs=settings.duckdb_allowed_dirs,
+            http_allow_loopback=settings.http_allow_loopback,
+            own_ports=() if settings.metrics_port is None else (settings.metrics_port,),
+        ),
+    )
+    if settings.server_url:
+        registry.register(PlaybookTool(settings.server_url))
+    return registry
+
+
 class Worker:
     """One worker process's worth of claiming, running and reporting.
 
@@ -130,16 +155,7 @@ class Worker:
         self._sink = sink
         #: The database is needed for whatever part is not injected.
         self.uses_database = source is None or sink is None
-        self.registry = registry or default_registry(
-            python_mode=settings.python_mode,
-            python_memory_mb=settings.python_memory_mb,
-            run_as=settings.run_as,
-            child_max_procs=settings.child_max_procs,
-            child_max_file_mb=settings.child_max_file_mb,
-            child_cpu_seconds=settings.child_cpu_seconds,
-            python_preload=settings.python_preload,
-            server_url=settings.server_url,
-        )
+        self.registry = registry or _registry(settings)
         local = EnvCredentials()
         local.check()
         # In server mode an `auth` key the worker does not know is asked of NoETL's server, as

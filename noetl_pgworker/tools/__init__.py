@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import DEFAULT_COMMAND_TIMEOUT, Tool, ToolContext, ToolRegistry, command_timeout
+from .base import (
+    DEFAULT_COMMAND_TIMEOUT,
+    Confinement,
+    Tool,
+    ToolContext,
+    ToolRegistry,
+    command_timeout,
+)
 
 
 def default_registry(
@@ -21,13 +28,16 @@ def default_registry(
     child_max_file_mb: int | None = 1024,
     child_cpu_seconds: int | None = 3600,
     python_preload: Sequence[str] | None = None,
-    server_url: str | None = None,
+    confinement: Confinement | None = None,
 ) -> ToolRegistry:
     """Every tool that ships with noetl-pgworker. python and shell share one sandbox (fork
-    server), started on first use or by :meth:`ToolRegistry.start`. ``playbook`` (a
-    sub-playbook started through NoETL's server) only with a ``server_url``."""
+    server), started on first use or by :meth:`ToolRegistry.start`; templates and duckdb
+    another (same limits, same user), whose processes run the worker's own code on a row's
+    data. ``playbook`` (a sub-playbook started through NoETL's server) only with a
+    ``server_url``. ``confinement``: where the tools may reach (default: the defaults)."""
     from .duckdb import DuckdbTool
     from .http import HttpTool
+    from .isolated import MALLOC_ENV, Isolated, isolated_preload
     from .noop import NoopTool
     from .postgres import PostgresTool
     from .process import DEFAULT_PRELOAD, Limits, Sandbox
@@ -35,34 +45,35 @@ def default_registry(
     from .shell import ShellTool
     from .task_sequence import TaskSequenceTool
 
-    limits = Limits(
-        memory_mb=python_memory_mb,
-        max_procs=child_max_procs,
-        max_file_mb=child_max_file_mb,
-        cpu_seconds=child_cpu_seconds,
-    )
+    c = confinement or Confinement()
+    limits = Limits(python_memory_mb, child_max_procs, child_max_file_mb, child_cpu_seconds)
     preload = DEFAULT_PRELOAD if python_preload is None else tuple(python_preload)
     sandbox = Sandbox(limits, run_as=run_as, preload=preload)
+    own = Sandbox(limits, run_as=run_as, preload=isolated_preload(), extra_env=MALLOC_ENV)
+    isolated = Isolated(own)
     registry = ToolRegistry(
         [
             NoopTool(),
             PythonTool(mode=python_mode, memory_mb=python_memory_mb, sandbox=sandbox),
-            HttpTool(),
-            PostgresTool(),
+            HttpTool(allow_loopback=c.http_allow_loopback, own_ports=c.own_ports),
+            PostgresTool(max_result_bytes=c.max_result_bytes),
             ShellTool(sandbox),
-            DuckdbTool(),
-        ]
+            DuckdbTool(
+                isolated,
+                max_result_bytes=c.max_result_bytes,
+                db_dir=c.duckdb_dir,
+                allowed_dirs=c.duckdb_allowed_dirs,
+            ),
+        ],
+        isolated=isolated,
     )
     registry.register(TaskSequenceTool(registry))  # runs its tasks through the others
-    if server_url:
-        from .playbook import PlaybookTool
-
-        registry.register(PlaybookTool(server_url))
     return registry
 
 
 __all__ = [
     "DEFAULT_COMMAND_TIMEOUT",
+    "Confinement",
     "Tool",
     "ToolContext",
     "ToolRegistry",

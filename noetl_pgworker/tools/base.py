@@ -51,11 +51,30 @@ def command_timeout(command: Command, default: float) -> float:
     return default
 
 
+@dataclass(frozen=True, slots=True)
+class Confinement:
+    """Where a command's tools may reach, and how much they may read."""
+
+    #: what postgres and duckdb read of a result, at most (--max-result-bytes)
+    max_result_bytes: int = 1024 * 1024
+    #: where duckdb database files live (--duckdb-dir); None: only the command's directory
+    duckdb_dir: str | None = None
+    #: what duckdb SQL may read and write besides (--duckdb-allowed-dirs)
+    duckdb_allowed_dirs: tuple[str, ...] = ()
+    #: whether http may reach loopback and link-local addresses (--http-allow-loopback)
+    http_allow_loopback: bool = False
+    #: the worker's own ports (never reachable by http)
+    own_ports: tuple[int, ...] = ()
+
+
 class ToolRegistry:
     """Tools by kind."""
 
-    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+    def __init__(self, tools: Iterable[Tool] = (), *, isolated: Any = None) -> None:
         self._tools: dict[str, Tool] = {}
+        #: Where the templates of a command (and duckdb) are evaluated: a
+        #: :class:`~noetl_pgworker.tools.isolated.Isolated`; None: in the worker's process.
+        self.isolated = isolated
         for tool in tools:
             self.register(tool)
 
@@ -76,15 +95,15 @@ class ToolRegistry:
         return tuple(sorted(self._tools))
 
     def start(self) -> None:
-        """Start what tools keep running (the fork server of python and shell)."""
-        for tool in self._tools.values():
+        """Start what tools keep running (the fork servers)."""
+        for tool in [*self._tools.values(), self.isolated]:
             start = getattr(tool, "start", None)
             if callable(start):
                 start()
 
     def close(self) -> None:
-        """Release what tools keep open (HTTP connection pools, the fork server)."""
-        for tool in self._tools.values():
+        """Release what tools keep open (HTTP connection pools, the fork servers)."""
+        for tool in [*self._tools.values(), self.isolated]:
             close = getattr(tool, "close", None)
             if callable(close):
                 close()

@@ -8,15 +8,19 @@ Input: ``method`` (GET), ``url`` or ``endpoint``, ``headers``, ``params``, ``pay
 non-2xx status fails the command with ``HTTP <code>: <reason>`` and still carries the response.
 One pooled client per worker; responses over 32 MiB are refused.
 
-An alias's credentials go only to the request's origin: a redirect elsewhere drops every
-header the alias added; an alias with ``allowed_hosts`` refuses other hosts; its secret values
-are replaced by ``***`` in what the tool returns.
+An alias's credentials go only to the hosts it names (``allowed_hosts``, else its
+``base_url``'s host): a request elsewhere, or by an alias that names none, is refused; a
+redirect to another origin drops every header the alias added; its secret values are
+replaced by ``***`` in what the tool returns. A request (or redirect) to a loopback or
+link-local address is refused unless the worker allows it (``--http-allow-loopback``), and to
+the worker's own metrics port always (:mod:`~noetl_pgworker.tools.netcheck`).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,6 +31,7 @@ from ..errors import CredentialError, ToolError, ToolTimeout
 from ..models import Command
 from ..render import render_http
 from .base import ToolContext
+from .netcheck import refusal
 
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_REDIRECTS = 20
@@ -47,9 +52,20 @@ def redact_url(url: str) -> str:
 class HttpTool:
     kind = "http"
 
-    def __init__(self) -> None:
+    def __init__(self, *, allow_loopback: bool = False, own_ports: Sequence[int] = ()) -> None:
         self._clients: dict[bool, httpx.Client] = {}
         self._lock = threading.Lock()
+        self.allow_loopback = allow_loopback
+        self.own_ports = tuple(own_ports)
+
+    def check(self, url: httpx.URL) -> None:
+        """ToolError if ``url`` goes where a command may not send a request."""
+        port = url.port if url.port is not None else _port(url)
+        why = refusal(
+            url.host, port or 0, allow_loopback=self.allow_loopback, own_ports=self.own_ports
+        )
+        if why:
+            raise ToolError(f"http: refused: {why}")
 
     def _client(self, verify: bool) -> httpx.Client:
         with self._lock:
@@ -92,7 +108,7 @@ class HttpTool:
             )
             alias.check_host(request.url.host)
             response, content = _send(
-                client, request, alias, max_redirects if follow else None, method, shown
+                client, request, alias, max_redirects if follow else None, method, shown, self.check
             )
         except httpx.TimeoutException:
             raise ToolTimeout(f"http: {method} {shown} timed out after {ctx.timeout:g} s") from None
@@ -145,11 +161,7 @@ class _AliasAuth:
     def check_host(self, host: str) -> None:
         cred = self.cred
         if cred is not None and not cred.allows_host(host):
-            raise CredentialError(
-                f"http: credential {cred.alias!r} may not be sent to"
-                f" {host!r} (its allowed_hosts:"
-                f" {', '.join(cred.allowed_hosts or ())})"
-            )
+            raise CredentialError(f"http: {cred.refusal(host)}")
 
 
 def _body(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -172,12 +184,15 @@ def _send(
     max_redirects: int | None,
     method: str,
     shown: str,
+    check: Callable[[httpx.URL], None],
 ) -> tuple[httpx.Response, bytes]:
     """Send ``request``, following up to ``max_redirects`` redirects (None: none); the last
-    response (closed) and its body, refused over MAX_RESPONSE_BYTES."""
+    response (closed) and its body, refused over MAX_RESPONSE_BYTES. ``check`` refuses a URL
+    (the first and every redirect's) before it is sent to."""
     first_url = request.url
     redirects = 0
     while True:
+        check(request.url)
         response = client.send(request, auth=alias.auth if redirects == 0 else None, stream=True)
         try:
             next_request = response.next_request if max_redirects is not None else None

@@ -7,7 +7,8 @@ strings), or base64-encoded under ``query_b64`` | ``command_b64`` | ``commands_b
 connection: ``connection_string`` | ``dsn``, or ``auth`` (a credential alias whose ``dsn`` is
 used). The SQL is a Jinja template, rendered as NoETL's worker renders it (the command's render
 context, the step's arguments over it with ``'`` doubled). All statements run in one
-transaction, with ``statement_timeout`` set to the command's remaining time.
+transaction, with ``statement_timeout`` set to the command's remaining time. Rows are read a
+chunk at a time, and reading stops (the command fails) past ``--max-result-bytes``.
 
 Output, as NoETL's: the last statement's result — ``{status, rows (as objects), row_count,
 columns}`` for a statement that returns rows, ``{status, row_count, message, affected_rows}``
@@ -32,6 +33,8 @@ from ..redact import redact_dsn, redact_text
 from ..render import render_sql
 from .base import ToolContext
 from .pgconnect import tool_conninfo
+from .pgstream import run_streamed
+from .resultcap import DEFAULT_MAX_RESULT_BYTES, ResultCap
 from .values import statement_result
 
 #: Where the SQL may be, in NoETL's order (base64 first), and ``sql`` (this worker's).
@@ -103,6 +106,9 @@ def shape(results: list[dict[str, Any]]) -> dict[str, Any]:
 class PostgresTool:
     kind = "postgres"
 
+    def __init__(self, *, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> None:
+        self.max_result_bytes = max_result_bytes
+
     def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
         cfg = {**command.args, **command.tool_config}
         statements = statements_of(cfg, "postgres", lambda sql: render_sql(command, sql))
@@ -128,6 +134,7 @@ class PostgresTool:
                 f" {redact_text(first_line(exc), dsn)}"
             ) from None
         results: list[dict[str, Any]] = []
+        cap = ResultCap("postgres", self.max_result_bytes)
         try:
             with conn, conn.cursor() as cur:
                 timeout_ms = max(1, int(ctx.remaining() * 1000))
@@ -135,8 +142,7 @@ class PostgresTool:
                     "SELECT set_config('statement_timeout', %s, true)", (f"{timeout_ms}ms",)
                 )
                 for sql in statements:
-                    cur.execute(sql.encode(), params or None)
-                    _collect(cur, results)
+                    _collect(conn, sql, params, cap, results)
         except psycopg.errors.QueryCanceled:
             raise ToolTimeout(f"postgres: statement timed out after {ctx.timeout:g} s") from None
         except psycopg.Error as exc:
@@ -159,14 +165,19 @@ def _target_dsn(cfg: dict[str, Any], ctx: ToolContext, alias: str | None) -> str
     return dsn
 
 
-def _collect(cur: psycopg.Cursor[Any], results: list[dict[str, Any]]) -> None:
-    """The results of the statement just executed (each of its result sets) into ``results``."""
-    while True:
-        status = cur.pgresult.status if cur.pgresult is not None else None
-        if cur.description is not None:
-            columns = [d.name for d in cur.description]
-            results.append(rows_result(columns, cur.fetchall()))
-        elif status != psycopg.pq.ExecStatus.EMPTY_QUERY:  # not just comments
-            results.append(command_result(cur.rowcount))
-        if not cur.nextset():
-            break
+def _collect(
+    conn: psycopg.Connection[Any],
+    sql: str,
+    params: Any,
+    cap: ResultCap,
+    results: list[dict[str, Any]],
+) -> None:
+    """Run ``sql`` (one statement or several; ``params`` bound client-side, as literals) and
+    put each of its results into ``results``, its rows read a chunk at a time against
+    ``cap`` (:mod:`~noetl_pgworker.tools.pgstream`)."""
+    text = psycopg.ClientCursor(conn).mogrify(sql, params) if params else sql
+    for done in run_streamed(conn, text, cap):
+        if done.columns is not None:
+            results.append(rows_result(done.columns, done.rows))
+        elif not done.empty:  # (a statement of only comments is no statement)
+            results.append(command_result(done.rowcount))

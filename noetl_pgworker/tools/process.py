@@ -150,8 +150,11 @@ class Sandbox:
         run_as: str | None = None,
         preload: Sequence[str] = DEFAULT_PRELOAD,
         start_timeout: float = 30.0,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        #: Set in the environment of the fork server and of what it starts.
+        self.extra_env = dict(extra_env or {})
         self.preload = tuple(preload)
         self.start_timeout = start_timeout
         self.user: tuple[int, int, str] | None = None
@@ -341,7 +344,7 @@ class Sandbox:
             os.close(fd)
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = base_env()
+        env = base_env(self.extra_env)
         if self.user is not None:
             env["HOME"] = self.user[2]
         env.update(extra or {})

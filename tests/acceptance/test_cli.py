@@ -249,7 +249,7 @@ def test_a_noetl_style_pipeline_http_python_postgres(dsn: str) -> None:
                 json.dumps(args),
             )
             assert r.returncode == 0, r.stderr
-        r = cli("start", "--dsn", dsn, "--drain")
+        r = cli("start", "--dsn", dsn, "--drain", "--http-allow-loopback")
         assert r.returncode == 0, r.stderr
     finally:
         httpd.shutdown()

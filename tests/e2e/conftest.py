@@ -273,6 +273,8 @@ class WorkerProcess:
             "4",
             "--poll-interval",
             "0.5",
+            # The playbooks' HTTP server listens on loopback.
+            "--http-allow-loopback",
             *extra,
         ]
         self._out = log.open("wb")

@@ -72,8 +72,8 @@ def origins() -> Iterator[tuple[Origin, Origin]]:
 @pytest.fixture
 def provider(tmp_path: Path) -> EnvCredentials:
     creds = {
-        "api": {"token": TOKEN, "headers": {"X-Api-Key": KEY}},
-        "basic": {"username": "bob", "password": PASSWORD},
+        "api": {"token": TOKEN, "headers": {"X-Api-Key": KEY}, "allowed_hosts": ["127.0.0.1"]},
+        "basic": {"username": "bob", "password": PASSWORD, "allowed_hosts": ["127.0.0.1"]},
         "pinned": {"headers": {"X-Api-Key": KEY}, "allowed_hosts": ["api.example.com"]},
         "local": {"headers": {"X-Api-Key": KEY}, "allowed_hosts": ["LOCALHOST", "127.0.0.1"]},
     }

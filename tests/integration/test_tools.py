@@ -17,11 +17,12 @@ import pytest
 from noetl_pgworker.credentials import EnvCredentials
 from noetl_pgworker.dispatcher import execute
 from noetl_pgworker.models import Command, Outcome
-from noetl_pgworker.tools import default_registry
+from noetl_pgworker.tools import Confinement, default_registry
 
 pytestmark = pytest.mark.integration
 
-REGISTRY = default_registry()
+# The test servers listen on loopback: allowed here, as an operator allows it.
+REGISTRY = default_registry(confinement=Confinement(http_allow_loopback=True))
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -195,7 +196,13 @@ def test_http_auth_alias_sends_credentials_and_never_shows_them(
 ) -> None:
     creds = tmp_path / "creds.json"
     creds.write_text(
-        json.dumps({"api": {"token": "tok-123"}, "hdr": {"headers": {"X-Api-Key": "key-456"}}})
+        json.dumps(
+            {
+                "api": {"token": "tok-123", "base_url": server},
+                "hdr": {"headers": {"X-Api-Key": "key-456"}, "allowed_hosts": ["127.0.0.1"]},
+                "unbound": {"token": "tok-789"},
+            }
+        )
     )
     provider = EnvCredentials({"NOETL_PGWORKER_CREDENTIALS": str(creds)})
     # sent, and scrubbed from the echo that comes back
@@ -203,6 +210,9 @@ def test_http_auth_alias_sends_credentials_and_never_shows_them(
     assert out.data["data"]["headers"]["authorization"] == "Bearer ***"
     out = run("http", {"url": f"{server}/echo", "auth": {"alias": "hdr"}}, credentials=provider)
     assert out.data["data"]["headers"]["x-api-key"] == "***"
+    unbound = run("http", {"url": f"{server}/echo", "auth": "unbound"}, credentials=provider)
+    assert not unbound.ok and unbound.error_type == "credentials"
+    assert "'unbound' names no host it may be sent to" in unbound.error
     unknown = run("http", {"url": f"{server}/echo", "auth": "nope"}, credentials=provider)
     assert not unknown.ok and unknown.error_type == "credentials"
     assert "unknown credential alias 'nope'" in unknown.error
