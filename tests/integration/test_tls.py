@@ -149,7 +149,8 @@ def test_the_worker_runs_over_verified_tls(tls_cluster: tuple[LocalCluster, Path
             names = {
                 r[0]: r[1]
                 for r in conn.execute(
-                    "SELECT split_part(a.application_name, ':', 1), bool_and(s.ssl)"
+                    "SELECT split_part(split_part(a.application_name, ':', 1), '@', 1),"
+                    " bool_and(s.ssl)"
                     " FROM pg_stat_activity AS a JOIN pg_stat_ssl AS s ON s.pid = a.pid"
                     " WHERE a.application_name LIKE 'noetl-pgworker%%' GROUP BY 1"
                 )
