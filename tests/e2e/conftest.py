@@ -17,6 +17,9 @@ Opt-in switches:
   as well as ours; counts commands run twice).
 - ``NOETL_E2E_REPORT=<file>``: append one JSON line per scenario (final status and the result
   of the last data step) to compare two runs.
+- ``NOETL_E2E_SUITE=<checkout of noetl/e2e>``: also run NoETL's own regression suite
+  (``test_suite.py``, ``suite.py``); our worker then runs with the checkout as its working
+  directory.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ DSN = os.environ.get("NOETL_E2E_DSN", "")
 EXTERNAL_WORKER = os.environ.get("NOETL_E2E_EXTERNAL_WORKER", "") not in ("", "0")
 SIDE_BY_SIDE = os.environ.get("NOETL_E2E_SIDE_BY_SIDE", "") not in ("", "0")
 REPORT = os.environ.get("NOETL_E2E_REPORT", "")
+#: a checkout of NoETL's regression suite (noetl/e2e): test_suite.py runs it
+SUITE = os.environ.get("NOETL_E2E_SUITE", "")
 #: playbook paths in the catalog: <prefix>/<file stem>
 PATH_PREFIX = "e2e/pgworker"
 TERMINAL_EVENTS = ("playbook.completed", "playbook.failed")
@@ -70,6 +75,8 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     if not (SERVER_URL and DSN) or not _named_on_command_line(config):
         return True
     if collection_path.name == "test_side_by_side.py" and not SIDE_BY_SIDE:
+        return True
+    if collection_path.name == "test_suite.py" and not SUITE:
         return True
     return None
 
@@ -257,7 +264,13 @@ def worker_command() -> list[str]:
 class WorkerProcess:
     """``noetl-pgworker start --server-url …`` as a subprocess, its stderr in a file."""
 
-    def __init__(self, log: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        log: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
         self.worker_id = f"e2e-{uuid.uuid4().hex[:12]}"
         self.log = log
         args = [
@@ -279,7 +292,11 @@ class WorkerProcess:
         ]
         self._out = log.open("wb")
         self.proc = subprocess.Popen(
-            args, stdout=self._out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            args,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
 
     def wait_ready(self, server: NoetlServer, timeout: float = 30) -> None:
@@ -328,7 +345,8 @@ def worker(noetl: NoetlServer, worker_log_dir: Path) -> Iterator[WorkerProcess |
         yield None
         return
     env = {f"NOETL_PGWORKER_CREDENTIAL_{LOCAL_PG_ALIAS.upper()}": DSN}
-    proc = WorkerProcess(worker_log_dir / "worker.log", env=env)
+    # NoETL's suite loads scripts by paths relative to the worker's working directory
+    proc = WorkerProcess(worker_log_dir / "worker.log", env=env, cwd=SUITE or None)
     try:
         proc.wait_ready(noetl)
         yield proc
