@@ -22,6 +22,7 @@ from .jsontext import NotSerialisable, dumps
 from .models import Command, CommandRef, Outcome, ToolOutput
 from .render import ISOLATE
 from .tools.base import DEFAULT_COMMAND_TIMEOUT, ToolContext, ToolRegistry, command_timeout
+from .tools.returned import returned_failure
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ def execute(
         if isinstance(data, ToolOutput):
             data, extra = data.data, (data.extra or None)
         dumps(data)  # fail here, with a clear error, rather than in the writer
+        returned = returned_failure(data)
+        if returned is not None:  # NoETL's rule: a result with status "error"/"failed" fails
+            raise ToolError(returned, data=data, extra=extra)
     except ToolError as exc:
         return Outcome.failure(
             exc.message,

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from .incarnation import application_name, new_token
 from .inflight import InFlight
 from .listener import Listener
 from .metrics import HealthServer, Metrics, NullMetrics
-from .models import CommandRef, Outcome
+from .models import Command, CommandRef, Outcome
 from .queries import query
 from .redact import redact_dsn, redact_text
 from .reporter import Reporter
@@ -48,6 +49,7 @@ from .source import ClaimOptions, CommandSource, PgCommandSource, SourceFactory,
 from .spool import Spool
 from .tools import Confinement, ToolRegistry, default_registry
 from .tools.playbook import PlaybookTool
+from .workbook import Workbooks, expander
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,16 @@ logger = logging.getLogger(__name__)
 STOP_WRITE_MIN = 5.0
 #: Each other step of a shutdown (release claims, go offline, …) waits at most this long.
 STOP_STEP_TIMEOUT = 2.0
+
+
+def preparer(
+    server: NoetlServer | None, pool: ConnectionPool[Any] | None
+) -> Callable[[Command], Command]:
+    """What the dispatcher does to a command before its tool runs: the context fields NoETL
+    moved out of the row brought back, then a workbook step made its action's command."""
+    resolve = resolver(server)
+    expand = expander(Workbooks(pool.connection) if pool is not None else None)
+    return lambda command: expand(resolve(command))
 
 
 class WorkerThreadDied(PgWorkerError):
@@ -374,7 +386,7 @@ class Worker:
             reporter,
             timeout=s.command_timeout,
             credentials=self.credentials,
-            prepare=resolver(server),
+            prepare=preparer(server, pool),
         )
         parts = Parts(source, reporter, dispatcher, pool=pool, health=health, server=server)
         parts.checker = checker

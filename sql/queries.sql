@@ -664,3 +664,10 @@ SELECT (l.classid::bigint << 32) | l.objid::bigint AS command_id
 FROM pg_locks AS l
 WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.pid = pg_backend_pid()
   AND l.mode = 'ExclusiveLock' AND l.granted;
+
+-- name: catalog_workbook
+-- The workbook section of a registered playbook (NoETL keeps the parsed playbook in payload);
+-- no row: no such catalog entry; parsed false: the entry has no parsed playbook.
+SELECT payload -> 'workbook' AS workbook, payload IS NOT NULL AS parsed
+FROM noetl.catalog
+WHERE catalog_id = %(catalog_id)s;

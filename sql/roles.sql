@@ -34,6 +34,8 @@ GRANT INSERT (runtime_id, name, kind, uri, status, labels, capabilities, capacit
     ON noetl.runtime TO noetl_pgworker;
 GRANT UPDATE (status, heartbeat, labels, capabilities, capacity, runtime, updated_at)
     ON noetl.runtime TO noetl_pgworker;
+-- `kind: workbook` steps: the workbook section of the registered playbook (nothing else of it)
+GRANT SELECT (catalog_id, payload) ON noetl.catalog TO noetl_pgworker;
 -- ids for events and runtime rows
 GRANT EXECUTE ON FUNCTION noetl.snowflake_id() TO noetl_pgworker;
 GRANT USAGE ON SEQUENCE noetl.snowflake_seq TO noetl_pgworker;

@@ -34,7 +34,10 @@ def default_registry(
     server), started on first use or by :meth:`ToolRegistry.start`; templates and duckdb
     another (same limits, same user), whose processes run the worker's own code on a row's
     data. ``playbook`` (a sub-playbook started through NoETL's server) only with a
-    ``server_url``. ``confinement``: where the tools may reach (default: the defaults)."""
+    ``server_url``. ``workbook`` steps run as their action once the worker has looked it up
+    (:mod:`noetl_pgworker.workbook`). ``confinement``: where the tools may reach (default: the
+    defaults)."""
+    from ..workbook import WorkbookTool
     from .duckdb import DuckdbTool
     from .http import HttpTool
     from .isolated import MALLOC_ENV, Isolated, isolated_preload
@@ -68,6 +71,7 @@ def default_registry(
         isolated=isolated,
     )
     registry.register(TaskSequenceTool(registry))  # runs its tasks through the others
+    registry.register(WorkbookTool())  # run as its action: the worker expands it first
     return registry
 
 

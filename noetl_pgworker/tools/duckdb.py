@@ -29,7 +29,7 @@ from ..errors import ToolError
 from ..models import Command
 from ..render import render_sql
 from .base import ToolContext
-from .postgres import statements_of
+from .postgres import statements_of, with_script
 from .resultcap import DEFAULT_MAX_RESULT_BYTES
 
 INSTALL_HINT = "duckdb is not installed on this worker: pip install 'noetl-pgworker[duckdb]'"
@@ -55,7 +55,9 @@ class DuckdbTool:
     def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
         if importlib.util.find_spec("duckdb") is None:
             raise ToolError(f"duckdb: {INSTALL_HINT}")
-        cfg = {**command.args, **command.tool_config}
+        cfg = with_script(
+            command, {**command.args, **command.tool_config}, "duckdb", ctx.remaining()
+        )
         texts = statements_of(cfg, "duckdb", lambda sql: render_sql(command, sql, quote=False))
         params = cfg.get("params")
         if params is not None and not isinstance(params, dict | list):

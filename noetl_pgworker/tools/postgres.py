@@ -35,6 +35,7 @@ from .base import ToolContext
 from .pgconnect import tool_conninfo
 from .pgstream import run_streamed
 from .resultcap import DEFAULT_MAX_RESULT_BYTES, ResultCap
+from .scriptsource import command_script, has_script
 from .values import statement_result
 
 #: Where the SQL may be, in NoETL's order (base64 first), and ``sql`` (this worker's).
@@ -56,6 +57,16 @@ def sql_of(cfg: dict[str, Any], tool: str) -> Any:
         if cfg.get(key) is not None:
             return cfg[key]
     raise ToolError(f"{tool}: tool_config.query (a string or a list of strings) is required")
+
+
+def with_script(command: Command, cfg: dict[str, Any], tool: str, timeout: float) -> dict[str, Any]:
+    """``cfg`` with the SQL of ``tool_config.script`` (a file or an http source) in place of
+    any inline SQL: NoETL's worker gives the script priority."""
+    if not has_script(cfg):
+        return cfg
+    text = command_script(command, tool, timeout)
+    inline = (*SQL_KEYS, *SQL_B64_KEYS)
+    return {**{k: v for k, v in cfg.items() if k not in inline}, "query": text}
 
 
 def statements_of(
@@ -110,7 +121,9 @@ class PostgresTool:
         self.max_result_bytes = max_result_bytes
 
     def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
-        cfg = {**command.args, **command.tool_config}
+        cfg = with_script(
+            command, {**command.args, **command.tool_config}, "postgres", ctx.remaining()
+        )
         statements = statements_of(cfg, "postgres", lambda sql: render_sql(command, sql))
         params = cfg.get("params")
         if params is not None and not isinstance(params, dict | list):

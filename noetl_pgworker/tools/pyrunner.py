@@ -28,8 +28,12 @@ class NoEntryPoint(Exception):
 CO_VARKEYWORDS = 0x08
 
 
-def call_with_matching_args(func: Callable[..., Any], args: dict[str, Any]) -> Any:
-    """Call ``func`` with the entries of ``args`` that its signature accepts."""
+def call_with_matching_args(
+    func: Callable[..., Any], args: dict[str, Any], context: dict[str, Any] | None = None
+) -> Any:
+    """Call ``func`` with the entries of ``args`` that its signature accepts. With a
+    ``context`` (NoETL's worker's): a parameter named ``context`` gets it, and a named
+    parameter that no argument fills is looked up in its ``input``, its ``data``, then itself."""
     code = getattr(func, "__code__", None)
     if (
         type(func) is types.FunctionType
@@ -39,25 +43,101 @@ def call_with_matching_args(func: Callable[..., Any], args: dict[str, Any]) -> A
     ):
         # A plain function: its code object names its parameters (what inspect.signature
         # would say, for a fraction of the work and of the memory pages touched in a fork).
-        if code.co_flags & CO_VARKEYWORDS:
-            return func(**args)
         named = code.co_varnames[
             code.co_posonlyargcount : code.co_argcount + code.co_kwonlyargcount
         ]
+        if context is not None:
+            args = _from_context(named, args, context)
+        if code.co_flags & CO_VARKEYWORDS:
+            return func(**args)
         return func(**{k: v for k, v in args.items() if k in named})
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError):
         return func(**args)
     params = signature.parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return func(**args)
-    names = {
+    names = tuple(
         p.name
         for p in params
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
+    )
+    if context is not None:
+        args = _from_context(names, args, context)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return func(**args)
     return func(**{k: v for k, v in args.items() if k in names})
+
+
+def _from_context(
+    names: tuple[str, ...], args: dict[str, Any], context: dict[str, Any]
+) -> dict[str, Any]:
+    """``args`` with the named parameters it lacks taken from ``context`` (NoETL's order)."""
+    filled = dict(args)
+    sources = [context.get("input"), context.get("data"), context]
+    for name in names:
+        if name == "context":
+            filled["context"] = context
+            continue
+        if name in filled:
+            continue
+        for source in sources:
+            if isinstance(source, dict) and name in source:
+                filled[name] = source[name]
+                break
+    return filled
+
+
+def import_libs(libs: dict[str, Any]) -> dict[str, Any]:
+    """NoETL's ``libs``, as names to bind: ``alias: "m"`` is ``import m as alias`` (``import m``
+    when the alias is ``m``, which binds m's top package), ``alias: {"from": "p", "import":
+    "n"}`` is ``from p import n as alias`` (n may be a submodule)."""
+    import importlib
+
+    bound: dict[str, Any] = {}
+    for alias, spec in libs.items():
+        if isinstance(spec, str):
+            module = importlib.import_module(spec)
+            if alias == spec:
+                top = spec.split(".", 1)[0]
+                bound[top] = sys.modules[top]
+            else:
+                bound[alias] = module
+            continue
+        parent = importlib.import_module(spec["from"])
+        try:
+            bound[alias] = getattr(parent, spec["import"])
+        except AttributeError:
+            bound[alias] = importlib.import_module(f"{spec['from']}.{spec['import']}")
+    return bound
+
+
+#: Modules NoETL's worker gives every python step's code without an import (the two others
+#: only when the code names them: importing them costs a command's process).
+_GIVEN = {"os": os, "json": json}
+_GIVEN_ON_USE = ("datetime", "uuid")
+
+
+def _namespace(
+    code: str, args: dict[str, Any], context: dict[str, Any] | None, libs: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The code's globals, as NoETL's worker makes them: the given modules, ``context``, the
+    arguments, ``data`` (from the context) unless an argument has that name, then ``libs``."""
+    namespace: dict[str, Any] = {"__name__": "__noetl_step__", "__builtins__": builtins}
+    if context is not None:
+        namespace.update(_GIVEN)
+        for name in _GIVEN_ON_USE:
+            if name in code:
+                namespace[name] = __import__(name)
+        namespace["context"] = context
+    namespace.update({k: v for k, v in args.items() if k.isidentifier()})
+    if context is not None and "data" not in args:
+        if "data" in context:
+            namespace["data"] = context["data"]
+        elif "result" in context:
+            namespace["data"] = context["result"]
+    if libs:
+        namespace.update(import_libs(libs))
+    return namespace
 
 
 def compile_step(code: str, step: str) -> types.CodeType:
@@ -65,18 +145,24 @@ def compile_step(code: str, step: str) -> types.CodeType:
 
 
 def run_code(
-    code: str, args: dict[str, Any], step: str, compiled: types.CodeType | None = None
+    code: str,
+    args: dict[str, Any],
+    step: str,
+    compiled: types.CodeType | None = None,
+    *,
+    context: dict[str, Any] | None = None,
+    libs: dict[str, Any] | None = None,
 ) -> Any:
     """Execute ``code`` (``compiled``: already compiled, by :func:`compile_step`); the value of
-    ``main(**matching args)``, else of ``result``."""
+    ``main(**matching args)``, else of ``result``. ``context`` is NoETL's ``context`` global
+    (None: a bare namespace), ``libs`` its imports."""
     if compiled is None:
         compiled = compile_step(code, step)
-    namespace: dict[str, Any] = {"__name__": "__noetl_step__", "__builtins__": builtins}
-    namespace.update({k: v for k, v in args.items() if k.isidentifier()})
+    namespace = _namespace(code, args, context, libs)
     exec(compiled, namespace)
     main = namespace.get("main")
     if callable(main):
-        return call_with_matching_args(main, args)
+        return call_with_matching_args(main, args, context)
     if "result" in namespace:
         return namespace["result"]
     raise NoEntryPoint("python: the code defines neither main() nor a `result` variable")
@@ -135,7 +221,14 @@ def run_to_fd(spec: dict[str, Any], fd: int, compiled: types.CodeType | None = N
         except (ImportError, ValueError, OSError):
             pass  # not on this platform: run without the cap
     try:
-        value = run_code(spec["code"], spec.get("args") or {}, spec.get("step") or "step", compiled)
+        value = run_code(
+            spec["code"],
+            spec.get("args") or {},
+            spec.get("step") or "step",
+            compiled,
+            context=spec.get("context"),
+            libs=spec.get("libs"),
+        )
         try:
             text = dumps({"ok": True, "result": value})
         except (TypeError, ValueError, RecursionError) as exc:

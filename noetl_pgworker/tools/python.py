@@ -27,6 +27,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +35,11 @@ from typing import Any
 
 from ..errors import ToolError, ToolTimeout
 from ..models import Command, ToolOutput
-from ..render import render_args
+from ..render import command_context, render_args
 from . import process
 from .base import ToolContext
 from .pyrunner import NoEntryPoint, run_code
+from .scriptsource import command_script, has_script
 
 RUNNER = process.RUNNER
 MODES = ("process", "spawn", "inline")
@@ -72,18 +74,21 @@ class PythonTool:
 
     def run(self, command: Command, ctx: ToolContext) -> Any:
         config = command.tool_config
-        code = _source(config)
+        code = _source(command, ctx)
         for key in ("args", "input"):
             if config.get(key) is not None and not isinstance(config.get(key), dict):
                 raise ToolError(f"python: tool_config.{key} must be an object")
-        # NoETL's worker renders the arguments' templates against the render context.
+        libs = checked_libs(config.get("libs"))
+        # NoETL's worker renders the arguments' templates against the render context, and
+        # gives the code that context as the global `context`.
+        context = command_context(command)
         args: dict[str, Any] = render_args(command, command.args)
         if self.sandbox is None:
             try:
-                return run_code(code, args, command.step)
+                return run_code(code, args, command.step, context=context, libs=libs)
             except NoEntryPoint as exc:
                 raise ToolError(str(exc)) from None
-        return self._run_process(self.sandbox, code, args, command, ctx)
+        return self._run_process(self.sandbox, code, args, command, ctx, context, libs)
 
     def _run_process(
         self,
@@ -92,9 +97,18 @@ class PythonTool:
         args: dict[str, Any],
         command: Command,
         ctx: ToolContext,
+        context: dict[str, Any],
+        libs: dict[str, Any] | None,
     ) -> ToolOutput:
         limits = sandbox.limits.lowered_by(command.tool_config, "python")
-        spec = {"code": code, "args": args, "step": command.step, "memory_mb": limits.memory_mb}
+        spec = {
+            "code": code,
+            "args": args,
+            "step": command.step,
+            "memory_mb": limits.memory_mb,
+            "context": context,
+            "libs": libs,
+        }
         try:
             spec_text = json.dumps(spec).encode()
         except (TypeError, ValueError) as exc:
@@ -190,7 +204,45 @@ def config_int(config: dict[str, Any], key: str, default: int) -> int:
     return value
 
 
-def _source(config: dict[str, Any]) -> str:
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def checked_libs(libs: Any) -> dict[str, Any] | None:
+    """``tool_config.libs`` (NoETL's imports: alias → module, or alias → {from, import}),
+    checked to hold only names; None when there are none."""
+    if libs is None or libs == {}:
+        return None
+    if not isinstance(libs, dict):
+        raise ToolError("python: tool_config.libs must be an object (alias: module)")
+    for alias, spec in libs.items():
+        names = (
+            [spec]
+            if isinstance(spec, str)
+            else [spec.get("from"), spec.get("import")]
+            if isinstance(spec, dict)
+            else [None]
+        )
+        if not (
+            isinstance(alias, str)
+            and (alias.isidentifier() or alias == spec)  # `import a.b` binds `a`
+            and all(isinstance(n, str) and _MODULE.fullmatch(n) for n in names)
+        ):
+            raise ToolError(
+                f"python: tool_config.libs.{alias}: {spec!r} is not a module name"
+                " (or {from: module, import: name})"
+            )
+    return libs
+
+
+def _source(command: Command, ctx: ToolContext) -> str:
+    """The code: ``script`` (a file or an http source, NoETL's first choice), ``code_b64``,
+    or ``code``."""
+    config = command.tool_config
+    if has_script(config):
+        script = command_script(command, "python", ctx.remaining())
+        if not script.strip():
+            raise ToolError("python: the script is empty")
+        return script
     code = config.get("code")
     encoded = config.get("code_b64")
     if encoded is not None:
@@ -203,5 +255,7 @@ def _source(config: dict[str, Any]) -> str:
                 f"python: tool_config.code_b64 is not base64 UTF-8 text: {exc}"
             ) from exc
     if not isinstance(code, str) or not code.strip():
-        raise ToolError("python: tool_config.code (or code_b64) is required")
+        raise ToolError(
+            "python: tool_config.code (or code_b64) is required (or tool_config.script)"
+        )
     return code

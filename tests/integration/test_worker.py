@@ -259,7 +259,7 @@ def test_runtime_row_is_ready_while_running_and_offline_after(
     row = conn.execute(
         "SELECT status, kind, capacity, capabilities FROM noetl.runtime WHERE name = 'beating'"
     ).fetchone()
-    kinds = ["duckdb", "http", "noop", "postgres", "python", "shell", "task_sequence"]
+    kinds = ["duckdb", "http", "noop", "postgres", "python", "shell", "task_sequence", "workbook"]
     assert row == ("ready", "worker_pool", 8, {"tool_kinds": kinds})
     first = scalar(conn, "SELECT heartbeat FROM noetl.runtime WHERE name = 'beating'")
     wait_until(

@@ -186,6 +186,7 @@ def test_registry_lists_kinds_sorted() -> None:
         "python",
         "shell",
         "task_sequence",
+        "workbook",
     )
     assert "python" in default_registry()
 

@@ -1,0 +1,154 @@
+"""``script:``: a tool's code or SQL kept outside the playbook, NoETL's way.
+
+``tool_config.script`` is ``{uri, source: {type, endpoint?, method?, headers?, timeout?},
+encoding?}`` and, as in NoETL's worker, takes priority over inline code (``python``) or SQL
+(``postgres``, ``duckdb``). Source types:
+
+- ``file``: ``uri`` is a path; a relative one is relative to the worker's working directory
+  (where NoETL's worker resolves it too).
+- ``http``: ``source.endpoint`` (else ``uri``) is fetched with ``source.method`` (default GET),
+  ``source.headers`` and ``source.timeout`` (seconds, default 30, never past the command's
+  time); 404 → "Script not found", 401/403 → "Access denied", other >= 400 → failure.
+
+``gcs`` and ``s3`` (NoETL's cloud sources) are refused with a clear error: this worker holds
+no cloud storage clients. Templates in ``uri``, ``endpoint`` and header values are rendered
+against the command's context, as NoETL renders them. A script is text of at most
+:data:`MAX_SCRIPT_BYTES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..errors import ToolError
+from ..models import Command
+from ..render import command_context, render_text
+
+SOURCE_TYPES = ("file", "http", "gcs", "s3")
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
+DEFAULT_HTTP_TIMEOUT = 30.0
+MAX_SCRIPT_BYTES = 16 * 1024 * 1024
+
+Render = Callable[[str], str]
+
+
+def has_script(config: Mapping[str, Any]) -> bool:
+    return config.get("script") is not None
+
+
+def load_script(
+    config: Mapping[str, Any],
+    tool: str,
+    *,
+    render: Render | None = None,
+    timeout: float = DEFAULT_HTTP_TIMEOUT,
+    base_dir: Path | None = None,
+) -> str:
+    """The text ``config["script"]`` names; ToolError saying what is wrong otherwise."""
+    script = config.get("script")
+    if not isinstance(script, dict):
+        raise ToolError(f"{tool}: tool_config.script must be an object (uri, source)")
+    source = script.get("source")
+    if not isinstance(source, dict) or not source.get("type"):
+        raise ToolError(f"{tool}: tool_config.script.source.type is required")
+    kind = source["type"]
+    if kind not in SOURCE_TYPES:
+        raise ToolError(
+            f"{tool}: tool_config.script.source.type must be one of {', '.join(SOURCE_TYPES)}"
+        )
+    if kind in ("gcs", "s3"):
+        raise ToolError(
+            f"{tool}: script source {kind!r} is not supported by this worker (file and http are)"
+        )
+    encoding = str(script.get("encoding") or "utf-8")
+    uri = _rendered(script.get("uri"), render)
+    if kind == "file":
+        if not uri:
+            raise ToolError(f"{tool}: tool_config.script.uri (a file path) is required")
+        return _read_file(uri, tool, encoding, base_dir)
+    url = _rendered(source.get("endpoint"), render) or uri
+    if not url:
+        raise ToolError(f"{tool}: tool_config.script.source.endpoint or script.uri is required")
+    return _fetch(url, source, tool, render, timeout)
+
+
+def command_script(command: Command, tool: str, timeout: float) -> str:
+    """The script of ``command``'s tool, its templates rendered against the command's context."""
+    context = command_context(command)
+    return load_script(
+        command.tool_config, tool, render=lambda t: render_text(t, context), timeout=timeout
+    )
+
+
+def _rendered(value: Any, render: Render | None) -> str:
+    if value is None:
+        return ""
+    text = str(value)
+    if render is not None and ("{{" in text or "{%" in text):
+        text = render(text)
+    return text.strip()
+
+
+def _read_file(uri: str, tool: str, encoding: str, base_dir: Path | None) -> str:
+    path = Path(uri)
+    if not path.is_absolute():
+        path = (base_dir or Path.cwd()) / path
+    try:
+        if not path.is_file():
+            raise ToolError(f"{tool}: script file not found: {uri}")
+        if path.stat().st_size > MAX_SCRIPT_BYTES:
+            raise ToolError(f"{tool}: script file {uri} is larger than {MAX_SCRIPT_BYTES} bytes")
+        return path.read_text(encoding=encoding)
+    except ToolError:
+        raise
+    except (OSError, UnicodeError, LookupError) as exc:
+        raise ToolError(f"{tool}: cannot read script file {uri}: {exc}") from None
+
+
+def _fetch(
+    url: str, source: Mapping[str, Any], tool: str, render: Render | None, timeout: float
+) -> str:
+    method = str(source.get("method") or "GET").upper()
+    if method not in HTTP_METHODS:
+        raise ToolError(f"{tool}: tool_config.script.source.method must be one of {HTTP_METHODS}")
+    raw_headers = source.get("headers") or {}
+    if not isinstance(raw_headers, dict):
+        raise ToolError(f"{tool}: tool_config.script.source.headers must be an object")
+    headers = {str(k): _rendered(v, render) for k, v in raw_headers.items()}
+    limit = source.get("timeout", DEFAULT_HTTP_TIMEOUT)
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0:
+        raise ToolError(f"{tool}: tool_config.script.source.timeout must be a positive number")
+    try:
+        with (
+            httpx.Client(timeout=min(float(limit), timeout), follow_redirects=True) as client,
+            client.stream(method, url, headers=headers) as response,
+        ):
+            _check_status(response.status_code, url, tool)
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_SCRIPT_BYTES:
+                    raise ToolError(
+                        f"{tool}: script at {url} is larger than {MAX_SCRIPT_BYTES} bytes"
+                    )
+            return body.decode(response.encoding or "utf-8", errors="replace")
+    except httpx.HTTPError as exc:
+        raise ToolError(
+            f"{tool}: cannot fetch script from {url}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _check_status(code: int, url: str, tool: str) -> None:
+    if code == 404:
+        raise ToolError(f"{tool}: HTTP 404: Script not found at {url}")
+    if code in (401, 403):
+        raise ToolError(f"{tool}: HTTP {code}: Access denied to {url}")
+    if code >= 400:
+        raise ToolError(f"{tool}: HTTP {code}: Failed to fetch script from {url}")
+
+
+__all__ = ["MAX_SCRIPT_BYTES", "SOURCE_TYPES", "command_script", "has_script", "load_script"]

@@ -1,0 +1,245 @@
+"""NoETL's shapes the suite relies on: results that report failure, ``script:`` sources,
+``kind: workbook`` actions (each seen in NoETL's regression suite, on NoETL 4.26)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from noetl_pgworker.errors import ToolError
+from noetl_pgworker.models import Command
+from noetl_pgworker.tools.returned import returned_failure
+from noetl_pgworker.tools.scriptsource import MAX_SCRIPT_BYTES, load_script
+from noetl_pgworker.workbook import expand, expander
+
+pytestmark = pytest.mark.unit
+
+
+def cmd(kind: str, config: dict[str, Any], args: dict[str, Any] | None = None) -> Command:
+    return Command(
+        command_id="1",
+        execution_id=2,
+        step="s",
+        tool_kind=kind,
+        catalog_id=3,
+        input={"tool_config": config, "input": args or {}, "render_context": {"x": 1}},
+    )
+
+
+# --- results that report their own failure (NoETL: "Tool returned error status") -------------
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        ({"status": "failed"}, "Tool returned error status"),
+        ({"status": "error", "error": "boom"}, "boom"),
+        ({"status": "failed", "error": {"message": "nested", "kind": "x"}}, "nested"),
+        ({"status": "ok", "data": {"part": {"status": "error", "message": "bad"}}}, "part: bad"),
+        ({"status": "ok", "data": {"part": {"status": "error"}}}, "part: Unknown error"),
+    ],
+)
+def test_a_result_reporting_failure_is_a_failure(result: dict[str, Any], message: str) -> None:
+    assert returned_failure(result) == message
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"status": "success"},
+        {"status": "ok", "data": {"status": "failed"}},  # only entries of data are looked at
+        {"status": "FAILED"},  # NoETL compares exactly
+        {"failed": True},
+        [{"status": "failed"}],
+        "failed",
+        None,
+    ],
+)
+def test_other_results_are_not_failures(result: Any) -> None:
+    assert returned_failure(result) is None
+
+
+# --- script: {uri, source: {type: file|http}} -------------------------------------------------
+
+
+def test_a_file_script_is_read_relative_to_the_working_directory(tmp_path: Path) -> None:
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "a.py").write_text("result = 1\n")
+    config = {"script": {"uri": "./scripts/a.py", "source": {"type": "file"}}}
+    assert load_script(config, "python", base_dir=tmp_path) == "result = 1\n"
+    absolute = {"script": {"uri": str(tmp_path / "scripts/a.py"), "source": {"type": "file"}}}
+    assert load_script(absolute, "python") == "result = 1\n"
+
+
+def test_a_file_script_uri_template_is_rendered(tmp_path: Path) -> None:
+    (tmp_path / "q.sql").write_text("SELECT 1")
+    config = {"script": {"uri": "{{ name }}", "source": {"type": "file"}}}
+    text = load_script(config, "postgres", render=lambda t: "q.sql", base_dir=tmp_path)
+    assert text == "SELECT 1"
+
+
+@pytest.mark.parametrize(
+    ("script", "error"),
+    [
+        ("x", "tool_config.script must be an object"),
+        ({"uri": "a"}, "script.source.type is required"),
+        ({"uri": "a", "source": {"type": "ftp"}}, "must be one of file, http, gcs, s3"),
+        ({"uri": "gs://b/a.py", "source": {"type": "gcs"}}, "'gcs' is not supported"),
+        ({"uri": "", "source": {"type": "file"}}, "script.uri (a file path) is required"),
+        ({"uri": "missing.py", "source": {"type": "file"}}, "script file not found: missing.py"),
+        ({"source": {"type": "http"}}, "endpoint or script.uri is required"),
+        ({"uri": "http://x", "source": {"type": "http", "method": "TRACE"}}, "method must be"),
+        ({"uri": "http://x", "source": {"type": "http", "timeout": 0}}, "timeout must be"),
+    ],
+)
+def test_bad_script_configs_fail_saying_why(tmp_path: Path, script: Any, error: str) -> None:
+    with pytest.raises(ToolError) as exc:
+        load_script({"script": script}, "python", base_dir=tmp_path)
+    assert error in exc.value.message
+
+
+def test_a_script_larger_than_the_limit_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.py"
+    with big.open("wb") as f:
+        f.truncate(MAX_SCRIPT_BYTES + 1)
+    with pytest.raises(ToolError, match="larger than"):
+        load_script(
+            {"script": {"uri": "big.py", "source": {"type": "file"}}}, "python", base_dir=tmp_path
+        )
+
+
+class _Scripts(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def do_GET(self) -> None:
+        codes = {"/hello.py": 200, "/secret.py": 403, "/broken.py": 500}
+        code = codes.get(self.path.split("?")[0], 404)
+        body = f"result = {{'token': {self.headers.get('X-Token')!r}}}\n".encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def script_server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Scripts)
+    thread = threading.Thread(target=httpd.serve_forever, name="scripts", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+def test_an_http_script_is_fetched_with_rendered_endpoint_and_headers(script_server: str) -> None:
+    config = {
+        "script": {
+            "uri": "ignored-when-an-endpoint-is-given",
+            "source": {
+                "type": "http",
+                "endpoint": "{{ base }}/hello.py",
+                "headers": {"X-Token": "{{ token }}"},
+            },
+        }
+    }
+    rendered = {"{{ base }}/hello.py": f"{script_server}/hello.py", "{{ token }}": "t-1"}
+    text = load_script(config, "python", render=lambda t: rendered[t])
+    assert text == "result = {'token': 't-1'}\n"
+    by_uri = {"script": {"uri": f"{script_server}/hello.py", "source": {"type": "http"}}}
+    assert load_script(by_uri, "python").startswith("result = ")
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("/nothing.py", "HTTP 404: Script not found at"),
+        ("/secret.py", "HTTP 403: Access denied to"),
+        ("/broken.py", "HTTP 500: Failed to fetch script from"),
+    ],
+)
+def test_http_script_errors_say_what_happened(script_server: str, path: str, error: str) -> None:
+    config = {"script": {"uri": f"{script_server}{path}", "source": {"type": "http"}}}
+    with pytest.raises(ToolError) as exc:
+        load_script(config, "python")
+    assert error in exc.value.message
+
+
+def test_an_unreachable_script_host_fails_within_the_time_given() -> None:
+    config = {"script": {"uri": "http://127.0.0.1:9/x.py", "source": {"type": "http"}}}
+    with pytest.raises(ToolError) as exc:
+        load_script(config, "python", timeout=5)
+    assert "cannot fetch script from http://127.0.0.1:9/x.py" in exc.value.message
+
+
+# --- kind: workbook --------------------------------------------------------------------------
+
+WORKBOOK = [
+    {
+        "name": "compute_flag",
+        "tool": {
+            "kind": "python",
+            "input": {"temperature_c": None, "unit": "C"},
+            "code": "result = {'hot': temperature_c >= 25}",
+        },
+    },
+    {"name": "legacy", "tool": "python", "code": "result = 1", "args": {"a": 1}, "other": 2},
+    {"name": "nested", "tool": {"kind": "workbook", "name": "compute_flag"}},
+    {"name": "kindless", "tool": {"code": "x"}},
+]
+
+
+def test_a_workbook_step_becomes_its_action_with_the_steps_arguments() -> None:
+    seen: list[int] = []
+
+    def lookup(catalog_id: int) -> list[Any]:
+        seen.append(catalog_id)
+        return WORKBOOK
+
+    step = cmd("workbook", {"name": "compute_flag", "input": {"temperature_c": 30}})
+    out = expand(step, lookup)
+    assert seen == [3]
+    assert out.tool_kind == "python"
+    assert out.tool_config["code"] == "result = {'hot': temperature_c >= 25}"
+    # the step's arguments win over the action's defaults
+    assert out.args == {"temperature_c": 30, "unit": "C"}
+    assert out.command_id == step.command_id and out.step == step.step
+    assert out.input["render_context"] == {"x": 1}
+
+
+def test_a_legacy_string_tool_action_copies_its_fields_and_args() -> None:
+    out = expand(cmd("workbook", {"task": "legacy"}, {"b": 2}), lambda _: WORKBOOK)
+    assert out.tool_kind == "python"
+    assert out.tool_config == {"code": "result = 1", "input": {"a": 1, "b": 2}}
+
+
+@pytest.mark.parametrize(
+    ("config", "error"),
+    [
+        ({}, "tool.name (the workbook action to run) is required"),
+        ({"name": "absent"}, "action 'absent' not found; the playbook's workbook has"),
+        ({"name": "nested"}, "is itself a workbook step"),
+        ({"name": "kindless"}, "has a tool without a kind"),
+    ],
+)
+def test_a_workbook_step_that_cannot_run_fails_saying_why(
+    config: dict[str, Any], error: str
+) -> None:
+    with pytest.raises(ToolError) as exc:
+        expand(cmd("workbook", config), lambda _: WORKBOOK)
+    assert error in exc.value.message
+
+
+def test_the_expander_leaves_other_kinds_and_needs_a_lookup_for_workbooks() -> None:
+    python = cmd("python", {"code": "result = 1"})
+    assert expander(None)(python) is python
+    with pytest.raises(ToolError, match="only with a database"):
+        expander(None)(cmd("workbook", {"name": "compute_flag"}))
