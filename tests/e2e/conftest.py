@@ -386,6 +386,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return rep
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The suite's table (test_suite.py), whatever the verdicts."""
+    from . import suite
+
+    if suite.SUMMARY:
+        terminalreporter.write_sep("-", "NoETL's regression suite")
+        for line in suite.SUMMARY:
+            terminalreporter.write_line(line)
+
+
 def report(scenario: str, ex: Execution, last_step: str) -> None:
     """With NOETL_E2E_REPORT, record final status and the last data step's result."""
     if not REPORT:

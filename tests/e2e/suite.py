@@ -613,6 +613,10 @@ class SuiteRun:
         return by_name
 
 
+#: the last run's summary, for the terminal report (conftest's pytest_terminal_summary)
+SUMMARY: list[str] = []
+
+
 def summary(outcomes: dict[str, Outcome]) -> Iterator[str]:
     ran = [o for o in outcomes.values() if not o.skipped]
     passed = [o for o in ran if o.passed]

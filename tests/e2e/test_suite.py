@@ -6,7 +6,6 @@ once per session, each test then reports its own playbook's verdict.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def suite_outcomes(
         run = suite.SuiteRun(noetl, ROOT, public.base)
         run.register_credentials(pg_credential(noetl))
         outcomes = run.run_all()
-        sys.stderr.write("\n" + "\n".join(suite.summary(outcomes)) + "\n")
+        suite.SUMMARY[:] = suite.summary(outcomes)
         yield outcomes
     finally:
         public.stop()
