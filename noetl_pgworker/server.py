@@ -32,6 +32,7 @@ from . import threads
 from .batches import BatchChecker
 from .db import write_errors
 from .errors import PgWorkerError, RetryLater, ToolError
+from .externalise import Externaliser, Refused
 from .jsontext import clean_text, dumps
 from .models import Command, CommandRef, Outcome
 from .queries import query
@@ -59,6 +60,9 @@ class ServerRejected(PgWorkerError):
 #: as the step result that later steps render); above this it is a summary. The server refuses a
 #: batch whose payloads pass 2 MiB.
 RESPONSE_LIMIT = 1536 * 1024
+#: Seconds to wait for the server's answer when data moves to or from its result store: it
+#: scans what it stores (a few MB take it seconds, on a busy host tens of seconds).
+DATA_TIMEOUT = 60.0
 #: Keys NoETL's worker never puts in a result envelope's ``context`` (data, not control).
 _BLOCKED_CONTEXT_KEYS = frozenset(
     {
@@ -350,18 +354,43 @@ class NoetlServer:
 
     def resolve(self, ref: str) -> Any:
         """The data behind a reference NoETL's server left in a command's context."""
-        resp = self._send("GET", self._resolve_path, None, {}, params={"ref": ref})
+        resp = self._send(
+            "GET", self._resolve_path, None, {}, params={"ref": ref}, read_timeout=DATA_TIMEOUT
+        )
         if resp.status_code == 404 and _route_missing(resp):
             # Observed on NoETL 2.103.4: the route is mounted twice-prefixed.
             other = "/api/api/result/resolve"
             if self._resolve_path == other:
                 other = "/api/result/resolve"
-            again = self._send("GET", other, None, {}, params={"ref": ref})
+            again = self._send(
+                "GET", other, None, {}, params={"ref": ref}, read_timeout=DATA_TIMEOUT
+            )
             if not (again.status_code == 404 and _route_missing(again)):
                 self._resolve_path = other
                 resp = again
         self._check(resp)
         return resp.json()
+
+    def put_result(self, execution_id: int, step: str, data: Any) -> dict[str, Any]:
+        """Store a step's output with the server's result store (``PUT /api/result/{id}``);
+        the server's answer (``ref``, ``store``, ``bytes``). RetryLater when worth retrying,
+        :class:`~noetl_pgworker.externalise.Refused` when not."""
+        body = dumps({"name": step, "data": data, "scope": "execution", "source_step": step})
+        path = f"{self._resolve_path.removesuffix('/resolve')}/{execution_id}"
+        resp = self._send("PUT", path, body, {}, read_timeout=DATA_TIMEOUT)
+        if resp.status_code == 404 and _route_missing(resp):  # NoETL 2.103.4's double prefix
+            other = "/api/result" if path.startswith("/api/api/") else "/api/api/result"
+            resp = self._send("PUT", f"{other}/{execution_id}", body, {}, read_timeout=DATA_TIMEOUT)
+        try:
+            self._check(resp)
+            answer = resp.json()
+        except ServerRejected as exc:
+            raise Refused(str(exc)) from None
+        except ValueError:
+            raise Refused("the server's answer is not JSON") from None
+        if not isinstance(answer, dict) or not isinstance(answer.get("ref"), str):
+            raise Refused(f"the server's answer has no ref: {str(answer)[:200]}")
+        return answer
 
     def _send(
         self,
@@ -370,7 +399,11 @@ class NoetlServer:
         content: str | None,
         headers: dict[str, str],
         params: dict[str, str] | None = None,
+        read_timeout: float | None = None,
     ) -> httpx.Response:
+        timeout: Any = httpx.USE_CLIENT_DEFAULT
+        if read_timeout is not None:
+            timeout = httpx.Timeout(self._client.timeout.connect, read=read_timeout)
         try:
             return self._client.request(
                 method,
@@ -378,6 +411,7 @@ class NoetlServer:
                 content=content,
                 params=params,
                 headers={"Content-Type": "application/json", **headers},
+                timeout=timeout,
             )
         except httpx.HTTPError as exc:
             raise RetryLater(f"NoETL server {self.base_url} unreachable: {exc}") from exc
@@ -423,6 +457,7 @@ class HttpSink:
         self._pool = pool
         self._worker_id = worker_id
         self._checker = checker
+        self._externaliser = Externaliser(server.put_result)
 
     def _still_held(self, items: list[WriteItem]) -> set[Key]:
         rows = dumps(
@@ -441,6 +476,8 @@ class HttpSink:
         return {(int(e), int(c)) for e, c in found}
 
     def write(self, items: list[WriteItem]) -> set[Key]:
+        # Outputs too large for an event go to the server's result store first.
+        items = [self._externaliser.item(item) for item in items]
         # Shaped before anything is sent: an outcome that cannot be is refused alone.
         shaped = {
             item.key: shape(item, lambda i: _sized(item_events(i, self._worker_id)))
@@ -471,6 +508,7 @@ class HttpSink:
                             request_id, execution_id, [i.ref.command_id for i in chunk]
                         )
                 written.update(item.key for item in chunk)
+        self._externaliser.written(written)
         return written
 
     def _rejected(self, execution_id: int, chunk: list[WriteItem], exc: ServerRejected) -> None:

@@ -15,6 +15,11 @@ hypothesis about NoETL only as far as those notes go:
   and the workflow does not advance. ``GET /api/events/batch/{request_id}/status`` says
   ``completed`` or ``failed`` (with the message).
 - 2.103.4: the result resolver is mounted at ``/api/api/result/resolve`` (``resolve_prefix``).
+- 4.26: ``PUT /api/result/{execution_id}`` (``{name, data, scope, source_step}``) stores data
+  and answers ``{ref: "noetl://execution/<id>/result/<name>/<hex>", store, scope, bytes}``; a
+  ``call.done`` whose ``response`` has a top-level ``reference`` (``{kind: result_ref, ref,
+  store}``) is resolved to the stored data before the step's result is recorded
+  (``_hydrate_reference_only_step_result``), so later steps render the data itself.
 - 4.26: only the *last* actionable event of a batch (not a ``command.*``/``step.enter``) is
   handed to the workflow engine: two ``call.done`` in one batch advance the workflow once.
 
@@ -97,6 +102,9 @@ class FakeNoetl:
             def do_POST(self) -> None:
                 fake._handle(self, "POST")
 
+            def do_PUT(self) -> None:
+                fake._handle(self, "PUT")
+
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -147,6 +155,14 @@ class FakeNoetl:
             return
         body = json.loads(raw)
         self.requests.append((url.path, dict(h.headers), body))
+        if method == "PUT" and url.path.startswith("/api/result/"):
+            execution_id = url.path.split("/")[3]
+            with self.lock:
+                ref = f"noetl://execution/{execution_id}/result/{body['name']}/{len(self.refs):08x}"
+                self.refs[ref] = body["data"]
+            size = len(json.dumps(body["data"]))
+            self._reply(h, 200, {"ref": ref, "store": "kv", "scope": "execution", "bytes": size})
+            return
         if url.path == "/api/events/batch" and not self.no_batch:
             problem = self._check_batch(body, raw, h.headers.get("Idempotency-Key"))
             if problem:
@@ -321,7 +337,16 @@ class FakeNoetl:
             if step and step[2] is not None and step[3] is not None:
                 nxt = step[2]
                 kind, config, _, _ = self.playbook[nxt]
-                self.issue(execution_id, nxt, kind, config, step[3](payload.get("response")))
+                response = self._hydrated(payload.get("response"))
+                self.issue(execution_id, nxt, kind, config, step[3](response))
+
+    def _hydrated(self, response: Any) -> Any:
+        """4.26: a response that is a reference stands for the stored data (merged over it)."""
+        reference = response.get("reference") if isinstance(response, dict) else None
+        if not isinstance(reference, dict) or reference.get("ref") not in self.refs:
+            return response
+        data = self.refs[reference["ref"]]
+        return {**data, "reference": reference} if isinstance(data, dict) else data
 
     def _audit(self, execution_id: int, name: str) -> None:
         self.conn.execute(

@@ -143,6 +143,16 @@ def test_large_context(run: Run) -> None:
     assert ex.done("consume")[-1] == {"n": 3, "length": 20000}
 
 
+def test_large_output(run: Run) -> None:
+    """A result above what an event may carry (1.5 MiB; this one is 1.8 MB, 32,000 records):
+    the next step still renders all of it (ours stores it with the server's result store and
+    sends the reference, which the server resolves)."""
+    ex = run("large_output", {"count": 32000}, timeout=110)
+    report("large_output", ex, "consume")
+    completed(ex)
+    assert ex.done("consume")[-1] == {"n": 32000, "count": 32000, "last": "item-31999"}
+
+
 def test_http_error_status(run: Run, local_http: LocalHttp) -> None:
     ex = run("http_error", {"base_url": local_http.url})
     report("http_error", ex, "missing")
