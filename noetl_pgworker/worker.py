@@ -48,6 +48,7 @@ from .sink import PgSink, Sink
 from .source import ClaimOptions, CommandSource, PgCommandSource, SourceFactory, SourceHooks
 from .spool import Spool
 from .tools import Confinement, ToolRegistry, default_registry
+from .tools.artifact import ArtifactTool
 from .tools.playbook import PlaybookTool
 from .workbook import Workbooks, expander
 
@@ -123,7 +124,7 @@ class Parts:
 
 def _registry(settings: Settings) -> ToolRegistry:
     """The tools of a worker with these settings (``playbook``, a sub-playbook started through
-    NoETL's server, only in server mode)."""
+    NoETL's server, and ``artifact``, a result it keeps by reference, only in server mode)."""
     registry = default_registry(
         python_mode=settings.python_mode,
         python_memory_mb=settings.python_memory_mb,
@@ -142,6 +143,7 @@ def _registry(settings: Settings) -> ToolRegistry:
     )
     if settings.server_url:
         registry.register(PlaybookTool(settings.server_url))
+        registry.register(ArtifactTool(settings.server_url))
     return registry
 
 

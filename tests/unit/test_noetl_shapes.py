@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from noetl_pgworker.errors import ToolError
 from noetl_pgworker.models import Command
+from noetl_pgworker.tools.artifact import ArtifactTool
+from noetl_pgworker.tools.base import ToolContext
 from noetl_pgworker.tools.returned import returned_failure
 from noetl_pgworker.tools.scriptsource import MAX_SCRIPT_BYTES, load_script
 from noetl_pgworker.workbook import expand, expander
@@ -243,3 +247,80 @@ def test_the_expander_leaves_other_kinds_and_needs_a_lookup_for_workbooks() -> N
     assert expander(None)(python) is python
     with pytest.raises(ToolError, match="only with a database"):
         expander(None)(cmd("workbook", {"name": "compute_flag"}))
+
+
+# --- kind: artifact (a result NoETL's server keeps by reference) ------------------------------
+
+
+class _Results(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        ref = parse_qs(url.query).get("ref", [""])[0]
+        if url.path != "/api/result/resolve":
+            code, body = 404, {"detail": "Not Found"}
+        elif ref == "noetl://execution/1/result/big/ab":
+            code, body = 200, {"data": {"items": [1, 2, 3]}}
+        else:
+            code, body = 404, {"detail": f"no such ref {ref}"}
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def result_server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Results)
+    thread = threading.Thread(target=httpd.serve_forever, name="results", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"result_ref": {"kind": "result_ref", "ref": "noetl://execution/1/result/big/ab"}},
+        {"result_ref": "noetl://execution/1/result/big/ab"},
+        {"action": "get", "uri": "noetl://execution/1/result/big/ab"},
+    ],
+)
+def test_an_artifact_step_loads_the_data_a_reference_names(
+    result_server: str, config: dict[str, Any]
+) -> None:
+    tool = ArtifactTool(result_server)
+    try:
+        assert tool.run(cmd("artifact", config), ToolContext(timeout=10)) == {"items": [1, 2, 3]}
+    finally:
+        tool.close()
+
+
+@pytest.mark.parametrize(
+    ("config", "error"),
+    [
+        ({}, "give result_ref (a reference) or uri"),
+        ({"result_ref": {"kind": "other", "ref": "x"}}, "result_ref must be {kind"),
+        ({"uri": "file:///etc/passwd"}, "is not a noetl:// reference"),
+        ({"uri": "s3://bucket/key"}, "is not a noetl:// reference"),
+        ({"action": "put", "uri": "file:///tmp/x", "data": 1}, "action 'put' is not supported"),
+        ({"uri": "noetl://execution/1/result/none/00"}, "result not found"),
+    ],
+)
+def test_an_artifact_step_that_cannot_load_fails_saying_why(
+    result_server: str, config: dict[str, Any], error: str
+) -> None:
+    tool = ArtifactTool(result_server)
+    try:
+        with pytest.raises(ToolError) as exc:
+            tool.run(cmd("artifact", config), ToolContext(timeout=10))
+        assert error in exc.value.message
+    finally:
+        tool.close()
