@@ -57,15 +57,18 @@ def default_registry(
     registry = ToolRegistry(
         [
             NoopTool(),
-            PythonTool(mode=python_mode, memory_mb=python_memory_mb, sandbox=sandbox),
+            PythonTool(
+                mode=python_mode, memory_mb=python_memory_mb, sandbox=sandbox, confinement=c
+            ),
             HttpTool(allow_loopback=c.http_allow_loopback, own_ports=c.own_ports),
-            PostgresTool(max_result_bytes=c.max_result_bytes),
+            PostgresTool(max_result_bytes=c.max_result_bytes, confinement=c),
             ShellTool(sandbox),
             DuckdbTool(
                 isolated,
                 max_result_bytes=c.max_result_bytes,
                 db_dir=c.duckdb_dir,
                 allowed_dirs=c.duckdb_allowed_dirs,
+                confinement=c,
             ),
         ],
         isolated=isolated,

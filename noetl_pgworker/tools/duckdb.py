@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import ToolError
 from ..models import Command
 from ..render import render_sql
-from .base import ToolContext
+from .base import Confinement, ToolContext
 from .postgres import statements_of, with_script
 from .resultcap import DEFAULT_MAX_RESULT_BYTES
 
@@ -46,8 +46,11 @@ class DuckdbTool:
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         db_dir: str | None = None,
         allowed_dirs: Sequence[str] = (),
+        confinement: Confinement | None = None,
     ) -> None:
         self.isolated = isolated
+        #: where a ``script`` from an http source may come from (as the http tool may go)
+        self.confinement = confinement
         self.max_result_bytes = max_result_bytes
         self.db_dir = os.path.realpath(db_dir) if db_dir else None
         self.allowed_dirs = [os.path.realpath(d) for d in allowed_dirs]
@@ -55,9 +58,8 @@ class DuckdbTool:
     def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
         if importlib.util.find_spec("duckdb") is None:
             raise ToolError(f"duckdb: {INSTALL_HINT}")
-        cfg = with_script(
-            command, {**command.args, **command.tool_config}, "duckdb", ctx.remaining()
-        )
+        limits = (ctx.remaining(), self.confinement)
+        cfg = with_script(command, {**command.args, **command.tool_config}, "duckdb", limits)
         texts = statements_of(cfg, "duckdb", lambda sql: render_sql(command, sql, quote=False))
         params = cfg.get("params")
         if params is not None and not isinstance(params, dict | list):

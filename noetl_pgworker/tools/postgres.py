@@ -31,7 +31,7 @@ from ..errors import ToolError, ToolTimeout
 from ..models import Command
 from ..redact import redact_dsn, redact_text
 from ..render import render_sql
-from .base import ToolContext
+from .base import Confinement, ToolContext
 from .pgconnect import tool_conninfo
 from .pgstream import run_streamed
 from .resultcap import DEFAULT_MAX_RESULT_BYTES, ResultCap
@@ -59,12 +59,17 @@ def sql_of(cfg: dict[str, Any], tool: str) -> Any:
     raise ToolError(f"{tool}: tool_config.query (a string or a list of strings) is required")
 
 
-def with_script(command: Command, cfg: dict[str, Any], tool: str, timeout: float) -> dict[str, Any]:
+def with_script(
+    command: Command,
+    cfg: dict[str, Any],
+    tool: str,
+    limits: tuple[float, Confinement | None],
+) -> dict[str, Any]:
     """``cfg`` with the SQL of ``tool_config.script`` (a file or an http source) in place of
     any inline SQL: NoETL's worker gives the script priority."""
     if not has_script(cfg):
         return cfg
-    text = command_script(command, tool, timeout)
+    text = command_script(command, tool, *limits)
     inline = (*SQL_KEYS, *SQL_B64_KEYS)
     return {**{k: v for k, v in cfg.items() if k not in inline}, "query": text}
 
@@ -117,13 +122,19 @@ def shape(results: list[dict[str, Any]]) -> dict[str, Any]:
 class PostgresTool:
     kind = "postgres"
 
-    def __init__(self, *, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        confinement: Confinement | None = None,
+    ) -> None:
         self.max_result_bytes = max_result_bytes
+        #: where a ``script`` from an http source may come from (as the http tool may go)
+        self.confinement = confinement
 
     def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
-        cfg = with_script(
-            command, {**command.args, **command.tool_config}, "postgres", ctx.remaining()
-        )
+        limits = (ctx.remaining(), self.confinement)
+        cfg = with_script(command, {**command.args, **command.tool_config}, "postgres", limits)
         statements = statements_of(cfg, "postgres", lambda sql: render_sql(command, sql))
         params = cfg.get("params")
         if params is not None and not isinstance(params, dict | list):

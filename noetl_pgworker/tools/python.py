@@ -37,7 +37,7 @@ from ..errors import ToolError, ToolTimeout
 from ..models import Command, ToolOutput
 from ..render import command_context, render_args
 from . import process
-from .base import ToolContext
+from .base import Confinement, ToolContext
 from .pyrunner import NoEntryPoint, run_code
 from .scriptsource import command_script, has_script
 
@@ -55,7 +55,10 @@ class PythonTool:
         memory_mb: int = 2048,
         *,
         sandbox: process.Sandbox | None = None,
+        confinement: Confinement | None = None,
     ) -> None:
+        #: where a ``script`` from an http source may come from (as the http tool may go)
+        self.confinement = confinement
         if mode not in MODES:
             raise ValueError("python mode must be 'process', 'spawn' or 'inline'")
         self.mode = mode
@@ -74,7 +77,7 @@ class PythonTool:
 
     def run(self, command: Command, ctx: ToolContext) -> Any:
         config = command.tool_config
-        code = _source(command, ctx)
+        code = _source(command, ctx, self.confinement)
         for key in ("args", "input"):
             if config.get(key) is not None and not isinstance(config.get(key), dict):
                 raise ToolError(f"python: tool_config.{key} must be an object")
@@ -234,12 +237,12 @@ def checked_libs(libs: Any) -> dict[str, Any] | None:
     return libs
 
 
-def _source(command: Command, ctx: ToolContext) -> str:
+def _source(command: Command, ctx: ToolContext, confinement: Confinement | None) -> str:
     """The code: ``script`` (a file or an http source, NoETL's first choice), ``code_b64``,
     or ``code``."""
     config = command.tool_config
     if has_script(config):
-        script = command_script(command, "python", ctx.remaining())
+        script = command_script(command, "python", ctx.remaining(), confinement)
         if not script.strip():
             raise ToolError("python: the script is empty")
         return script

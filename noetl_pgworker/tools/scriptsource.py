@@ -27,6 +27,8 @@ import httpx
 from ..errors import ToolError
 from ..models import Command
 from ..render import command_context, render_text
+from .base import Confinement
+from .netcheck import refusal
 
 SOURCE_TYPES = ("file", "http", "gcs", "s3")
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
@@ -47,8 +49,10 @@ def load_script(
     render: Render | None = None,
     timeout: float = DEFAULT_HTTP_TIMEOUT,
     base_dir: Path | None = None,
+    confinement: Confinement | None = None,
 ) -> str:
-    """The text ``config["script"]`` names; ToolError saying what is wrong otherwise."""
+    """The text ``config["script"]`` names; ToolError saying what is wrong otherwise. An http
+    source (and every redirect) may go only where the http tool may (``confinement``)."""
     script = config.get("script")
     if not isinstance(script, dict):
         raise ToolError(f"{tool}: tool_config.script must be an object (uri, source)")
@@ -73,14 +77,20 @@ def load_script(
     url = _rendered(source.get("endpoint"), render) or uri
     if not url:
         raise ToolError(f"{tool}: tool_config.script.source.endpoint or script.uri is required")
-    return _fetch(url, source, tool, render, timeout)
+    return _fetch(url, source, tool, render, (timeout, confinement or Confinement()))
 
 
-def command_script(command: Command, tool: str, timeout: float) -> str:
+def command_script(
+    command: Command, tool: str, timeout: float, confinement: Confinement | None
+) -> str:
     """The script of ``command``'s tool, its templates rendered against the command's context."""
     context = command_context(command)
     return load_script(
-        command.tool_config, tool, render=lambda t: render_text(t, context), timeout=timeout
+        command.tool_config,
+        tool,
+        render=lambda t: render_text(t, context),
+        timeout=timeout,
+        confinement=confinement,
     )
 
 
@@ -110,8 +120,13 @@ def _read_file(uri: str, tool: str, encoding: str, base_dir: Path | None) -> str
 
 
 def _fetch(
-    url: str, source: Mapping[str, Any], tool: str, render: Render | None, timeout: float
+    url: str,
+    source: Mapping[str, Any],
+    tool: str,
+    render: Render | None,
+    limits: tuple[float, Confinement],
 ) -> str:
+    timeout, confinement = limits
     method = str(source.get("method") or "GET").upper()
     if method not in HTTP_METHODS:
         raise ToolError(f"{tool}: tool_config.script.source.method must be one of {HTTP_METHODS}")
@@ -124,7 +139,11 @@ def _fetch(
         raise ToolError(f"{tool}: tool_config.script.source.timeout must be a positive number")
     try:
         with (
-            httpx.Client(timeout=min(float(limit), timeout), follow_redirects=True) as client,
+            httpx.Client(
+                timeout=min(float(limit), timeout),
+                follow_redirects=True,
+                event_hooks={"request": [_guard(tool, confinement)]},
+            ) as client,
             client.stream(method, url, headers=headers) as response,
         ):
             _check_status(response.status_code, url, tool)
@@ -140,6 +159,24 @@ def _fetch(
         raise ToolError(
             f"{tool}: cannot fetch script from {url}: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def _guard(tool: str, confinement: Confinement) -> Callable[[httpx.Request], None]:
+    """Refuse a request (the first or a redirect) to where the http tool may not go."""
+
+    def check(request: httpx.Request) -> None:
+        url = request.url
+        port = url.port or (443 if url.scheme == "https" else 80)
+        why = refusal(
+            url.host,
+            port,
+            allow_loopback=confinement.http_allow_loopback,
+            own_ports=confinement.own_ports,
+        )
+        if why:
+            raise ToolError(f"{tool}: script source refused: {why}")
+
+    return check
 
 
 def _check_status(code: int, url: str, tool: str) -> None:

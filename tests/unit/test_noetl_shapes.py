@@ -16,7 +16,7 @@ import pytest
 from noetl_pgworker.errors import ToolError
 from noetl_pgworker.models import Command
 from noetl_pgworker.tools.artifact import ArtifactTool
-from noetl_pgworker.tools.base import ToolContext
+from noetl_pgworker.tools.base import Confinement, ToolContext
 from noetl_pgworker.tools.returned import returned_failure
 from noetl_pgworker.tools.scriptsource import MAX_SCRIPT_BYTES, load_script
 from noetl_pgworker.workbook import expand, expander
@@ -117,6 +117,9 @@ def test_a_script_larger_than_the_limit_is_refused(tmp_path: Path) -> None:
         )
 
 
+LOOPBACK = Confinement(http_allow_loopback=True)
+
+
 class _Scripts(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         return
@@ -156,10 +159,22 @@ def test_an_http_script_is_fetched_with_rendered_endpoint_and_headers(script_ser
         }
     }
     rendered = {"{{ base }}/hello.py": f"{script_server}/hello.py", "{{ token }}": "t-1"}
-    text = load_script(config, "python", render=lambda t: rendered[t])
+    text = load_script(config, "python", render=lambda t: rendered[t], confinement=LOOPBACK)
     assert text == "result = {'token': 't-1'}\n"
     by_uri = {"script": {"uri": f"{script_server}/hello.py", "source": {"type": "http"}}}
-    assert load_script(by_uri, "python").startswith("result = ")
+    assert load_script(by_uri, "python", confinement=LOOPBACK).startswith("result = ")
+
+
+def test_an_http_script_goes_only_where_the_http_tool_may(script_server: str) -> None:
+    config = {"script": {"uri": f"{script_server}/hello.py", "source": {"type": "http"}}}
+    with pytest.raises(ToolError) as exc:
+        load_script(config, "python")  # loopback, not allowed by default
+    assert "script source refused: 127.0.0.1 is a loopback address" in exc.value.message
+    port = int(script_server.rsplit(":", 1)[1])
+    own = Confinement(http_allow_loopback=True, own_ports=(port,))
+    with pytest.raises(ToolError) as exc:
+        load_script(config, "python", confinement=own)
+    assert "is this worker's own port" in exc.value.message
 
 
 @pytest.mark.parametrize(
@@ -173,14 +188,14 @@ def test_an_http_script_is_fetched_with_rendered_endpoint_and_headers(script_ser
 def test_http_script_errors_say_what_happened(script_server: str, path: str, error: str) -> None:
     config = {"script": {"uri": f"{script_server}{path}", "source": {"type": "http"}}}
     with pytest.raises(ToolError) as exc:
-        load_script(config, "python")
+        load_script(config, "python", confinement=LOOPBACK)
     assert error in exc.value.message
 
 
 def test_an_unreachable_script_host_fails_within_the_time_given() -> None:
     config = {"script": {"uri": "http://127.0.0.1:9/x.py", "source": {"type": "http"}}}
     with pytest.raises(ToolError) as exc:
-        load_script(config, "python", timeout=5)
+        load_script(config, "python", timeout=5, confinement=LOOPBACK)
     assert "cannot fetch script from http://127.0.0.1:9/x.py" in exc.value.message
 
 
