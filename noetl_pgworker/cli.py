@@ -255,6 +255,15 @@ _START_OPTIONS = (
         " removed after]",
     ),
     click.option(
+        "--script-dir",
+        envvar=_env("SCRIPT_DIR"),
+        show_envvar=True,
+        default=None,
+        help="Directory of file scripts (NoETL's script: {uri, source: {type: file}}): a"
+        " relative uri is resolved under it, no file outside it is read.  [default: none:"
+        " file scripts refused]",
+    ),
+    click.option(
         "--duckdb-allowed-dirs",
         envvar=_env("DUCKDB_ALLOWED_DIRS"),
         show_envvar=True,
@@ -479,7 +488,14 @@ _SETTINGS_AS_IS = (
 def _start_settings(opts: dict[str, Any]) -> Settings:
     """The Settings of ``start``'s options; a clear ConfigError when they do not validate."""
     values: dict[str, Any] = {name: opts[name] for name in _SETTINGS_AS_IS}
-    for name in ("python_preload", "run_as", "server_url", "session_dsn", "duckdb_dir"):
+    for name in (
+        "python_preload",
+        "run_as",
+        "server_url",
+        "session_dsn",
+        "duckdb_dir",
+        "script_dir",
+    ):
         values[name] = opts[name] or None
     state_directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
     values["spool_dir"] = opts["spool_dir"] or state_directory or None

@@ -128,6 +128,9 @@ class Settings(BaseModel):
     duckdb_allowed_dirs: tuple[str, ...] = Field(
         default=(), description="directories duckdb SQL may read and write besides its own"
     )
+    script_dir: str | None = Field(
+        default=None, description="where file scripts are read; None: file scripts refused"
+    )
     http_allow_loopback: bool = Field(
         default=False, description="let http commands reach loopback and link-local addresses"
     )

@@ -136,6 +136,7 @@ def _registry(settings: Settings) -> ToolRegistry:
         confinement=Confinement(
             max_result_bytes=settings.max_result_bytes,
             duckdb_dir=settings.duckdb_dir,
+            script_dir=settings.script_dir,
             duckdb_allowed_dirs=settings.duckdb_allowed_dirs,
             http_allow_loopback=settings.http_allow_loopback,
             own_ports=() if settings.metrics_port is None else (settings.metrics_port,),

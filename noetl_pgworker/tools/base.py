@@ -65,6 +65,9 @@ class Confinement:
     http_allow_loopback: bool = False
     #: the worker's own ports (never reachable by http)
     own_ports: tuple[int, ...] = ()
+    #: where file scripts (``script: {source: {type: file}}``) are read (--script-dir); None:
+    #: nowhere
+    script_dir: str | None = None
 
 
 class ToolRegistry:

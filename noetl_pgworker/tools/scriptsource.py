@@ -4,8 +4,9 @@
 encoding?}`` and, as in NoETL's worker, takes priority over inline code (``python``) or SQL
 (``postgres``, ``duckdb``). Source types:
 
-- ``file``: ``uri`` is a path; a relative one is relative to the worker's working directory
-  (where NoETL's worker resolves it too).
+- ``file``: ``uri`` is a path under the worker's ``--script-dir`` (a relative one is resolved
+  there, as NoETL's worker resolves it in its working directory); a path outside it, or any
+  file script without ``--script-dir``, is refused: a row never reads the worker's own files.
 - ``http``: ``source.endpoint`` (else ``uri``) is fetched with ``source.method`` (default GET),
   ``source.headers`` and ``source.timeout`` (seconds, default 30, never past the command's
   time); 404 → "Script not found", 401/403 → "Access denied", other >= 400 → failure.
@@ -18,6 +19,7 @@ against the command's context, as NoETL renders them. A script is text of at mos
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,6 @@ def load_script(
     *,
     render: Render | None = None,
     timeout: float = DEFAULT_HTTP_TIMEOUT,
-    base_dir: Path | None = None,
     confinement: Confinement | None = None,
 ) -> str:
     """The text ``config["script"]`` names; ToolError saying what is wrong otherwise. An http
@@ -73,7 +74,7 @@ def load_script(
     if kind == "file":
         if not uri:
             raise ToolError(f"{tool}: tool_config.script.uri (a file path) is required")
-        return _read_file(uri, tool, encoding, base_dir)
+        return _read_file(uri, tool, encoding, (confinement or Confinement()).script_dir)
     url = _rendered(source.get("endpoint"), render) or uri
     if not url:
         raise ToolError(f"{tool}: tool_config.script.source.endpoint or script.uri is required")
@@ -103,16 +104,21 @@ def _rendered(value: Any, render: Render | None) -> str:
     return text.strip()
 
 
-def _read_file(uri: str, tool: str, encoding: str, base_dir: Path | None) -> str:
-    path = Path(uri)
-    if not path.is_absolute():
-        path = (base_dir or Path.cwd()) / path
+def _read_file(uri: str, tool: str, encoding: str, script_dir: str | None) -> str:
+    if script_dir is None:
+        raise ToolError(
+            f"{tool}: file scripts are refused: the worker reads them only under --script-dir"
+        )
+    root = os.path.realpath(script_dir)
+    path = os.path.realpath(os.path.join(root, uri))  # an absolute uri stays absolute
+    if os.path.commonpath([root, path]) != root:
+        raise ToolError(f"{tool}: script file {uri} is outside the worker's --script-dir")
     try:
-        if not path.is_file():
+        if not os.path.isfile(path):
             raise ToolError(f"{tool}: script file not found: {uri}")
-        if path.stat().st_size > MAX_SCRIPT_BYTES:
+        if os.path.getsize(path) > MAX_SCRIPT_BYTES:
             raise ToolError(f"{tool}: script file {uri} is larger than {MAX_SCRIPT_BYTES} bytes")
-        return path.read_text(encoding=encoding)
+        return Path(path).read_text(encoding=encoding)
     except ToolError:
         raise
     except (OSError, UnicodeError, LookupError) as exc:

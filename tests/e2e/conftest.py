@@ -346,7 +346,8 @@ def worker(noetl: NoetlServer, worker_log_dir: Path) -> Iterator[WorkerProcess |
         return
     env = {f"NOETL_PGWORKER_CREDENTIAL_{LOCAL_PG_ALIAS.upper()}": DSN}
     # NoETL's suite loads scripts by paths relative to the worker's working directory
-    proc = WorkerProcess(worker_log_dir / "worker.log", env=env, cwd=SUITE or None)
+    extra = ("--script-dir", SUITE) if SUITE else ()
+    proc = WorkerProcess(worker_log_dir / "worker.log", *extra, env=env, cwd=SUITE or None)
     try:
         proc.wait_ready(noetl)
         yield proc

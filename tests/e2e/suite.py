@@ -20,7 +20,8 @@ Stand-ins, started here for the session:
   database of ``NOETL_E2E_DSN``.
 
 The worker must run with the checkout as its working directory (playbooks load scripts by
-relative path): this tier starts ours there; start NoETL's own there too.
+relative path): this tier starts ours there, with ``--script-dir`` the checkout; start NoETL's
+own there too.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ def test_scripts_from_files_for_python_and_postgres(
         conn,
         "py",
         "python",
-        {"script": {"uri": str(tmp_path / "hello.py"), "source": {"type": "file"}}},
+        {"script": {"uri": "hello.py", "source": {"type": "file"}}},
         {"name": "NoETL", "count": 2},
     )
     sql = add(
@@ -172,12 +172,15 @@ def test_scripts_from_files_for_python_and_postgres(
         "python",
         {"script": {"uri": "/nonexistent.py", "source": {"type": "file"}}},
     )
-    drain(start_worker)
+    summary = start_worker(drain=True, concurrency=2, script_dir=str(tmp_path)).join(90)
+    assert summary.claimed == 3
     assert outcome(conn, py)[:2] == ("COMPLETED", {"messages": ["Hello, NoETL!"] * 2})
     status, context, _ = outcome(conn, sql)
     assert status == "COMPLETED" and context["rows"] == [{"total": 3}]
     status, _, error = outcome(conn, missing)
-    assert status == "FAILED" and "script file not found: /nonexistent.py" in (error or "")
+    assert status == "FAILED" and "/nonexistent.py is outside the worker's --script-dir" in (
+        error or ""
+    )
 
 
 def test_a_workbook_step_runs_its_action_or_fails_saying_why(

@@ -74,16 +74,36 @@ def test_other_results_are_not_failures(result: Any) -> None:
 def test_a_file_script_is_read_relative_to_the_working_directory(tmp_path: Path) -> None:
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "a.py").write_text("result = 1\n")
+    here = Confinement(script_dir=str(tmp_path))
     config = {"script": {"uri": "./scripts/a.py", "source": {"type": "file"}}}
-    assert load_script(config, "python", base_dir=tmp_path) == "result = 1\n"
+    assert load_script(config, "python", confinement=here) == "result = 1\n"
     absolute = {"script": {"uri": str(tmp_path / "scripts/a.py"), "source": {"type": "file"}}}
-    assert load_script(absolute, "python") == "result = 1\n"
+    assert load_script(absolute, "python", confinement=here) == "result = 1\n"
+
+
+def test_file_scripts_are_read_only_under_the_script_dir(tmp_path: Path) -> None:
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "secret.txt").write_text("s3cret")
+    (tmp_path / "scripts" / "link.py").symlink_to(tmp_path / "secret.txt")
+    here = Confinement(script_dir=str(tmp_path / "scripts"))
+    for uri in ("../secret.txt", str(tmp_path / "secret.txt"), "link.py", "/etc/passwd"):
+        config = {"script": {"uri": uri, "source": {"type": "file"}}}
+        with pytest.raises(ToolError) as exc:
+            load_script(config, "python", confinement=here)
+        assert f"script file {uri} is outside the worker's --script-dir" in exc.value.message
+    config = {"script": {"uri": "a.py", "source": {"type": "file"}}}
+    with pytest.raises(ToolError) as exc:
+        load_script(config, "python")
+    assert "file scripts are refused: the worker reads them only under --script-dir" in (
+        exc.value.message
+    )
 
 
 def test_a_file_script_uri_template_is_rendered(tmp_path: Path) -> None:
     (tmp_path / "q.sql").write_text("SELECT 1")
     config = {"script": {"uri": "{{ name }}", "source": {"type": "file"}}}
-    text = load_script(config, "postgres", render=lambda t: "q.sql", base_dir=tmp_path)
+    here = Confinement(script_dir=str(tmp_path))
+    text = load_script(config, "postgres", render=lambda t: "q.sql", confinement=here)
     assert text == "SELECT 1"
 
 
@@ -103,7 +123,7 @@ def test_a_file_script_uri_template_is_rendered(tmp_path: Path) -> None:
 )
 def test_bad_script_configs_fail_saying_why(tmp_path: Path, script: Any, error: str) -> None:
     with pytest.raises(ToolError) as exc:
-        load_script({"script": script}, "python", base_dir=tmp_path)
+        load_script({"script": script}, "python", confinement=Confinement(script_dir=str(tmp_path)))
     assert error in exc.value.message
 
 
@@ -113,7 +133,9 @@ def test_a_script_larger_than_the_limit_is_refused(tmp_path: Path) -> None:
         f.truncate(MAX_SCRIPT_BYTES + 1)
     with pytest.raises(ToolError, match="larger than"):
         load_script(
-            {"script": {"uri": "big.py", "source": {"type": "file"}}}, "python", base_dir=tmp_path
+            {"script": {"uri": "big.py", "source": {"type": "file"}}},
+            "python",
+            confinement=Confinement(script_dir=str(tmp_path)),
         )
 
 
