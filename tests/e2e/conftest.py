@@ -346,7 +346,10 @@ def worker(noetl: NoetlServer, worker_log_dir: Path) -> Iterator[WorkerProcess |
         return
     env = {f"NOETL_PGWORKER_CREDENTIAL_{LOCAL_PG_ALIAS.upper()}": DSN}
     # NoETL's suite loads scripts by paths relative to the worker's working directory
-    extra = ("--script-dir", SUITE) if SUITE else ()
+    # The suite: file scripts from its checkout; 8 threads, because a sub-playbook step that
+    # waits for its child (return_step) holds a thread while it waits, and the suite runs a
+    # loop of four such steps beside other playbooks.
+    extra = ("--script-dir", SUITE, "--concurrency", "8") if SUITE else ()
     proc = WorkerProcess(worker_log_dir / "worker.log", *extra, env=env, cwd=SUITE or None)
     try:
         proc.wait_ready(noetl)
