@@ -460,11 +460,15 @@ class Worker:
             return None
         assert isinstance(self._metrics, Metrics)
         try:
-            return HealthServer(s.metrics_host, s.metrics_port, self._metrics, self.readiness)
+            health = HealthServer(s.metrics_host, s.metrics_port, self._metrics, self.readiness)
         except OSError as exc:
             raise ConfigError(
                 f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {exc.strerror}"
             ) from exc
+        http = self.registry.get("http") if "http" in self.registry else None
+        if http is not None and hasattr(http, "own_ports"):  # (port 0: the one it got)
+            http.own_ports = (*http.own_ports, health.port)
+        return health
 
     def _build_sink(
         self,

@@ -289,3 +289,13 @@ def test_loopback_is_refused_unless_allowed(dsn: str) -> None:
         capture.shutdown()
         capture.server_close()
     assert capture.seen == []
+
+
+def test_the_workers_own_port_is_refused_when_it_was_chosen_at_start(
+    start_worker: Any, conn: psycopg.Connection[Any]
+) -> None:
+    running = start_worker(metrics_port=0, http_allow_loopback=True)
+    port = running.worker.health.port  # (port 0: the system chose it)
+    command_id = enqueue_one(conn, "http", {"url": f"http://127.0.0.1:{port}/metrics"})
+    wait_until(lambda: status_of(conn, command_id) == "FAILED", timeout=30, interval=0.1)
+    assert "own port" in error_of(conn, command_id), error_of(conn, command_id)
