@@ -13,7 +13,9 @@ An alias's credentials go only to the hosts it names (``allowed_hosts``, else it
 redirect to another origin drops every header the alias added; its secret values are
 replaced by ``***`` in what the tool returns. A request (or redirect) to a loopback or
 link-local address is refused unless the worker allows it (``--http-allow-loopback``), and to
-the worker's own metrics port always (:mod:`~noetl_pgworker.tools.netcheck`).
+the worker's own metrics port always (:mod:`~noetl_pgworker.tools.netcheck`): checked before
+each request, and again where the connection is made (the name resolved once, the connection
+made to a checked address).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..errors import CredentialError, ToolError, ToolTimeout
 from ..models import Command
 from ..render import render_http
 from .base import ToolContext
-from .netcheck import refusal
+from .netcheck import checked_transport, refusal
 
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_REDIRECTS = 20
@@ -71,10 +73,13 @@ class HttpTool:
         with self._lock:
             client = self._clients.get(verify)
             if client is None:
-                client = self._clients[verify] = httpx.Client(
+                transport = checked_transport(
+                    lambda: (self.allow_loopback, self.own_ports),
                     verify=verify,
                     limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-                    headers={"User-Agent": "noetl-pgworker"},
+                )
+                client = self._clients[verify] = httpx.Client(
+                    transport=transport, headers={"User-Agent": "noetl-pgworker"}
                 )
             return client
 

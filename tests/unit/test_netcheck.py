@@ -69,3 +69,55 @@ def test_a_server_credential_is_bound_to_its_hosts() -> None:
     assert listed.allowed_hosts == ("a.x", "b.x")
     bare = credential_from("bare", normalise("bare", {"data": {"token": "t"}}))
     assert not bare.allows_host("anything.example")
+
+
+def test_a_name_that_rebinds_to_loopback_after_the_check_is_refused_where_it_connects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from noetl_pgworker.dispatcher import execute
+    from noetl_pgworker.models import Command
+    from noetl_pgworker.tools import ToolRegistry
+    from noetl_pgworker.tools.http import HttpTool
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    real = socket.getaddrinfo
+    answers = iter(["93.184.216.34"])  # the first answer public, every later one loopback
+
+    def rebinding(host: object, *args: object, **kwargs: object) -> object:
+        if host == "rebind.example":
+            return real(next(answers, "127.0.0.1"), *args, **kwargs)  # type: ignore[arg-type]
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    command = Command(
+        command_id="1",
+        execution_id=1,
+        step="s",
+        tool_kind="http",
+        catalog_id=1,
+        input={"tool_config": {"url": f"http://rebind.example:{port}/x"}},
+    )
+    try:
+        out = execute(command, ToolRegistry([HttpTool()]), timeout=10)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert not out.ok and "loopback" in (out.error or ""), out.error
+    assert seen == []
