@@ -103,7 +103,13 @@ def take_worker_id(
             )
             _end_sessions(conn, token, holder_pid)
             continue
-        if running or holder_pid is None:
+        if running:
+            raise WorkerIdInUse(
+                f"worker id {worker_id!r} was taken over by another process"
+                + (f" ({holder})" if holder else "")
+                + " while this one could not reach the database; stopping"
+            )
+        if holder_pid is None:
             raise _in_use(worker_id, holder, "")
         dead, seen_beat, why = _holder_dead(conn, worker_id, stale_after, seen_beat)
         if dead or time.monotonic() > deadline:

@@ -91,6 +91,7 @@ class ClaimSession:
         self._incarnation = guard.incarnation or new_token()
         self._stale_after = guard.stale_after
         self._opened = False
+        self.id_taken = False
         #: Session-level locks (per claimed command, and on the worker id) are taken only on a
         #: real session: not through transaction pooling.
         self.session_locks = pool_mode != "transaction"
@@ -142,13 +143,19 @@ class ClaimSession:
         return conn
 
     def _lock_worker_id(self, conn: psycopg.Connection[Any], worker_id: str) -> None:
-        take_worker_id(
-            conn,
-            worker_id,
-            self._incarnation,
-            stale_after=self._stale_after,
-            running=self._opened,
-        )
+        try:
+            take_worker_id(
+                conn,
+                worker_id,
+                self._incarnation,
+                stale_after=self._stale_after,
+                running=self._opened,
+            )
+        except WorkerIdInUse:
+            #: Another process took this worker id over while this one ran (it was taken for
+            #: dead): the id's runtime row is that process's now.
+            self.id_taken = self._opened
+            raise
 
     def open(self) -> None:
         """Connect now (and take the worker id's lock); raises if either fails."""

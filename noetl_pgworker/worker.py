@@ -660,7 +660,9 @@ class Worker:
         if parts.server is not None:
             parts.server.close()
         if parts.heartbeat is not None:
-            parts.heartbeat.stop(mark_offline=True, timeout=STOP_STEP_TIMEOUT)
+            # A worker id taken over by another process is not ours to mark offline.
+            taken = isinstance(parts.source, PgCommandSource) and parts.source.session.id_taken
+            parts.heartbeat.stop(mark_offline=not taken, timeout=STOP_STEP_TIMEOUT)
         for helper in parts.helpers:
             threads.join(helper, STOP_STEP_TIMEOUT)
         parts.source.close()

@@ -217,3 +217,50 @@ def test_restart_under_the_same_id_right_after_a_partition(
         report("restart_same_id_after_partition", heal_to_work=back, refused_starts=refused)
         assert back is not None and back <= BACK_TO_WORK, f"back to work after {back} s"
         assert refused == 0, again.text()
+
+
+@pytest.mark.timeout(400)
+def test_a_frozen_holder_is_taken_over_and_steps_aside(
+    fault_db: FaultDb, net: Net, workers: Workers
+) -> None:
+    """A worker cut off and frozen (SIGSTOP: its server sessions stay alive, and hold the
+    worker id's lock) is taken over by a new process under the same id once its heartbeat is
+    older than --stale-after; woken up again, the old one finds its id taken and stops: never
+    two processes working under one id."""
+    with psycopg.connect(fault_db.dsn, autocommit=True) as conn:
+        old = workers.start(fault_db.net_dsn, "ns", "--concurrency", "2")
+        probe(conn, 1)
+        assert waited(lambda: count(conn, "status = 'COMPLETED'") == 1), old.text()
+        old.signal(signal.SIGSTOP)
+        net.partition()
+        time.sleep(5)
+        net.heal()
+        held = scalar(
+            conn,
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name LIKE 'noetl-pgworker%%:ns'",
+        )
+        new = workers.start(fault_db.net_dsn, "ns", "--concurrency", "2")
+        probe(conn)
+        back = waited(lambda: claimed_by(conn, "ns", "probe") > 1)
+        old.signal(signal.SIGCONT)
+        try:
+            old_status: int | None = old.wait(60)
+        except subprocess.TimeoutExpired:
+            old_status = None
+        report(
+            "frozen_holder_taken_over",
+            old_sessions_at_heal=held,
+            heal_to_work=back,
+            old_exit=old_status,
+        )
+        assert held and held > 0  # the old process's sessions were alive at the heal
+        assert back is not None and back <= BACK_TO_WORK, new.text()[-3000:]
+        assert "taking over worker id 'ns'" in new.text()
+        assert old_status not in (None, 0), old.text()[-3000:]
+        assert "worker id 'ns' was taken over by another process" in old.text()
+        assert new.proc.poll() is None, new.text()[-3000:]
+        # The old process does not mark the id offline: its runtime row is the new one's.
+        row = "SELECT status FROM noetl.runtime WHERE kind = 'worker_pool' AND name = 'ns'"
+        assert scalar(conn, row) == "ready"
+        assert waited(lambda: count(conn, "status = 'COMPLETED'") == 4), new.text()[-3000:]

@@ -91,7 +91,10 @@ def test_a_live_process_keeps_its_id(dsn: str, conn: psycopg.Connection[Any]) ->
             t.join(5)
     assert alive(other)
     # While running, a process never takes its id back from another incarnation.
-    with psycopg.connect(dsn, autocommit=True) as mine, pytest.raises(WorkerIdInUse):
+    with (
+        psycopg.connect(dsn, autocommit=True) as mine,
+        pytest.raises(WorkerIdInUse, match="taken over by another process"),
+    ):
         take_worker_id(mine, "w2", "cccc0001", stale_after=0.1, running=True)
     assert alive(other)
 
