@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo
 from psycopg_pool import ConnectionPool
-from psycopg_pool.base import AttemptWithBackoff
+from psycopg_pool.pool import AddConnection, MaintenanceTask
 
 #: The default of ``--network-timeout`` (seconds): a dead peer is noticed within about this.
 DEFAULT_NETWORK_TIMEOUT = 20.0
@@ -88,21 +88,14 @@ def server_settings(timeout: float = DEFAULT_NETWORK_TIMEOUT) -> dict[str, str]:
 RECONNECT_PACE = 2.0
 
 
-class _PacedAttempt(AttemptWithBackoff):
-    """psycopg_pool's reconnection backoff, capped: its delay doubles without bound (1, 2, 4,
-    … 32 s), so after an outage of a minute the pool would come back up to half a minute after
-    the database; capped, within ``RECONNECT_PACE`` plus one connection attempt."""
-
-    def update_delay(self, now: float) -> None:
-        super().update_delay(now)
-        self.delay = min(self.delay, RECONNECT_PACE)
-
-
 class PacedPool(ConnectionPool[Any]):
     """A :class:`~psycopg_pool.ConnectionPool` that keeps trying to replace lost connections
-    at a steady pace (never giving up while the worker runs)."""
+    at a steady pace: psycopg_pool's reconnection delay doubles without bound (1, 2, 4, … 32 s),
+    so after an outage of a minute the pool would come back up to half a minute after the
+    database; here a new attempt follows at most ``RECONNECT_PACE`` seconds after a failed one.
+    (Give it a long ``reconnect_timeout``: it gives up on a connection after that.)"""
 
-    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
-        if attempt is None:
-            attempt = _PacedAttempt(timeout=self.reconnect_timeout)
-        super()._add_connection(attempt, growing)
+    def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
+        if isinstance(task, AddConnection):
+            delay = min(delay, RECONNECT_PACE)
+        super().schedule_task(task, delay)

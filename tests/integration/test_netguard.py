@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import psycopg
@@ -68,3 +69,26 @@ def test_zero_leaves_the_system_s_defaults(dsn: str) -> None:
         with pool.connection() as conn:
             assert client_params(conn).get("tcp_user_timeout", "") in ("", "0")
             assert server_values(conn)[0] == "0"
+
+
+def test_the_pool_replaces_lost_connections_at_a_steady_pace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """psycopg_pool's own delay doubles (1, 2, 4 s, …); paced, attempts keep coming."""
+    from noetl_pgworker import netguard
+
+    monkeypatch.setattr(netguard, "RECONNECT_PACE", 0.2)
+    # Nothing listens on port 1: each attempt fails at once.
+    pool = netguard.PacedPool(
+        "host=127.0.0.1 port=1 user=nobody dbname=none connect_timeout=2",
+        min_size=1,
+        open=False,
+        reconnect_timeout=3600,
+    )
+    pool.open(wait=False)
+    try:
+        time.sleep(3)
+        errors = pool.get_stats().get("connections_errors", 0)
+    finally:
+        pool.close(timeout=1)
+    assert errors >= 8, errors  # unpaced: 3 (at 0, 1 and 3 s)
