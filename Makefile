@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test unit integration acceptance chaos fault e2e demo bench lint clean
+.PHONY: help install test unit integration acceptance chaos fault e2e demo bench lint image clean
 
 help:
 	@echo "make demo   - run the worker on a throwaway database with a mixed workload"
@@ -13,6 +13,7 @@ help:
 	@echo "make lint   - function length, ruff and mypy"
 	@echo "make e2e    - real playbooks on a running NoETL server (NOETL_E2E_SERVER_URL, NOETL_E2E_DSN)"
 	@echo "make bench  - the benchmark (docs/benchmarks.md)"
+	@echo "make image  - the container image (podman; IMAGE=..., IMAGE_BASE=python:3.12-slim)"
 
 # Install only when pyproject.toml changed: a second run is fast and needs no network.
 $(STAMP): pyproject.toml
@@ -54,6 +55,12 @@ demo: $(STAMP)
 # Benchmarks (not tests): a throwaway PostgreSQL, or NOETL_PGWORKER_DSN's server. See docs/benchmarks.md.
 bench: $(STAMP)
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# The container image from Containerfile, with podman. By default on a Debian base made here
+# with debootstrap and wheels built on this host (no registry needed); IMAGE_BASE=python:3.12-slim
+# builds on the official image instead. See scripts/image.sh.
+image: $(STAMP)
+	PYTHON=$(PY) scripts/image.sh
 
 lint: $(STAMP)
 	$(PY) scripts/check_function_length.py --max 60 noetl_pgworker
