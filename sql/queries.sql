@@ -401,6 +401,12 @@ FROM noetl.command AS c
 WHERE c.status IN ('CLAIMED', 'RUNNING')
 GROUP BY c.status, COALESCE(c.tool_kind, '(none)');
 
+-- name: scaler_commands
+-- What KEDA's PostgreSQL scaler runs (deploy/kubernetes/scaledobject.yaml holds this text with
+-- the Deployment's NOETL_PGWORKER_TOOL_KINDS written in, a test checks): the live commands
+-- (PENDING, CLAIMED, RUNNING) of those kinds, from the worker's view. One line, as in the YAML.
+SELECT COALESCE(sum(pending + in_flight), 0)::integer FROM noetl.pgworker_queue_by_kind WHERE tool_kind = ANY(string_to_array(%(tool_kinds)s, ','))
+
 -- name: status_history_estimate
 -- Terminal commands (history) by status, ESTIMATED without reading the table: the rows of
 -- every partition as of its last VACUUM/ANALYZE (pg_class.reltuples), less `live` (the live
@@ -542,7 +548,8 @@ FROM (VALUES
     ('index noetl.pgworker_command_claim_idx', to_regclass('noetl.pgworker_command_claim_idx') IS NOT NULL),
     ('index noetl.pgworker_command_kind_claim_idx', to_regclass('noetl.pgworker_command_kind_claim_idx') IS NOT NULL),
     ('index noetl.pgworker_command_inflight_idx', to_regclass('noetl.pgworker_command_inflight_idx') IS NOT NULL),
-    ('index noetl.pgworker_command_badkind_idx', to_regclass('noetl.pgworker_command_badkind_idx') IS NOT NULL)
+    ('index noetl.pgworker_command_badkind_idx', to_regclass('noetl.pgworker_command_badkind_idx') IS NOT NULL),
+    ('view noetl.pgworker_queue_by_kind', to_regclass('noetl.pgworker_queue_by_kind') IS NOT NULL)
 ) AS v(object, present);
 
 -- name: verify_columns

@@ -39,3 +39,5 @@ GRANT SELECT (catalog_id, payload) ON noetl.catalog TO noetl_pgworker;
 -- ids for events and runtime rows
 GRANT EXECUTE ON FUNCTION noetl.snowflake_id() TO noetl_pgworker;
 GRANT USAGE ON SEQUENCE noetl.snowflake_seq TO noetl_pgworker;
+-- live commands per kind (what an autoscaler such as KEDA reads with the worker's login)
+GRANT SELECT ON noetl.pgworker_queue_by_kind TO noetl_pgworker;

@@ -55,3 +55,23 @@ CREATE INDEX IF NOT EXISTS pgworker_command_badkind_idx
 CREATE INDEX IF NOT EXISTS pgworker_command_inflight_idx
     ON noetl.command (claimed_at)
     WHERE status IN ('CLAIMED', 'RUNNING');
+
+-- Commands waiting (PENDING) and in flight (CLAIMED, RUNNING) per tool kind, exact, for
+-- autoscalers (KEDA's PostgreSQL scaler: deploy/kubernetes/scaledobject.yaml) and dashboards.
+-- It reads the partial indexes above only, so it costs the same however large history grows;
+-- two parts, because no one index covers all three statuses. A kind with nothing live has no
+-- row; rows without a kind have tool_kind NULL.
+CREATE OR REPLACE VIEW noetl.pgworker_queue_by_kind AS
+SELECT q.tool_kind, sum(q.pending)::bigint AS pending, sum(q.in_flight)::bigint AS in_flight
+FROM (
+    SELECT c.tool_kind, count(*) AS pending, 0 AS in_flight
+    FROM noetl.command AS c
+    WHERE c.status = 'PENDING'
+    GROUP BY c.tool_kind
+    UNION ALL
+    SELECT c.tool_kind, 0 AS pending, count(*) AS in_flight
+    FROM noetl.command AS c
+    WHERE c.status IN ('CLAIMED', 'RUNNING')
+    GROUP BY c.tool_kind
+) AS q
+GROUP BY q.tool_kind;

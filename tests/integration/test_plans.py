@@ -269,6 +269,13 @@ def test_metrics_sampler_reads_only_live_rows(
     assert_flat(hconn, "status_stuck", {"lease": 120}, bound=2 * history.live)
 
 
+def test_the_scalers_query_reads_only_live_rows(
+    history: History, hconn: psycopg.Connection[Any]
+) -> None:
+    """KEDA runs it every 15 s per ScaledObject (deploy/kubernetes/scaledobject.yaml)."""
+    assert_flat(hconn, "scaler_commands", {"tool_kinds": ",".join(KINDS)}, bound=2 * history.live)
+
+
 class _Recorder:
     """A connection whose cursors record what they execute (what `status` runs)."""
 
