@@ -369,6 +369,15 @@ _START_OPTIONS = (
         help="Address the metrics server listens on (0.0.0.0: every interface).",
     ),
     click.option(
+        "--otlp-endpoint",
+        envvar=_env("OTLP_ENDPOINT"),
+        show_envvar=True,
+        default=None,
+        help="Send a trace of each command over OTLP/HTTP to this collector (e.g."
+        " http://collector:4318; needs the otel extra). OTEL_EXPORTER_OTLP_ENDPOINT and the"
+        " other OTEL_* variables work too.  [default: off]",
+    ),
+    click.option(
         "--gather",
         envvar=_env("GATHER"),
         show_envvar=True,
@@ -495,6 +504,7 @@ def _start_settings(opts: dict[str, Any]) -> Settings:
         "session_dsn",
         "duckdb_dir",
         "script_dir",
+        "otlp_endpoint",
     ):
         values[name] = opts[name] or None
     state_directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]

@@ -138,6 +138,11 @@ class Settings(BaseModel):
     metrics_host: str = Field(
         default="127.0.0.1", description="the metrics server's address; 0.0.0.0 exposes it"
     )
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="send command traces over OTLP/HTTP to this collector (base URL);"
+        " OTEL_EXPORTER_OTLP_ENDPOINT works too",
+    )
 
     @model_validator(mode="after")
     def _liveness_is_consistent(self) -> Settings:

@@ -101,6 +101,8 @@ class Command(BaseModel):
     iter_index: int | None = None
     parent_execution_id: int | None = None
     parent_command_id: int | None = None
+    #: When the row was created (its wait for a claim starts there); not serialised.
+    created_at: datetime | None = Field(default=None, exclude=True)
 
     @property
     def tool_config(self) -> dict[str, Any]:
@@ -202,6 +204,7 @@ class Command(BaseModel):
                 iter_index=iter_index,
                 parent_execution_id=row.get("parent_execution_id"),
                 parent_command_id=row.get("parent_command_id"),
+                created_at=row.get("created_at"),
             )
         except ValidationError as exc:
             problems = "; ".join(

@@ -20,6 +20,7 @@ OpenTelemetry runs on the claim or tool threads.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .errors import ConfigError, RetryLater
 from .redact import redact_secrets
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
     from .models import Command, CommandRef, Outcome
+    from .sink import Sink, WriteItem
+
+logger = logging.getLogger(__name__)
 
 #: Claimed commands remembered for their span at most (the oldest are forgotten first).
 MAX_OPEN = 100_000
@@ -96,7 +100,9 @@ def make_provider(worker_id: str) -> TracerProvider:
             "service.instance.id": worker_id,
         }
     )
-    return TracerProvider(resource=resource, id_generator=_execution_ids())
+    # shutdown_on_exit=False: the worker closes it, bounded (close); an exit handler would wait
+    # for an unreachable collector.
+    return TracerProvider(resource=resource, id_generator=_execution_ids(), shutdown_on_exit=False)
 
 
 def _execution_ids() -> Any:
@@ -120,6 +126,8 @@ def _execution_ids() -> Any:
 class _Open:
     """What is known of a claimed command until its span is made."""
 
+    step: str
+    tool_kind: str
     attempt: int
     created_ns: int
     claimed_ns: int
@@ -144,7 +152,9 @@ class CommandTraces:
         created = int(created_at.timestamp() * 1e9) if created_at is not None else now
         key = (command.execution_id, int(command.command_id))
         with self._lock:
-            self._open[key] = _Open(command.attempt, min(created, now), now)
+            self._open[key] = _Open(
+                command.step, command.tool_kind, command.attempt, min(created, now), now
+            )
             while len(self._open) > MAX_OPEN:
                 self._open.popitem(last=False)
 
@@ -157,36 +167,58 @@ class CommandTraces:
         the claim was lost; ``released``: back to PENDING; ``unwritten``: left at a stop)."""
         self._emit(ref, outcome, why, time.time_ns())
 
-    def close(self) -> None:
-        """Export what is buffered (bounded by the SDK's own timeouts) and stop."""
-        self._provider.shutdown()
+    def close(self, timeout: float = 2.0) -> None:
+        """At the worker's stop: a span for each command claimed whose outcome this worker did
+        not write (``stopped``: put back to PENDING, or left to recovery); then export what is
+        buffered, for ``timeout`` seconds at most (a collector that does not answer does not
+        hold the stop up: what it did not take is dropped)."""
+        with self._lock:
+            left = list(self._open)
+        for execution_id, command_id in left:
+            self._emit_key((execution_id, command_id), None, None, "stopped", time.time_ns())
+        closer = threading.Thread(
+            target=self._provider.shutdown, name="noetl-pgworker-traces-close", daemon=True
+        )
+        closer.start()
+        closer.join(timeout)
+        if closer.is_alive():
+            logger.warning(
+                "traces not exported within %.0f s of the stop; the rest are dropped",
+                timeout,
+                extra={"action": "traces_dropped"},
+            )
 
     def _emit(self, ref: CommandRef, outcome: Outcome | None, result: str, now: int) -> None:
+        self._emit_key((ref.execution_id, ref.command_id), ref, outcome, result, now)
+
+    def _emit_key(
+        self, key: Key, ref: CommandRef | None, outcome: Outcome | None, result: str, now: int
+    ) -> None:
         with self._lock:
-            seen = self._open.pop((ref.execution_id, ref.command_id), None)
+            seen = self._open.pop(key, None)
         if seen is None:
             return  # not claimed by this process (a spooled outcome), or forgotten
         attributes: dict[str, Any] = {
-            "noetl.execution_id": str(ref.execution_id),
-            "noetl.command_id": str(ref.command_id),
-            "noetl.step": ref.step,
-            "noetl.tool_kind": ref.tool_kind or "",
+            "noetl.execution_id": str(key[0]),
+            "noetl.command_id": str(key[1]),
+            "noetl.step": seen.step,
+            "noetl.tool_kind": seen.tool_kind,
             "noetl.attempt": seen.attempt,
             "noetl.worker_id": self._worker_id,
             "noetl.outcome": result,
         }
-        root = self._root(ref, attributes, seen.created_ns)
-        self._children(root, seen, outcome, ref.tool_kind or "", now)
+        root = self._root(key[0], seen.step, attributes, seen.created_ns)
+        self._children(root, seen, outcome, seen.tool_kind, now)
         if outcome is not None and not outcome.ok:
             self._fail(root, outcome)
         root.end(end_time=now)
 
-    def _root(self, ref: CommandRef, attributes: dict[str, Any], start: int) -> Span:
+    def _root(self, execution_id: int, step: str, attributes: dict[str, Any], start: int) -> Span:
         if self._ids is not None:
-            self._ids.local.trace_id = execution_trace_id(ref.execution_id)
+            self._ids.local.trace_id = execution_trace_id(execution_id)
         try:
             return self._tracer.start_span(
-                f"command {ref.step}", attributes=attributes, start_time=start
+                f"command {step}", attributes=attributes, start_time=start
             )
         finally:
             if self._ids is not None:
@@ -219,3 +251,30 @@ class CommandTraces:
         span.set_status(Status(StatusCode.ERROR, message))
         if outcome.error_type:
             span.set_attribute("error.type", outcome.error_type)
+
+
+class TracedSink:
+    """A sink that makes the spans of each command whose outcome it wrote (or whose write the
+    fence refused): what the worker writes through when tracing is on."""
+
+    def __init__(self, sink: Sink, traces: CommandTraces) -> None:
+        self._sink = sink
+        self._traces = traces
+
+    def write(self, items: list[WriteItem]) -> set[Key]:
+        try:
+            written = self._sink.write(items)
+        except RetryLater as exc:
+            self._spans([i for i in items if i.key in exc.written], exc.written)
+            raise
+        self._spans(items, written)
+        return written
+
+    def _spans(self, items: list[WriteItem], written: set[Key]) -> None:
+        for item in items:
+            if item.outcome is None:
+                continue  # a start alone
+            if item.key in written:
+                self._traces.written(item.ref, item.outcome)
+            else:
+                self._traces.given_up(item.ref, "fenced", item.outcome)

@@ -23,7 +23,7 @@ from typing import Any
 
 from psycopg_pool import ConnectionPool
 
-from . import threads
+from . import threads, tracing
 from .batches import BatchChecker
 from .config import Settings
 from .connections import open_pool
@@ -50,6 +50,7 @@ from .spool import Spool
 from .tools import Confinement, ToolRegistry, default_registry
 from .tools.artifact import ArtifactTool
 from .tools.playbook import PlaybookTool
+from .tracing import CommandTraces, TracedSink
 from .workbook import Workbooks, expander
 
 logger = logging.getLogger(__name__)
@@ -163,8 +164,11 @@ class Worker:
         notifier: Notifier | None = None,
         source: SourceFactory | None = None,
         sink: Sink | None = None,
+        traces: CommandTraces | None = None,
     ) -> None:
         self.settings = settings
+        #: Command traces (OpenTelemetry), when configured; None (nothing done) otherwise.
+        self.traces = traces or tracing.from_settings(settings.worker_id, settings.otlp_endpoint)
         self.notifier = notifier
         self._source_factory = source
         self._sink = sink
@@ -367,7 +371,10 @@ class Worker:
         health = self._build_health()
         server = NoetlServer(s.server_url) if s.server_url else None
         checker = BatchChecker(server, metrics=self._metrics) if server else None
-        reporter = self._build_reporter(self._build_sink(pool, server, checker))
+        sink = self._build_sink(pool, server, checker)
+        if self.traces is not None:
+            sink = TracedSink(sink, self.traces)
+        reporter = self._build_reporter(sink)
         hooks = SourceHooks(
             stop=self._stop,
             wake=self._wake,
@@ -619,6 +626,8 @@ class Worker:
                     break
                 threads_held += others
             inflight.hold(command.ref, threads_held)
+            if self.traces is not None:
+                self.traces.claimed(command, command.created_at)
             parts.dispatcher.submit(command)
         if self.settings.drain:
             # Drained: the queue has nothing left for us; let what runs finish (a signal still
@@ -646,9 +655,7 @@ class Worker:
                 s.shutdown_timeout,
                 extra={"action": "shutdown_timeout"},
             )
-        parts.reporter.close(
-            timeout=max(STOP_WRITE_MIN, deadline - time.monotonic()), spool=parts.spool
-        )
+        self._write_last(parts, deadline)
         if parts.listener is not None:
             parts.listener.stop()
         if parts.cmd_heartbeats is not None:
@@ -674,6 +681,15 @@ class Worker:
         if self.notifier is not None:
             self.notifier.close()
         return released
+
+    def _write_last(self, parts: Parts, deadline: float) -> None:
+        """The outcomes still to write, in what is left of the shutdown timeout (at least
+        STOP_WRITE_MIN); then the traces of this worker's commands (a step like the others)."""
+        parts.reporter.close(
+            timeout=max(STOP_WRITE_MIN, deadline - time.monotonic()), spool=parts.spool
+        )
+        if self.traces is not None:
+            self.traces.close(timeout=STOP_STEP_TIMEOUT)
 
     def _release_unstarted(self, source: CommandSource) -> int:
         try:

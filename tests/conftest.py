@@ -119,7 +119,8 @@ def start_worker(dsn: str) -> Iterator[Callable[..., RunningWorker]]:
     def start(**overrides: Any) -> RunningWorker:
         values: dict[str, Any] = {"dsn": dsn, "poll_interval": 0.5, "heartbeat_interval": 1.0}
         values.update(overrides)
-        running = RunningWorker(Worker(Settings(**values)))
+        traces = values.pop("traces", None)  # a Worker argument, not a setting
+        running = RunningWorker(Worker(Settings(**values), traces=traces))
         running.thread.start()
         started.append(running)
         if not values.get("drain"):
