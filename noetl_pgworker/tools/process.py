@@ -53,6 +53,19 @@ PR_SET_DUMPABLE = 4
 MAX_SPARE_OUTPUTS = 256
 
 
+def _socket_dir() -> str:
+    """A private directory for the fork server's socket, in the temporary directory; without
+    a writable one the worker cannot run python or shell commands, so it says so at once."""
+    try:
+        return tempfile.mkdtemp(prefix="noetl-pgworker-fs-")
+    except OSError as exc:
+        raise ConfigError(
+            f"no writable temporary directory for the fork server ({exc.strerror or exc});"
+            " give the worker one: a writable $TMPDIR or /tmp (in a container with a read-only"
+            " root, a tmpfs or an emptyDir volume on /tmp)"
+        ) from exc
+
+
 def harden_process() -> bool:
     """Make this (the worker's) process undumpable: same-user processes that are not
     ptrace-capable cannot read its memory, ``/proc/<pid>/environ`` or attach to it."""
@@ -213,7 +226,7 @@ class Sandbox:
 
     def _spawn(self) -> _Server:
         if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="noetl-pgworker-fs-")
+            self._dir = _socket_dir()
             weakref.finalize(self, _rmdir, self._dir)
         self._generation += 1
         path = os.path.join(self._dir, f"fs-{self._generation}.sock")

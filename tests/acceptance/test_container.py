@@ -109,6 +109,11 @@ def test_image_version_and_unprivileged_user(image: str) -> None:
     # Numeric, so that Kubernetes' runAsNonRoot can check it without reading /etc/passwd.
     assert config["User"] == f"{uid}:{uid}"
     assert config["Entrypoint"] == ["noetl-pgworker"]
+    # A read-only root and nothing writable on /tmp: one clear line, exit 1, before anything.
+    bare = ["--read-only", "--read-only-tmpfs=false", "--cap-drop=ALL"]
+    proc = podman("run", "--rm", *bare, image, "start", "--drain", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("noetl-pgworker: error: no writable temporary directory")
 
 
 def test_image_applies_the_schema_and_drains_on_a_read_only_root(
