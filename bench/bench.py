@@ -32,6 +32,10 @@ throwaway PostgreSQL. Prints a table and writes JSON (``--out``). Scenarios:
             (--concurrency 8) and by PgQueuer, each through bench/delayproxy.py holding every
             chunk 0, 1, 2 and 5 ms each way (a database 0-10 ms round trip away); commands/s
             and each one's ratio to its own 0 ms rate.
+  tracing   the 1-process drain with command traces off and on (OTLP/HTTP to a collector
+            in this process that takes and counts what it is sent), interleaved 3 times
+            (--tracing-rounds), median; commands/s and the worker's CPU per command. Not in
+            the default set: needs the otel extra (`--only tracing`).
 
 The throwaway cluster runs with PostgreSQL's default durability (fsync, synchronous_commit and
 full_page_writes on). --fast-cluster also runs drain, peers and latency on a second cluster
@@ -172,7 +176,7 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def spawn_worker(dsn: str, name: str) -> subprocess.Popen[bytes]:
+def spawn_worker(dsn: str, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -187,6 +191,7 @@ def spawn_worker(dsn: str, name: str) -> subprocess.Popen[bytes]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env=env,
     )
 
 
@@ -234,12 +239,14 @@ def wal_used(dsn: str, before: tuple[int, int], n: int) -> dict[str, float]:
     }
 
 
-def drain(admin_dsn: str, n: int, processes: int) -> dict[str, Any]:
+def drain(
+    admin_dsn: str, n: int, processes: int, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     with scratch_db(admin_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         wal0 = wal_now(dsn)
         enqueue(conn, tool_kind="noop", count=n, executions=max(1, n // 100))
         conn.execute("VACUUM ANALYZE noetl.command")
-        procs = [spawn_worker(dsn, f"bench-{i}") for i in range(processes)]
+        procs = [spawn_worker(dsn, f"bench-{i}", env) for i in range(processes)]
         try:
             time.sleep(1.2)  # started, and the statistics of the enqueue reported
             idle_rss = [rss_kib(p.pid) for p in procs]
@@ -280,6 +287,56 @@ def drain(admin_dsn: str, n: int, processes: int) -> dict[str, Any]:
         **wal,
         "per_command": cost,
     }
+
+
+@contextlib.contextmanager
+def otlp_collector() -> Iterator[tuple[str, list[int]]]:
+    """An OTLP/HTTP collector in this process: (its URL, the sizes of the requests taken)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    sizes: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            sizes.append(len(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, name="bench-collector", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", sizes
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def tracing_cost(admin_dsn: str, n: int, rounds: int) -> dict[str, Any]:
+    """The 1-process drain with traces off and on, interleaved; medians."""
+    off_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    with otlp_collector() as (url, sizes):
+        on_env = {**off_env, "OTEL_EXPORTER_OTLP_ENDPOINT": url}
+        for round_ in range(rounds):
+            for label, env in (("off", off_env), ("on", on_env)):
+                say(f"tracing {label} ({round_ + 1}/{rounds})")
+                runs[label].append(drain(admin_dsn, n, 1, env))
+        exported = {"requests": len(sizes), "bytes": sum(sizes)}
+    out: dict[str, Any] = {"commands": n, "rounds": rounds, "exported_on": exported}
+    for label, rs in runs.items():
+        out[label] = {
+            "commands_per_s": statistics.median(r["commands_per_s"] for r in rs),
+            "runs": [r["commands_per_s"] for r in rs],
+            "worker_cpu_us": statistics.median(r["per_command"]["worker_cpu_us"] for r in rs),
+        }
+    return out
 
 
 def drains(admin_dsn: str, n: int, label: str = "") -> list[dict[str, Any]]:
@@ -853,7 +910,16 @@ def main() -> int:
         "--only",
         nargs="*",
         default=None,
-        choices=["drain", "ceiling", "latency", "history", "python", "peers", "latency-net"],
+        choices=[
+            "drain",
+            "ceiling",
+            "latency",
+            "history",
+            "python",
+            "peers",
+            "latency-net",
+            "tracing",
+        ],
     )
     parser.add_argument(
         "--fast-cluster",
@@ -864,6 +930,7 @@ def main() -> int:
     parser.add_argument("--python-commands", type=int, default=400)
     parser.add_argument("--python-rounds", type=int, default=3)
     parser.add_argument("--net-commands", type=int, default=5000)
+    parser.add_argument("--tracing-rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(".bench/results.json"))
     args = parser.parse_args()
     wanted = set(args.only or ["drain", "ceiling", "latency", "history", "peers"])
@@ -906,6 +973,8 @@ def main() -> int:
             report["peers"] = peers(admin, args.commands)
         if "latency-net" in wanted:
             report["latency_net"] = latency_net(admin, args.net_commands)
+        if "tracing" in wanted:
+            report["tracing"] = tracing_cost(admin, args.commands, args.tracing_rounds)
     if args.fast_cluster and wanted & {"drain", "peers", "latency"}:
         with server(FAST, given_ok=False) as fast_admin:
             fast: dict[str, Any] = {"machine": machine(fast_admin)}
@@ -1056,6 +1125,17 @@ def print_table(report: dict[str, Any], best: float | None) -> None:
             f"python   step p50 {idle['step_p50_ms']} ms; isolated overhead"
             f" {idle['overhead_p50_ms']} ms; idle RSS worker + fork server"
             f" {idle['rss_total_mib']} MiB"
+        )
+    if "tracing" in report:
+        t = report["tracing"]
+        off, on = t["off"], t["on"]
+        ratio = on["commands_per_s"] / off["commands_per_s"]
+        print(
+            f"tracing  off {off['commands_per_s']:.0f} commands/s, {off['worker_cpu_us']} µs CPU;"
+            f" on {on['commands_per_s']:.0f} commands/s ({ratio:.0%}),"
+            f" {on['worker_cpu_us']} µs CPU /command (median of {t['rounds']}: {off['runs']} /"
+            f" {on['runs']}; {t['exported_on']['requests']} OTLP requests,"
+            f" {t['exported_on']['bytes']:,} B)"
         )
     if "history" in report:
         h = report["history"]
