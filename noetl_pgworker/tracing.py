@@ -214,11 +214,14 @@ class CommandTraces:
         root.end(end_time=now)
 
     def _root(self, execution_id: int, step: str, attributes: dict[str, Any], start: int) -> Span:
+        from opentelemetry.trace import SpanKind
+
         if self._ids is not None:
             self._ids.local.trace_id = execution_trace_id(execution_id)
         try:
+            # CONSUMER: the command was queued by another party (NoETL's server) and taken here.
             return self._tracer.start_span(
-                f"command {step}", attributes=attributes, start_time=start
+                f"command {step}", kind=SpanKind.CONSUMER, attributes=attributes, start_time=start
             )
         finally:
             if self._ids is not None:

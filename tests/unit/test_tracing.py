@@ -13,7 +13,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import SpanKind, StatusCode
 
 from noetl_pgworker import tracing
 from noetl_pgworker.errors import ConfigError
@@ -62,6 +62,7 @@ def test_a_written_command_is_one_span_with_claim_wait_run_and_write(traced: Tra
     assert set(spans) == {"command transform", "claim wait", "run python", "write"}
     root = spans["command transform"]
     assert root.parent is None
+    assert root.kind is SpanKind.CONSUMER
     assert dict(root.attributes or {}) == {
         "noetl.execution_id": "7",
         "noetl.command_id": "70",
