@@ -13,8 +13,8 @@ its outcome's write, with ``noetl.execution_id``, ``noetl.command_id``, ``noetl.
 are ``claim wait`` (created → claimed by this worker), ``run <kind>`` (the tool) and ``write``
 (the tool done → its outcome committed). All the commands of one execution share one trace,
 whichever worker ran them: its id is derived from the execution id (:func:`execution_trace_id`).
-The spans are made once the outcome is written, from times taken on the way, on a thread of
-their own: nothing of OpenTelemetry runs on the claim, tool or writer threads.
+The spans are made when the outcome is written, from times taken on the way, so nothing of
+OpenTelemetry runs on the claim or tool threads.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -50,8 +49,6 @@ MAX_ERROR = 512
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 Key = tuple[int, int]
-#: A command whose outcome was written (or refused): (key, outcome, result, when in ns).
-_Ended = tuple[Key, "Outcome | None", str, int]
 
 
 def execution_trace_id(execution_id: int) -> int:
@@ -148,11 +145,6 @@ class CommandTraces:
         self._worker_id = worker_id
         self._open: OrderedDict[Key, _Open] = OrderedDict()
         self._lock = threading.Lock()
-        # Spans are made on a thread of their own, not the writer's: (key, outcome, result,
-        # when), a threading.Event to flush, None to stop.
-        self._queue: queue.SimpleQueue[_Ended | threading.Event | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="noetl-pgworker-traces", daemon=True)
-        self._thread.start()
 
     def claimed(self, command: Command, created_at: datetime | None = None) -> None:
         """``command`` was claimed now; its row was created at ``created_at``."""
@@ -167,51 +159,28 @@ class CommandTraces:
                 self._open.popitem(last=False)
 
     def written(self, ref: CommandRef, outcome: Outcome) -> None:
-        """``ref``'s outcome was committed now: its spans (made soon, on the traces thread)."""
-        result = "COMPLETED" if outcome.ok else "FAILED"
-        self._queue.put(((ref.execution_id, ref.command_id), outcome, result, time.time_ns()))
+        """``ref``'s outcome was committed now: its spans."""
+        self._emit(ref, outcome, "COMPLETED" if outcome.ok else "FAILED", time.time_ns())
 
     def given_up(self, ref: CommandRef, why: str, outcome: Outcome | None = None) -> None:
         """``ref`` ends here for this worker without its outcome written: ``why`` (``fenced``:
-        the claim was lost and the write refused)."""
-        self._queue.put(((ref.execution_id, ref.command_id), outcome, why, time.time_ns()))
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until the spans of everything written so far are made; False on timeout."""
-        done = threading.Event()
-        self._queue.put(done)
-        return done.wait(timeout)
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            try:
-                self._emit_key(*item)
-            except Exception:  # one span that cannot be made never stops the others
-                logger.exception("could not make a command's span", extra={"action": "trace"})
+        the claim was lost; ``released``: back to PENDING; ``unwritten``: left at a stop)."""
+        self._emit(ref, outcome, why, time.time_ns())
 
     def close(self, timeout: float = 2.0) -> None:
         """At the worker's stop: a span for each command claimed whose outcome this worker did
         not write (``stopped``: put back to PENDING, or left to recovery); then export what is
         buffered, for ``timeout`` seconds at most (a collector that does not answer does not
         hold the stop up: what it did not take is dropped)."""
-        started = time.monotonic()
-        self._queue.put(None)
-        self._thread.join(timeout)
         with self._lock:
             left = list(self._open)
-        for key in left:
-            self._emit_key(key, None, "stopped", time.time_ns())
+        for execution_id, command_id in left:
+            self._emit_key((execution_id, command_id), None, None, "stopped", time.time_ns())
         closer = threading.Thread(
             target=self._provider.shutdown, name="noetl-pgworker-traces-close", daemon=True
         )
         closer.start()
-        closer.join(max(0.1, timeout - (time.monotonic() - started)))
+        closer.join(timeout)
         if closer.is_alive():
             logger.warning(
                 "traces not exported within %.0f s of the stop; the rest are dropped",
@@ -219,7 +188,12 @@ class CommandTraces:
                 extra={"action": "traces_dropped"},
             )
 
-    def _emit_key(self, key: Key, outcome: Outcome | None, result: str, now: int) -> None:
+    def _emit(self, ref: CommandRef, outcome: Outcome | None, result: str, now: int) -> None:
+        self._emit_key((ref.execution_id, ref.command_id), ref, outcome, result, now)
+
+    def _emit_key(
+        self, key: Key, ref: CommandRef | None, outcome: Outcome | None, result: str, now: int
+    ) -> None:
         with self._lock:
             seen = self._open.pop(key, None)
         if seen is None:

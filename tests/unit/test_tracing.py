@@ -58,7 +58,6 @@ def test_a_written_command_is_one_span_with_claim_wait_run_and_write(traced: Tra
     started = datetime.now(UTC)
     outcome = Outcome.success({"x": 1}, duration=0.001, started_at=started)
     traces.written(cmd.ref, outcome)
-    assert traces.flush()
     spans = by_name(exporter.get_finished_spans())
     assert set(spans) == {"command transform", "claim wait", "run python", "write"}
     root = spans["command transform"]
@@ -96,7 +95,6 @@ def test_commands_of_one_execution_share_a_trace_and_others_do_not(traced: Trace
         cmd = command(execution_id, command_id, f"s{command_id}")
         traces.claimed(cmd, None)
         traces.written(cmd.ref, Outcome.success(1, started_at=datetime.now(UTC)))
-    assert traces.flush()
     roots = [s for s in exporter.get_finished_spans() if s.parent is None]
     trace_ids = {s.attributes["noetl.command_id"]: s.context.trace_id for s in roots}
     assert trace_ids["10"] == trace_ids["11"] != trace_ids["20"]
@@ -114,7 +112,6 @@ def test_a_failure_is_an_error_status_with_the_password_removed(traced: Traced) 
         started_at=datetime.now(UTC),
     )
     traces.written(cmd.ref, outcome)
-    assert traces.flush()
     spans = by_name(exporter.get_finished_spans())
     for name in ("command load", "run python"):
         assert spans[name].status.status_code is StatusCode.ERROR
@@ -130,7 +127,6 @@ def test_given_up_commands_say_why_and_unknown_ones_make_no_span(traced: Traced)
     traces.given_up(cmd.ref, "released")
     traces.given_up(cmd.ref, "released")  # once only
     traces.written(command(5, 50, "t").ref, Outcome.success(1))  # never claimed here
-    assert traces.flush()
     spans = exporter.get_finished_spans()
     assert [s.name for s in spans] == ["claim wait", "command s"]
     assert spans[1].attributes["noetl.outcome"] == "released"
