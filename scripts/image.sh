@@ -34,8 +34,9 @@ make_base_tarball() {
     rootfs=$(mktemp -d "${TMPDIR:-/tmp}/noetl-pgworker-rootfs.XXXXXX")
     trap 'rm -rf "$rootfs"' RETURN
     echo "image.sh: debootstrap bookworm (minbase + python3) into $rootfs" >&2
+    # DEBIAN_MIRROR: a Debian mirror to use instead of debootstrap's default.
     debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" \
-        "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$rootfs.log" 2>&1 || {
+        ${DEBIAN_MIRROR:+"$DEBIAN_MIRROR"} >"$rootfs.log" 2>&1 || {
         tail -20 "$rootfs.log" >&2
         rm -f "$rootfs.log"
         exit 1
