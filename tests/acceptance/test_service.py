@@ -183,34 +183,76 @@ def test_json_logs_parse_and_carry_the_ids(dsn: str) -> None:
     assert "password" not in r.stderr
 
 
-def test_systemd_unit_is_accepted_by_systemd_analyze(tmp_path: Path) -> None:
-    unit = (REPO / "deploy/systemd/noetl-pgworker.service").read_text()
+UNITS = ("noetl-pgworker.service", "noetl-pgworker@.service")
+
+
+def systemd_analyze() -> str | None:
+    """systemd-analyze, or None (skip) on a machine without it; required under CI."""
+    found = shutil.which("systemd-analyze")
+    if found is None and os.environ.get("CI") == "true":
+        pytest.fail("systemd-analyze is missing (apt-get install systemd)")
+    return found
+
+
+def installed_unit(name: str, tmp_path: Path) -> Path:
+    """The unit as systemd-analyze can load it here: a real executable, no environment file,
+    a template instantiated."""
+    unit = (REPO / "deploy/systemd" / name).read_text()
+    unit = unit.replace(
+        "/opt/noetl-pgworker/bin/noetl-pgworker", shutil.which("true") or "/bin/true"
+    )
+    unit = "\n".join(x for x in unit.splitlines() if not x.startswith("EnvironmentFile="))
+    path = tmp_path / name.replace("@.", "@1.")
+    path.write_text(unit + "\n")
+    return path
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_systemd_unit_is_accepted_by_systemd_analyze(name: str, tmp_path: Path) -> None:
+    unit = (REPO / "deploy/systemd" / name).read_text()
     for needed in (
         "Type=notify",
         "WatchdogSec=",
         "Restart=on-failure",
         "TimeoutStopSec=",
+        "KillMode=mixed",  # SIGTERM to the worker only: it stops its commands itself
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "PrivateTmp=yes",
         "User=",
+        "--run-as",
         "StateDirectory=",  # the spool of unwritten outcomes
     ):
         assert needed in unit
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:  # a machine without systemd: the directives above are all we can check
-        return
-    unit = unit.replace(
-        "/opt/noetl-pgworker/bin/noetl-pgworker", shutil.which("true") or "/bin/true"
-    )
-    unit = unit.replace("EnvironmentFile=/etc/noetl-pgworker/worker.env", "")
-    path = tmp_path / "noetl-pgworker.service"
-    path.write_text(unit)
+    analyze = systemd_analyze()
+    if analyze is None:
+        pytest.skip("no systemd-analyze: only the directives above were checked")
+    path = installed_unit(name, tmp_path)
     r = subprocess.run(
         [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60, check=False
     )
     problems = [line for line in (r.stdout + r.stderr).splitlines() if "noetl-pgworker" in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_systemd_unit_exposure_is_ok(name: str, tmp_path: Path) -> None:
+    """`systemd-analyze security` rates the unit 2.0 or less ("OK")."""
+    analyze = systemd_analyze()
+    if analyze is None:
+        pytest.skip("no systemd-analyze")
+    path = installed_unit(name, tmp_path)
+    r = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    last = (r.stdout.strip().splitlines() or [""])[-1]
+    assert "Overall exposure level" in last, r.stdout + r.stderr
+    exposure = float(last.split(":")[1].split()[0])
+    assert exposure <= 2.0, r.stdout
 
 
 def test_the_worker_runs_as_the_least_privilege_role(dsn: str) -> None:
@@ -243,3 +285,79 @@ def test_the_worker_runs_as_the_least_privilege_role(dsn: str) -> None:
         with psycopg.connect(dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(login)))
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))
+
+
+# -- stopping the way systemd does --------------------------------------------------------------
+
+IS_ROOT = os.geteuid() == 0
+SLEEPY_PYTHON = "import time\ndef main():\n    time.sleep(5)\n    return {'slept': 5}\n"
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descending from it (what a service's control group holds)."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_bytes()
+            except OSError:
+                continue
+            parents[int(name)] = int(stat[stat.rfind(b")") + 2 :].split()[1])
+    tree, frontier = [root], [root]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier]
+        tree += children
+        frontier = children
+    return tree
+
+
+def start_cli_worker(dsn: str, log: Any, *extra: str) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "noetl_pgworker", "start", "--dsn", dsn, "--concurrency", "4"]
+    args += ["--poll-interval", "0.2", "--tool-kinds", "python,shell", "--python-mode", "process"]
+    args += ["--worker-id", "stop-test", *extra]
+    if IS_ROOT:  # as the unit runs it: commands as another user
+        args += ["--run-as", "nobody"]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+
+
+def test_sigterm_to_every_process_of_the_service_fails_no_command(
+    dsn: str, conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """systemd's default stop (KillMode=control-group) sends SIGTERM to every process of the
+    service at once: the worker, its fork server and each command's process. The commands
+    running then end COMPLETED or go back to PENDING, never FAILED, and a next start runs
+    what went back."""
+    python = enqueue(conn, tool_kind="python", step="sleepy", tool_config={"code": SLEEPY_PYTHON})
+    shell = enqueue(conn, tool_kind="shell", step="nap", tool_config={"command": "sleep 5"})
+    ids = [*python.command_ids, *shell.command_ids]
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        proc = start_cli_worker(dsn, log)
+        try:
+            wait_until(lambda: count_status(conn, "RUNNING") == 2, timeout=60)
+            tree = process_tree(proc.pid)
+            # the worker, its fork server and (at least) the two commands' processes
+            assert len(tree) >= 4, tree
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            assert proc.wait(60) == 0, log_path.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    rows = dict(
+        conn.execute(
+            "SELECT command_id, status FROM noetl.command WHERE command_id = ANY(%s)", (ids,)
+        ).fetchall()
+    )
+    assert set(rows.values()) <= {"COMPLETED", "PENDING"}, (rows, log_path.read_text())
+    failed = conn.execute(
+        "SELECT count(*) FROM noetl.event WHERE event_type = 'command.failed'"
+    ).fetchone()
+    assert failed == (0,)
+    # What went back runs at the next start, and everything ends COMPLETED.
+    with (tmp_path / "again.log").open("wb") as log:
+        again = start_cli_worker(dsn, log, "--drain")
+        assert again.wait(90) == 0, (tmp_path / "again.log").read_text()
+    assert count_status(conn, "COMPLETED") == 2
