@@ -320,6 +320,7 @@ def start_cli_worker(dsn: str, log: Any, *extra: str) -> subprocess.Popen[bytes]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
 
 
+@pytest.mark.xfail(strict=True, reason="the fork server and the worker do not handle it yet")
 def test_sigterm_to_every_process_of_the_service_fails_no_command(
     dsn: str, conn: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
