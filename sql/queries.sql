@@ -20,7 +20,10 @@ WITH candidate AS MATERIALIZED (
         SELECT c.execution_id, c.command_id, c.created_at, c.attempt
         FROM (SELECT DISTINCT kind
                 FROM unnest(%(tool_kinds)s::text[]) AS kind
-               WHERE kind <> 'wasm') AS k
+               WHERE kind <> 'wasm'
+                 -- paused for every worker (`noetl-pgworker pause KIND`)
+                 AND NOT EXISTS (SELECT 1 FROM noetl.pgworker_paused_kind AS p
+                                  WHERE p.tool_kind = kind)) AS k
         CROSS JOIN LATERAL (
             SELECT c.execution_id, c.command_id, c.created_at, c.attempt
             FROM noetl.command AS c
@@ -549,7 +552,12 @@ FROM (VALUES
     ('index noetl.pgworker_command_kind_claim_idx', to_regclass('noetl.pgworker_command_kind_claim_idx') IS NOT NULL),
     ('index noetl.pgworker_command_inflight_idx', to_regclass('noetl.pgworker_command_inflight_idx') IS NOT NULL),
     ('index noetl.pgworker_command_badkind_idx', to_regclass('noetl.pgworker_command_badkind_idx') IS NOT NULL),
-    ('view noetl.pgworker_queue_by_kind', to_regclass('noetl.pgworker_queue_by_kind') IS NOT NULL)
+    ('view noetl.pgworker_queue_by_kind', to_regclass('noetl.pgworker_queue_by_kind') IS NOT NULL),
+    ('index noetl.pgworker_command_failed_idx', to_regclass('noetl.pgworker_command_failed_idx') IS NOT NULL),
+    ('table noetl.pgworker_paused_kind', to_regclass('noetl.pgworker_paused_kind') IS NOT NULL),
+    ('table noetl.pgworker_cancel', to_regclass('noetl.pgworker_cancel') IS NOT NULL),
+    ('function noetl.pgworker_prune_runtime(double precision)',
+     to_regprocedure('noetl.pgworker_prune_runtime(double precision)') IS NOT NULL)
 ) AS v(object, present);
 
 -- name: verify_columns
@@ -678,3 +686,186 @@ WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.pid = pg_backend_pid()
 SELECT payload -> 'workbook' AS workbook, payload IS NOT NULL AS parsed
 FROM noetl.catalog
 WHERE catalog_id = %(catalog_id)s;
+
+-- name: control_command
+-- One command as `noetl-pgworker show` prints it (NULL: no such command).
+SELECT c.command_id, c.execution_id, c.step_name, c.tool_kind, c.status, c.attempt, c.worker_id,
+       c.created_at, c.claimed_at, c.started_at, c.completed_at, c.error
+FROM noetl.command AS c
+WHERE c.command_id = %(command_id)s;
+
+-- name: control_execution_commands
+-- The commands of one execution, oldest first (at most `limit`).
+SELECT c.command_id, c.execution_id, c.step_name, c.tool_kind, c.status, c.attempt, c.worker_id,
+       c.created_at, c.claimed_at, c.started_at, c.completed_at, c.error
+FROM noetl.command AS c
+WHERE c.execution_id = %(execution_id)s
+ORDER BY c.created_at, c.command_id
+LIMIT %(limit)s;
+
+-- name: control_command_events
+-- One command's trail, in the order written; each event's attempt where the worker noted it.
+SELECT e.event_id, e.created_at, e.event_type, e.status, e.worker_id, e.error,
+       e.meta ->> 'attempt' AS attempt
+FROM noetl.event AS e
+WHERE e.execution_id = %(execution_id)s AND e.command_id = %(command_id)s
+ORDER BY e.event_id;
+
+-- name: control_execution_events
+-- The events of one execution that belong to no command (playbook.*, execution.*), and how
+-- many events it has in all.
+SELECT e.event_id, e.created_at, e.event_type, e.status, e.worker_id, e.error,
+       NULL::text AS attempt
+FROM noetl.event AS e
+WHERE e.execution_id = %(execution_id)s AND e.command_id IS NULL
+ORDER BY e.event_id
+LIMIT %(limit)s;
+
+-- name: control_retry
+-- FAILED -> PENDING (attempt + 1; the trail of earlier attempts stays in noetl.event), and the
+-- doorbell rings. Refused (nothing changes) unless the command is FAILED and its execution has
+-- not ended (NoETL's server has then already acted on the failure).
+WITH target AS MATERIALIZED (
+    SELECT c.execution_id, c.command_id, c.status, c.attempt,
+           (SELECT e.event_type
+              FROM noetl.event AS e
+             WHERE e.execution_id = c.execution_id
+               AND e.event_type IN ('playbook.completed', 'playbook.failed',
+                                    'workflow.completed', 'workflow.failed',
+                                    'execution.cancelled')
+             LIMIT 1) AS ended_by
+    FROM noetl.command AS c
+    WHERE c.command_id = %(command_id)s
+    FOR UPDATE OF c
+),
+retried AS (
+    UPDATE noetl.command AS c
+    SET status = 'PENDING',
+        worker_id = NULL,
+        claimed_at = NULL,
+        started_at = NULL,
+        completed_at = NULL,
+        error = NULL,
+        result = NULL,
+        attempt = c.attempt + 1,
+        updated_at = now()
+    FROM target AS t
+    WHERE c.execution_id = t.execution_id
+      AND c.command_id = t.command_id
+      AND t.status = 'FAILED'
+      AND t.ended_by IS NULL
+    RETURNING c.attempt
+)
+SELECT t.status, t.ended_by, r.attempt AS new_attempt,
+       (SELECT count(*) FROM (SELECT pg_notify('noetl_pgworker_command', '')
+                                FROM retried) AS n) AS notified
+FROM target AS t
+LEFT JOIN retried AS r ON true;
+
+-- name: control_cancel
+-- Cancel one command: PENDING -> CANCELLED at once (with a command.cancelled event); CLAIMED
+-- or RUNNING -> a request to the worker that holds it (NOTIFY 'cancel'), which stops the
+-- command and writes it CANCELLED. Returns the status found (no row: no such command).
+WITH target AS MATERIALIZED (
+    SELECT c.execution_id, c.command_id, c.catalog_id, c.parent_execution_id, c.step_name,
+           c.status, c.worker_id, c.meta
+    FROM noetl.command AS c
+    WHERE c.command_id = %(command_id)s
+    FOR UPDATE OF c
+),
+pending AS (
+    UPDATE noetl.command AS c
+    SET status = 'CANCELLED',
+        error = 'cancelled by ' || %(by)s::text,
+        completed_at = now(),
+        updated_at = now()
+    FROM target AS t
+    WHERE c.execution_id = t.execution_id AND c.command_id = t.command_id
+      AND t.status = 'PENDING'
+    RETURNING c.command_id
+),
+pending_event AS (
+    INSERT INTO noetl.event (
+        execution_id, catalog_id, event_id, parent_execution_id, created_at, event_type,
+        node_id, node_name, status, result, meta, error, command_id
+    )
+    SELECT t.execution_id, t.catalog_id, noetl.snowflake_id(), t.parent_execution_id, now(),
+           'command.cancelled', t.step_name, t.step_name, 'CANCELLED',
+           jsonb_build_object('status', 'CANCELLED',
+                              'context', jsonb_build_object('command_id', t.command_id)),
+           jsonb_build_object('command_id', COALESCE(t.meta -> 'command_id',
+                                                     to_jsonb(t.command_id)),
+                              'cancelled_by', %(by)s::text, 'actionable', false,
+                              'informative', true),
+           'cancelled by ' || %(by)s::text, t.command_id
+    FROM target AS t
+    JOIN pending AS p ON p.command_id = t.command_id
+),
+requested AS (
+    INSERT INTO noetl.pgworker_cancel (command_id, execution_id, requested_by)
+    SELECT t.command_id, t.execution_id, %(by)s
+    FROM target AS t
+    WHERE t.status IN ('CLAIMED', 'RUNNING')
+    ON CONFLICT (command_id) DO UPDATE SET requested_at = now()
+    RETURNING command_id
+)
+SELECT t.status, t.worker_id, t.execution_id,
+       (SELECT count(*) FROM pending) AS cancelled,
+       (SELECT count(*) FROM (SELECT pg_notify('noetl_pgworker_command', 'cancel')
+                                FROM requested) AS n) AS requested
+FROM target AS t;
+
+-- name: control_live_commands
+-- The commands of one execution that have not ended (for cancelling an execution).
+SELECT c.command_id
+FROM noetl.command AS c
+WHERE c.execution_id = %(execution_id)s
+  AND c.status IN ('PENDING', 'CLAIMED', 'RUNNING')
+ORDER BY c.created_at, c.command_id;
+
+-- name: control_status_of
+SELECT c.status, c.worker_id
+FROM noetl.command AS c
+WHERE c.command_id = %(command_id)s;
+
+-- name: control_pause
+INSERT INTO noetl.pgworker_paused_kind (tool_kind, paused_by)
+VALUES (%(tool_kind)s, %(by)s)
+ON CONFLICT (tool_kind) DO NOTHING
+RETURNING tool_kind;
+
+-- name: control_resume
+-- Resume a kind, and ring the doorbell so that its PENDING commands are claimed at once.
+WITH gone AS (
+    DELETE FROM noetl.pgworker_paused_kind
+    WHERE tool_kind = %(tool_kind)s
+    RETURNING tool_kind
+)
+SELECT g.tool_kind, pg_notify('noetl_pgworker_command', '') AS notified
+FROM gone AS g;
+
+-- name: control_paused_kinds
+SELECT p.tool_kind, p.paused_at, p.paused_by,
+       (SELECT count(*) FROM noetl.command AS c
+         WHERE c.status = 'PENDING' AND c.tool_kind = p.tool_kind) AS pending
+FROM noetl.pgworker_paused_kind AS p
+ORDER BY p.tool_kind;
+
+-- name: cancel_requests
+-- Which of the commands this worker holds are to be cancelled.
+SELECT r.command_id
+FROM noetl.pgworker_cancel AS r
+WHERE r.command_id = ANY(%(command_ids)s::bigint[]);
+
+-- name: status_recent_failures
+-- FAILED and CANCELLED commands that ended in the last `hours`, exactly, by status and kind:
+-- read from pgworker_command_failed_idx (only such rows), whatever the history's size.
+SELECT c.status, COALESCE(c.tool_kind, '(none)') AS tool_kind, count(*) AS commands
+FROM noetl.command AS c
+WHERE c.status IN ('FAILED', 'CANCELLED')
+  AND c.completed_at > now() - make_interval(secs => %(seconds)s)
+GROUP BY c.status, COALESCE(c.tool_kind, '(none)')
+ORDER BY c.status, tool_kind;
+
+-- name: prune_runtime
+SELECT noetl.pgworker_prune_runtime(%(older_than)s) AS pruned;

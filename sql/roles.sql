@@ -13,7 +13,8 @@ BEGIN
 END
 $do$;
 
-REVOKE ALL ON noetl.command, noetl.event, noetl.runtime FROM noetl_pgworker;
+REVOKE ALL ON noetl.command, noetl.event, noetl.runtime, noetl.pgworker_paused_kind,
+    noetl.pgworker_cancel FROM noetl_pgworker;
 
 GRANT USAGE ON SCHEMA noetl TO noetl_pgworker;
 -- claim (SELECT … FOR UPDATE), status and outcome updates: the columns that claim_commands,
@@ -36,6 +37,10 @@ GRANT UPDATE (status, heartbeat, labels, capabilities, capacity, runtime, update
     ON noetl.runtime TO noetl_pgworker;
 -- `kind: workbook` steps: the workbook section of the registered playbook (nothing else of it)
 GRANT SELECT (catalog_id, payload) ON noetl.catalog TO noetl_pgworker;
+-- paused kinds (the claim skips them) and cancellation requests (the worker stops those it holds)
+GRANT SELECT ON noetl.pgworker_paused_kind, noetl.pgworker_cancel TO noetl_pgworker;
+-- removing the rows of its own kind of worker gone for good (only those: a definer's function)
+GRANT EXECUTE ON FUNCTION noetl.pgworker_prune_runtime(double precision) TO noetl_pgworker;
 -- ids for events and runtime rows
 GRANT EXECUTE ON FUNCTION noetl.snowflake_id() TO noetl_pgworker;
 GRANT USAGE ON SEQUENCE noetl.snowflake_seq TO noetl_pgworker;

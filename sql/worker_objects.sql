@@ -75,3 +75,49 @@ FROM (
     GROUP BY c.tool_kind
 ) AS q
 GROUP BY q.tool_kind;
+
+-- `status` shows the failures of the last hours exactly: FAILED and CANCELLED rows by the time
+-- they ended. Only those rows enter this index (history mostly COMPLETED stays out), and a
+-- range of recent ones is read from its end, however long the history.
+CREATE INDEX IF NOT EXISTS pgworker_command_failed_idx
+    ON noetl.command (completed_at)
+    WHERE status IN ('FAILED', 'CANCELLED');
+
+-- Tool kinds paused for every worker at once (`noetl-pgworker pause KIND`): the claim skips
+-- them while a row is here; `resume` deletes it and rings the doorbell.
+CREATE TABLE IF NOT EXISTS noetl.pgworker_paused_kind (
+    tool_kind text PRIMARY KEY,
+    paused_at timestamptz NOT NULL DEFAULT now(),
+    paused_by text
+);
+
+-- Cancellation of commands a worker holds (`noetl-pgworker cancel`): the worker that holds the
+-- command stops it and writes it CANCELLED. Told by a NOTIFY 'cancel' on the doorbell's
+-- channel, or found at its next look (every poll interval while it runs commands).
+CREATE TABLE IF NOT EXISTS noetl.pgworker_cancel (
+    command_id bigint PRIMARY KEY,
+    execution_id bigint NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    requested_by text
+);
+
+-- Rows of noetl-pgworker workers (labels {"worker": "noetl-pgworker"}) whose heartbeat is
+-- older than the bound (at least an hour): workers renamed or gone for good. Run by each
+-- worker at its start; a definer's function, so that the worker's role needs no DELETE on
+-- noetl.runtime (NoETL's other runtime rows stay out of its reach).
+CREATE OR REPLACE FUNCTION noetl.pgworker_prune_runtime(older_than_seconds double precision)
+RETURNS integer
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH gone AS (
+        DELETE FROM noetl.runtime
+        WHERE kind = 'worker_pool'
+          AND labels ->> 'worker' = 'noetl-pgworker'
+          AND heartbeat < now() - make_interval(secs => greatest(older_than_seconds, 3600))
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$fn$;
+REVOKE ALL ON FUNCTION noetl.pgworker_prune_runtime(double precision) FROM PUBLIC;
