@@ -362,3 +362,76 @@ def test_sigterm_to_every_process_of_the_service_fails_no_command(
         again = start_cli_worker(dsn, log, "--drain")
         assert again.wait(90) == 0, (tmp_path / "again.log").read_text()
     assert count_status(conn, "COMPLETED") == 2
+
+
+CAPS_PROBE = """
+import os
+status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines()
+              if line.startswith("Cap"))
+try:
+    os.setuid(worker_uid)
+    became = "worker"
+except PermissionError:
+    became = "PermissionError"
+result = {"uid": os.getuid(), "caps": {k: v.strip() for k, v in status.items()}, "setuid": became}
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="--run-as needs a root worker until the capability fix")
+def test_a_worker_with_the_units_capabilities_gives_none_to_its_commands(
+    dsn: str, conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """The unit runs the worker as its own user with CAP_SETUID, CAP_SETGID and CAP_KILL
+    (ambient), in the run-as user's group: the worker starts python and shell commands as the
+    run-as user, and they hold no capability (cannot switch back to the worker's user)."""
+    setpriv = shutil.which("setpriv")
+    if not IS_ROOT or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux) to start a worker as the unit does")
+    import pwd
+
+    worker, run_as = pwd.getpwnam("daemon"), pwd.getpwnam("nobody")
+    caps = "+setuid,+setgid,+kill"
+    probe = {"code": CAPS_PROBE}
+    enqueue(conn, tool_kind="python", step="probe", tool_config=probe, args={"worker_uid": 1})
+    conn.execute(
+        "UPDATE noetl.command SET context = jsonb_set(context, '{input,worker_uid}', %s::jsonb)",
+        (str(worker.pw_uid),),
+    )
+    shell = {"command": "grep ^Cap /proc/self/status; id -u"}
+    enqueue(conn, tool_kind="shell", step="shell-probe", tool_config=shell)
+    args = [
+        setpriv,
+        f"--reuid={worker.pw_uid}",
+        f"--regid={worker.pw_gid}",
+        f"--groups={run_as.pw_gid}",
+        f"--inh-caps={caps}",
+        f"--ambient-caps={caps}",
+        f"--bounding-set=-all,{caps}",
+        "--no-new-privs",
+        sys.executable,
+        "-m",
+        "noetl_pgworker",
+        "start",
+        "--dsn",
+        dsn,
+        "--drain",
+        "--tool-kinds",
+        "python,shell",
+        "--python-mode",
+        "process",
+        "--run-as",
+        "nobody",
+        "--worker-id",
+        "caps",
+    ]
+    r = subprocess.run(args, cwd="/", capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    rows = dict(conn.execute("SELECT step_name, result FROM noetl.command").fetchall())
+    python = rows["probe"]["context"]
+    assert python["uid"] == run_as.pw_uid, rows
+    assert python["setuid"] == "PermissionError"
+    for key in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert int(python["caps"][key], 16) == 0, python["caps"]
+    out = rows["shell-probe"]["context"]["stdout"]
+    assert "CapEff:\t0000000000000000" in out and "CapAmb:\t0000000000000000" in out, out
+    assert out.strip().splitlines()[-1] == str(run_as.pw_uid)
