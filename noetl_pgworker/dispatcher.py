@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from .credentials import CredentialProvider, EnvCredentials
 from .errors import PgWorkerError, ToolError
 from .inflight import InFlight
+from .interrupt import Interrupts
 from .jsontext import NotSerialisable, dumps
 from .models import Command, CommandRef, Outcome, ToolOutput
 from .render import ISOLATE
@@ -142,9 +143,12 @@ class Dispatcher:
         timeout: float = DEFAULT_COMMAND_TIMEOUT,
         credentials: CredentialProvider | None = None,
         prepare: Callable[[Command], Command] | None = None,
+        interrupts: Interrupts | None = None,
     ) -> None:
         self._registry = registry
         self._prepare = prepare
+        #: running commands' handles: a cancel or the stop's end reaches their processes
+        self.interrupts = interrupts or Interrupts()
         self._timeout = timeout
         self._credentials = credentials or EnvCredentials()
         self._inflight = inflight
@@ -170,13 +174,7 @@ class Dispatcher:
             self._outcomes.started(
                 ref, datetime.now(UTC), loop_event_id=loop_event_id, iter_index=iter_index
             )
-            outcome = execute(
-                command,
-                self._registry,
-                timeout=self._timeout,
-                credentials=self._credentials,
-                prepare=self._prepare,
-            )
+            outcome = self._execute(command)
             if not outcome.ok:
                 logger.debug(
                     "command failed: %s",
@@ -201,6 +199,28 @@ class Dispatcher:
             )
         finally:
             self._inflight.finished(ref)  # (idempotent)
+
+    def _execute(self, command: Command) -> Outcome:
+        with self.interrupts.running(command.command_id) as handle:
+            outcome = execute(
+                command,
+                self._registry,
+                timeout=self._timeout,
+                credentials=self._credentials,
+                prepare=self._prepare,
+            )
+        if handle.cancelled_by is not None and outcome.error_type != "cancelled":
+            # A tool that runs on this thread could not be stopped: it ran to its end, and
+            # the command still ends CANCELLED (what it returned is kept beside the error).
+            return Outcome.failure(
+                f"cancelled by {handle.cancelled_by} (it ran to its end)",
+                error_type="cancelled",
+                data=outcome.data,
+                extra=outcome.extra,
+                duration=outcome.duration,
+                started_at=outcome.started_at,
+            )
+        return outcome
 
     def shutdown(self, timeout: float) -> bool:
         """Stop taking work and wait up to ``timeout`` for running commands; True if all ended."""

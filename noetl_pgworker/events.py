@@ -119,7 +119,25 @@ def row_result(ref: CommandRef, outcome: Outcome, worker_id: str, limit: int) ->
     context = data_context(outcome, limit)
     context["worker_id"] = worker_id
     context["command_id"] = ref.wire_command_id
+    if outcome.error_type == "cancelled":
+        return envelope("CANCELLED", context)
     return envelope("COMPLETED" if outcome.ok else "FAILED", context)
+
+
+def cancelled_event(
+    ref: CommandRef, outcome: Outcome, worker_id: str, result: dict[str, Any]
+) -> dict[str, Any]:
+    """``command.cancelled``: the worker stopped the command (``noetl-pgworker cancel``)."""
+    meta = _meta(ref, worker_id, actionable=False)
+    meta["error_type"] = outcome.error_type
+    return _event(
+        ref,
+        "command.cancelled",
+        result=result,
+        meta=meta,
+        error=outcome.error,
+        duration=outcome.duration,
+    )
 
 
 def finished_events(

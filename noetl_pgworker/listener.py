@@ -29,6 +29,7 @@ class Listener:
         dsn: str,
         wake: threading.Event,
         *,
+        cancel_wake: threading.Event | None = None,
         channel: str = NOTIFY_CHANNEL,
         application_name: str = "noetl-pgworker-listener",
         connect_timeout: float = 10.0,
@@ -41,6 +42,8 @@ class Listener:
         self._session_options = session_options
         self._dsn = dsn
         self._wake = wake
+        #: set by a notification with the payload 'cancel' (``noetl-pgworker cancel``)
+        self._cancel_wake = cancel_wake
         self._channel = channel
         self._application_name = application_name
         self._connect_timeout = connect_timeout
@@ -112,8 +115,12 @@ class Listener:
         logger.debug("listening on %s", self._channel, extra={"action": "listening"})
         last_check = time.monotonic()
         while not self._stop.is_set():
-            for _ in conn.notifies(timeout=0.5):
+            for notify in conn.notifies(timeout=0.5):
                 self.notifications += 1
+                if notify.payload == "cancel":
+                    if self._cancel_wake is not None:
+                        self._cancel_wake.set()
+                    continue
                 self.last_notify = time.monotonic()
                 self._wake.set()
             if time.monotonic() - last_check >= self._check_interval:

@@ -39,6 +39,9 @@ class NullMetrics:
     def finished(self, kind: str, ok: bool, duration: float) -> None:
         pass
 
+    def cancelled(self, kind: str) -> None:
+        pass
+
     def fenced(self) -> None:
         pass
 
@@ -104,6 +107,12 @@ class Metrics(NullMetrics):
         self._failed = Counter(
             "noetl_pgworker_commands_failed",
             "Commands that ended FAILED.",
+            ["tool_kind"],
+            registry=r,
+        )
+        self._cancelled = Counter(
+            "noetl_pgworker_commands_cancelled",
+            "Commands the worker stopped and wrote CANCELLED (noetl-pgworker cancel).",
             ["tool_kind"],
             registry=r,
         )
@@ -187,6 +196,9 @@ class Metrics(NullMetrics):
     def finished(self, kind: str, ok: bool, duration: float) -> None:
         (self._completed if ok else self._failed).labels(kind).inc()
         self._duration.labels(kind).observe(duration)
+
+    def cancelled(self, kind: str) -> None:
+        self._cancelled.labels(kind).inc()
 
     def fenced(self) -> None:
         self._fenced.inc()

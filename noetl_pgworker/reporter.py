@@ -53,6 +53,10 @@ class ReporterStats:
     flushes: int = 0
     write_errors: int = 0
     failed_outcomes: int = field(default=0)
+    #: written CANCELLED (``noetl-pgworker cancel``): not in ``written``
+    cancelled: int = 0
+    #: interrupted by the worker's stop and put back to PENDING: not in ``written``
+    given_back: int = 0
 
 
 class Reporter:
@@ -393,16 +397,8 @@ class Reporter:
                     self._entries.pop(key, None)
                     done.append(item.ref)
                     continue
-                if item.status in (CommandStatus.COMPLETED, CommandStatus.FAILED):
-                    self.stats.written += 1
-                    out = entry.outcome
-                    self._metrics.finished(
-                        item.ref.tool_kind or "(none)",
-                        item.status == CommandStatus.COMPLETED,
-                        out.duration if out is not None else 0.0,
-                    )
-                    if item.status == CommandStatus.FAILED:
-                        self.stats.failed_outcomes += 1
+                if item.outcome is not None:  # ended, or given back to the queue
+                    self._count(item)
                     self._entries.pop(key, None)
                     done.append(item.ref)
                 else:
@@ -411,6 +407,23 @@ class Reporter:
         if self._on_done is not None:
             for ref in done:
                 self._on_done(ref)
+
+    def _count(self, item: WriteItem) -> None:
+        out = item.outcome
+        kind = item.ref.tool_kind or "(none)"
+        if item.status == CommandStatus.PENDING:
+            self.stats.given_back += 1
+            return
+        if item.status == CommandStatus.CANCELLED:
+            self.stats.cancelled += 1
+            self._metrics.cancelled(kind)
+            return
+        self.stats.written += 1
+        self._metrics.finished(
+            kind, item.status == CommandStatus.COMPLETED, out.duration if out is not None else 0.0
+        )
+        if item.status == CommandStatus.FAILED:
+            self.stats.failed_outcomes += 1
 
     def _refused(
         self, pair: tuple[_Entry, WriteItem], exc: ItemRefused

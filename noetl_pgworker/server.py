@@ -34,7 +34,7 @@ from .db import write_errors
 from .errors import PgWorkerError, RetryLater, ToolError
 from .externalise import Externaliser, Refused
 from .jsontext import clean_text, dumps
-from .models import Command, CommandRef, Outcome
+from .models import Command, CommandRef, CommandStatus, Outcome
 from .queries import query
 from .sink import Key, WriteItem, shape
 
@@ -476,6 +476,11 @@ class HttpSink:
         return {(int(e), int(c)) for e, c in found}
 
     def write(self, items: list[WriteItem]) -> set[Key]:
+        # A command the worker's stop interrupted is not reported: its claim stays, and is
+        # taken back (by this worker id's next start at once, by others after the lease).
+        # A cancelled one is reported as failed (NoETL's server knows no command.cancelled).
+        given_back = {i.key for i in items if i.status == CommandStatus.PENDING}
+        items = [i for i in items if i.key not in given_back]
         # Outputs too large for an event go to the server's result store first.
         items = [self._externaliser.item(item) for item in items]
         # Shaped before anything is sent: an outcome that cannot be is refused alone.
@@ -509,7 +514,7 @@ class HttpSink:
                         )
                 written.update(item.key for item in chunk)
         self._externaliser.written(written)
-        return written
+        return written | given_back
 
     def _rejected(self, execution_id: int, chunk: list[WriteItem], exc: ServerRejected) -> None:
         logger.error(

@@ -31,6 +31,10 @@ T = TypeVar("T")
 DEFAULT_MAX_RESULT_BYTES = 1024 * 1024
 
 
+#: A failed outcome's error_type that ends the command otherwise than FAILED.
+ENDED_BY = {"cancelled": CommandStatus.CANCELLED, "interrupted": CommandStatus.PENDING}
+
+
 @dataclass(frozen=True, slots=True)
 class WriteItem:
     """What a sink is told about one command: its start, its outcome, or both."""
@@ -51,9 +55,13 @@ class WriteItem:
 
     @property
     def status(self) -> CommandStatus:
+        """RUNNING (a start alone), COMPLETED, FAILED, CANCELLED (``noetl-pgworker cancel``),
+        or PENDING: interrupted by the worker's stop, the command goes back to the queue."""
         if self.outcome is None:
             return CommandStatus.RUNNING
-        return CommandStatus.COMPLETED if self.outcome.ok else CommandStatus.FAILED
+        if self.outcome.ok:
+            return CommandStatus.COMPLETED
+        return ENDED_BY.get(self.outcome.error_type or "", CommandStatus.FAILED)
 
 
 class Sink(Protocol):
@@ -102,7 +110,12 @@ def pg_row(item: WriteItem, worker_id: str, max_result_bytes: int) -> PgRow:
     outcome = item.outcome
     if outcome is None:
         return PgRow(ref, item.status, item.started_at, None, None, evs)
+    if item.status == CommandStatus.PENDING:  # given back: nothing of this run is kept
+        return PgRow(ref, item.status, None, None, None, [])
     result = events.row_result(ref, outcome, worker_id, max_result_bytes)
+    if item.status == CommandStatus.CANCELLED:
+        evs.append(events.cancelled_event(ref, outcome, worker_id, result))
+        return PgRow(ref, item.status, item.started_at, result, clean_text(outcome.error), evs)
     evs += events.finished_events(
         ref,
         outcome,

@@ -33,6 +33,7 @@ from .dispatcher import Dispatcher
 from .errors import ConfigError, PgWorkerError
 from .incarnation import application_name, new_token
 from .inflight import InFlight
+from .interrupt import Interrupts
 from .listener import Listener
 from .metrics import HealthServer, Metrics, NullMetrics
 from .models import Command, CommandRef, Outcome
@@ -88,6 +89,8 @@ class RunSummary:
     released: int
     unwritten: int
     seconds: float
+    #: running commands the stop interrupted, put back to PENDING
+    given_back: int = 0
 
     @property
     def clean(self) -> bool:
@@ -195,6 +198,10 @@ class Worker:
         #: This process's token in its connections' names (``incarnation.py``).
         self.incarnation = new_token()
         self._wake = threading.Event()
+        #: set by a NOTIFY 'cancel': look for cancellation requests now
+        self._cancel_wake = threading.Event()
+        #: running commands' handles (cancel), and the stop that reaches their processes
+        self.interrupts = Interrupts()
         self._ready = threading.Event()
         self._progress = time.monotonic()
         #: False through a transaction-pooling proxy without a session DSN (no LISTEN, polling),
@@ -211,6 +218,7 @@ class Worker:
 
     def stop(self) -> None:
         """Graceful stop: claim nothing more, finish what runs, write everything, exit."""
+        self.interrupts.stop()
         self._stop.set()
         self._wake.set()
 
@@ -397,6 +405,7 @@ class Worker:
             timeout=s.command_timeout,
             credentials=self.credentials,
             prepare=preparer(server, pool),
+            interrupts=self.interrupts,
         )
         parts = Parts(source, reporter, dispatcher, pool=pool, health=health, server=server)
         parts.checker = checker
@@ -435,6 +444,7 @@ class Worker:
             parts.listener = Listener(
                 listen_dsn,
                 self._wake,
+                cancel_wake=self._cancel_wake,
                 application_name=application_name("listener", s.worker_id, self.incarnation),
                 connect_timeout=s.connect_timeout,
                 check_interval=s.listener_check_interval,
@@ -554,9 +564,14 @@ class Worker:
         )
         self._watched = parts.threads()
         self._ready.set()
-        if parts.pool is not None and s.metrics_port is not None:
+        self._start_helpers(parts)
+
+    def _start_helpers(self, parts: Parts) -> None:
+        if parts.pool is not None and self.settings.metrics_port is not None:
             sampler = self._helper(parts, "noetl-pgworker-sampler", self._sample_queue, parts.pool)
             self._watched.append(sampler)
+        if parts.pool is not None:
+            self._helper(parts, "noetl-pgworker-cancels", self._watch_cancels, parts.pool)
         if self.notifier is not None:
             self._helper(parts, "noetl-pgworker-ready", self._announce, parts.source)
             self.notifier.start_watchdog(self.loop_alive, self.status_line)
@@ -594,6 +609,33 @@ class Worker:
                 self._metrics.db_error("sampler")
             if self._stop.wait(15):
                 return
+
+    def _watch_cancels(self, pool: ConnectionPool[Any]) -> None:
+        """Stop the running commands someone cancelled (``noetl-pgworker cancel``): looked up
+        at once on a NOTIFY 'cancel', else every poll interval while commands run."""
+        interval = min(self.settings.poll_interval, 5.0)
+        while not self._stop.is_set() or self.inflight.running():
+            self._cancel_wake.wait(interval)
+            self._cancel_wake.clear()
+            running = self.interrupts.ids()
+            if not running:
+                continue
+            try:
+                with pool.connection(timeout=5) as conn:
+                    rows = conn.execute(
+                        query("cancel_requests"), {"command_ids": [int(i) for i in running]}
+                    ).fetchall()
+            except Exception:  # looked up again at the next interval
+                self._metrics.db_error("cancel")
+                continue
+            for command_id, by in rows:
+                if self.interrupts.cancel(str(command_id), by or "an operator"):
+                    logger.info(
+                        "command %s cancelled by %s: stopping it",
+                        command_id,
+                        by,
+                        extra={"action": "cancel", "command_id": str(command_id)},
+                    )
 
     def _claim_loop(self, parts: Parts) -> None:
         """Reserve a thread and a claim, take the next command, run it; until stopped."""
@@ -648,13 +690,7 @@ class Worker:
         if self.notifier is not None:
             self.notifier.stopping()
         released = self._release_unstarted(parts.source)
-        if not parts.dispatcher.shutdown(s.shutdown_timeout):
-            logger.error(
-                "%d command(s) still running after %.0f s; leaving them for recovery",
-                self.inflight.threads.in_use(),
-                s.shutdown_timeout,
-                extra={"action": "shutdown_timeout"},
-            )
+        self._stop_running(parts.dispatcher)
         self._write_last(parts, deadline)
         if parts.listener is not None:
             parts.listener.stop()
@@ -691,6 +727,22 @@ class Worker:
         if self.traces is not None:
             self.traces.close(timeout=STOP_STEP_TIMEOUT)
 
+    def _stop_running(self, dispatcher: Dispatcher) -> None:
+        """Let running commands finish within --shutdown-timeout; then kill the python and
+        shell processes still running (their commands go back to PENDING). What runs on a
+        thread of its own (http, postgres, inline python) cannot be stopped: it is left to
+        recovery."""
+        if dispatcher.shutdown(self.settings.shutdown_timeout):
+            return
+        self.interrupts.abort()
+        if not dispatcher.shutdown(STOP_STEP_TIMEOUT):
+            logger.error(
+                "%d command(s) still running after %.0f s; leaving them for recovery",
+                self.inflight.threads.in_use(),
+                self.settings.shutdown_timeout,
+                extra={"action": "shutdown_timeout"},
+            )
+
     def _release_unstarted(self, source: CommandSource) -> int:
         try:
             return source.release_unstarted(timeout=STOP_STEP_TIMEOUT)
@@ -709,21 +761,25 @@ class Worker:
             claimed=counts.claimed,
             completed=stats.written - stats.failed_outcomes,
             failed=stats.failed_outcomes,
-            cancelled=counts.cancelled,
+            cancelled=counts.cancelled + stats.cancelled,
             reclaimed=counts.reclaimed,
             poisoned=counts.poisoned,
             fenced=stats.fenced,
             released=released,
             unwritten=parts.reporter.pending(),
             seconds=time.monotonic() - t0,
+            given_back=stats.given_back,
         )
         logger.info(
-            "worker %s stopped: %d claimed, %d completed, %d failed, %d released, %d unwritten",
+            "worker %s stopped: %d claimed, %d completed, %d failed, %d cancelled, %d released,"
+            " %d given back, %d unwritten",
             self.settings.worker_id,
             summary.claimed,
             summary.completed,
             summary.failed,
+            summary.cancelled,
             summary.released,
+            summary.given_back,
             summary.unwritten,
             extra={"action": "stopped"},
         )

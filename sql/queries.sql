@@ -301,9 +301,13 @@ last_event AS (
     GROUP BY ev.execution_id, ev.command_id
 ),
 upd AS (
+    -- PENDING: a command the worker's stop interrupted goes back to the queue, unclaimed.
     UPDATE noetl.command AS c
     SET status = i.status,
-        started_at = COALESCE(c.started_at, i.started_at),
+        worker_id = CASE WHEN i.status = 'PENDING' THEN NULL ELSE c.worker_id END,
+        claimed_at = CASE WHEN i.status = 'PENDING' THEN NULL ELSE c.claimed_at END,
+        started_at = CASE WHEN i.status = 'PENDING' THEN NULL
+                          ELSE COALESCE(c.started_at, i.started_at) END,
         completed_at = CASE WHEN i.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
                             THEN now() ELSE c.completed_at END,
         result = COALESCE(i.result, c.result),
@@ -333,7 +337,12 @@ ins AS (
     JOIN upd ON upd.execution_id = ev.execution_id AND upd.command_id = ev.command_id
     RETURNING 1
 )
-SELECT upd.execution_id, upd.command_id, (SELECT count(*) FROM ins) AS events_written
+SELECT upd.execution_id, upd.command_id, (SELECT count(*) FROM ins) AS events_written,
+       -- the doorbell, once, when a command went back to the queue
+       (SELECT count(*) FROM (SELECT pg_notify('noetl_pgworker_command', '')
+                                FROM item AS i
+                               WHERE i.status = 'PENDING'
+                               LIMIT 1) AS n) AS notified
 FROM upd;
 
 -- name: release_commands
@@ -853,7 +862,7 @@ ORDER BY p.tool_kind;
 
 -- name: cancel_requests
 -- Which of the commands this worker holds are to be cancelled.
-SELECT r.command_id
+SELECT r.command_id, r.requested_by
 FROM noetl.pgworker_cancel AS r
 WHERE r.command_id = ANY(%(command_ids)s::bigint[]);
 

@@ -154,9 +154,8 @@ def _child(  # noqa: PLR0913, PLR0915 — see above
     code = 127
     try:
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM):
-            # _signal's, not signal's: its enum conversions touch dozens of pages to copy
-            _signal.signal(sig, _signal.SIG_DFL)
+        # SIGTERM keeps the server's no-op handler (a stop is the worker's); exec() resets it.
+        _signal.signal(signal.SIGCHLD, _signal.SIG_DFL)
         os.setsid()
         workdir = req["workdir"]
         stdin = os.open(req.get("stdin_path") or os.devnull, os.O_RDONLY)
@@ -172,6 +171,8 @@ def _child(  # noqa: PLR0913, PLR0915 — see above
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
+        if DROP_CAPS is not None:  # (not root: setuid kept the worker's capabilities)
+            DROP_CAPS()
         os.chdir(req.get("cwd") or workdir)
         # Nothing of the command runs before the worker knows its pid (so that a command
         # that kills the fork server is never mistaken for one that did not start).
@@ -512,9 +513,11 @@ class Server:
             self.start(conn)
 
     def run(self, listener: socket.socket, wake_r: int) -> None:
-        stopping: list[int] = []
-        signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-        while not stopping:
+        # A SIGTERM is not the server's business: one sent to every process of the service (a
+        # service manager's stop) is meant for the worker, which ends the running commands it
+        # must end itself and then closes our stdin. Only that EOF stops the server.
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        while True:
             conns = {conn.fileno(): pid for pid, conn in self.commands.items()}
             pipes = {fd: pid for pid, fd in self.starting.items()}
             try:
@@ -535,6 +538,50 @@ class Server:
         for pid in list(self.commands):
             self.finish(pid, killed=True)
         self.kill_session(-1, limit=5)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+#: Set by :func:`serve` when the server holds capabilities without being root (a worker given
+#: CAP_SETUID/CAP_SETGID/CAP_KILL as ambient capabilities): every command's process calls it,
+#: after switching to the run-as user, to give up every capability before it runs anything.
+DROP_CAPS: Any = None
+
+
+def _held_capabilities() -> bool:
+    sets = (b"CapPrm:", b"CapEff:", b"CapAmb:")
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            return any(int(x.split()[1], 16) for x in fh if x.startswith(sets))
+    except (OSError, ValueError):
+        return True  # unknown: drop them (a failure to drop is then the command's error)
+
+
+def capability_dropper() -> Any:
+    """A function that clears every capability set of the calling process (raises if it
+    cannot), or None when there is nothing to drop (root loses them at setuid by itself)."""
+    if os.geteuid() == 0 or not _held_capabilities():
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    empty = (_CapData * 2)()
+
+    def drop() -> None:
+        if libc.capset(ctypes.byref(header), empty) != 0:
+            raise OSError(ctypes.get_errno(), "cannot drop the worker's capabilities")
+
+    return drop
 
 
 def _ppids() -> list[tuple[int, int]]:
@@ -574,8 +621,10 @@ def warm_up(runner: Any) -> None:
 
 
 def serve(config: dict[str, Any]) -> int:
+    global DROP_CAPS
     prctl(PR_SET_DUMPABLE, 0)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+    DROP_CAPS = capability_dropper()
     ceilings = dict(config.get("limits") or {})
     ceilings.pop("cpu_seconds", None)  # per process: set in each command's process
     set_limits(ceilings)

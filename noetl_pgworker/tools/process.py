@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .. import interrupt
 from ..errors import ConfigError, ToolError
 from . import forkserver
 
@@ -132,6 +133,20 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+#: CAP_KILL, CAP_SETGID, CAP_SETUID: what a worker that is not root needs for --run-as.
+RUN_AS_CAPABILITIES = (5, 6, 7)
+
+
+def holds_capabilities(caps: Sequence[int]) -> bool:
+    """Does this process hold every capability of ``caps`` (numbers) in its effective set?"""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            held = next(int(x.split()[1], 16) for x in fh if x.startswith(b"CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return all(held >> cap & 1 for cap in caps)
+
+
 def resolve_user(user: str) -> tuple[int, int, str]:
     """(uid, gid, home) of ``user`` (a name or a numeric id)."""
     try:
@@ -172,11 +187,12 @@ class Sandbox:
         self.start_timeout = start_timeout
         self.user: tuple[int, int, str] | None = None
         if run_as:
-            if os.geteuid() != 0:
+            if os.geteuid() != 0 and not holds_capabilities(RUN_AS_CAPABILITIES):
                 raise ConfigError(
-                    f"--run-as {run_as}: the worker must run as root to start commands as"
-                    " another user (it runs as uid"
-                    f" {os.geteuid()}); drop --run-as or start the worker as root"
+                    f"--run-as {run_as}: to start commands as another user the worker must run"
+                    " as root, or hold CAP_SETUID, CAP_SETGID and CAP_KILL (as the systemd unit"
+                    f" gives them; it runs as uid {os.geteuid()} without them); drop --run-as"
+                    " or start the worker so"
                 )
             self.user = resolve_user(run_as)
         self._lock = threading.Lock()
@@ -301,9 +317,7 @@ class Sandbox:
         name), so one rmdir(2)."""
         path = tempfile.mkdtemp(prefix=prefix)
         try:
-            if self.user is not None:
-                os.chown(path, os.geteuid(), self.user[1])
-                os.chmod(path, 0o770)
+            self._share(path)
             yield path
         finally:
             try:
@@ -315,15 +329,31 @@ class Sandbox:
         """The working directory of commands that get none of their own (process-mode python):
         one per sandbox, made once and removed with it — a command can write relative files,
         never in ``/``. Shared by those commands (a directory per command cost more than the
-        rest of the command on a disk shared with PostgreSQL); owned by ``run_as`` when set."""
+        rest of the command on a disk shared with PostgreSQL); shared with ``run_as``'s group
+        when set."""
         with self._lock:
             if self._scratch is None:
                 path = tempfile.mkdtemp(prefix="noetl-pgworker-scratch-")
-                if self.user is not None:
-                    os.chown(path, self.user[0], self.user[1])
+                self._share(path)
                 self._scratch = path
                 weakref.finalize(self, shutil.rmtree, path, True)
             return self._scratch
+
+    def _share(self, path: str) -> None:
+        """Give the ``run_as`` user's group the directory ``path`` (the worker keeps it: it
+        needs no CAP_DAC_OVERRIDE to read and remove it, and no CAP_CHOWN when it is a member
+        of that group)."""
+        if self.user is None:
+            return
+        try:
+            os.chown(path, os.geteuid(), self.user[1])
+        except PermissionError:
+            raise SandboxError(
+                f"cannot share a command's directory with group {self.user[1]} of the run-as"
+                " user: the worker must be a member of that group (systemd:"
+                " SupplementaryGroups=) or hold CAP_CHOWN"
+            ) from None
+        os.chmod(path, 0o770)
 
     @staticmethod
     def result_file() -> int:
@@ -399,6 +429,11 @@ class Sandbox:
             signalled = os.WIFSIGNALED(status)
             returncode = -os.WTERMSIG(status) if signalled else os.WEXITSTATUS(status)
             sizes = [os.fstat(fd).st_size for fd in outputs]
+            if interrupt.stopped_from_outside(returncode, interrupt.current()):
+                raise interrupt.Interrupted(
+                    f"{tool}: the worker was stopped; the command's process got"
+                    f" {signal_name(returncode)}"
+                )
             return Finished(
                 returncode=returncode,
                 stdout=bounded_fd(outputs[0], output_limit, sizes[0]),
@@ -464,15 +499,15 @@ class Sandbox:
         )
 
     def _wait(self, sock: socket.socket, pid: int, deadline: _Deadline, tool: str) -> int:
-        ready, _, _ = select.select([sock], [], [], deadline.left())
-        if not ready:
+        stop = _await_reply(sock, deadline, interrupt.current())
+        if stop is not None:  # out of time, cancelled, or the worker's stop ran out of time
             try:
                 forkserver.send_frame(sock, {"kill": True})
                 sock.settimeout(15)
                 forkserver.recv_frame(sock)  # everything it started is dead now
             except (OSError, ValueError):
                 _kill_group(pid)
-            raise TimedOut
+            raise stop
         try:
             reply = forkserver.recv_frame(sock)
         except (OSError, ValueError):
@@ -486,6 +521,25 @@ class Sandbox:
                 " process group was killed)"
             )
         return int(reply["status"])
+
+
+def _await_reply(
+    sock: socket.socket, deadline: _Deadline, handle: interrupt.Running | None
+) -> Exception | None:
+    """Wait for the fork server's answer: None once it is there, else why to stop waiting
+    (:class:`TimedOut`, or the command's handle's reason, looked at every
+    :data:`interrupt.WATCH_INTERVAL`)."""
+    while True:
+        left = max(0.0, deadline.left())
+        step = left if handle is None else min(left, interrupt.WATCH_INTERVAL)
+        ready, _, _ = select.select([sock], [], [], step)
+        if ready:
+            return None
+        why = handle.reason() if handle is not None else None
+        if why is not None:
+            return why
+        if deadline.left() <= 0:
+            return TimedOut()
 
 
 class _Deadline:

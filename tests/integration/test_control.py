@@ -129,3 +129,43 @@ def test_pause_and_resume_a_kind_for_every_worker(
     assert "not paused" in control.resume(conn, "noop").message
     first.stop()
     second.stop()
+
+
+SLEEPY = {"code": "import time\ndef main():\n    time.sleep(60)\n    return 1\n"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "config"),
+    [("python", SLEEPY), ("shell", {"command": "sleep 60"})],
+    ids=["python", "shell"],
+)
+def test_cancel_a_running_command_stops_its_process(
+    start_worker: Any, conn: psycopg.Connection[Any], kind: str, config: dict[str, Any]
+) -> None:
+    e = enqueue(conn, tool_kind=kind, tool_config=config)
+    cid = e.command_ids[0]
+    # a long poll: the worker learns of the cancel by the NOTIFY
+    running: RunningWorker = start_worker(poll_interval=60, python_mode="process")
+    wait_until(lambda: status_of(conn, cid) == "RUNNING", timeout=30)
+    result = control.cancel(conn, cid, wait=20, by="tester")
+    assert result.ok, result
+    assert result.data["was"] == "RUNNING" and result.data["status"] == "CANCELLED"
+    assert result.data["seconds"] < 20  # the 60 s process was stopped, not waited for
+    summary = running.stop()
+    assert summary.cancelled == 1 and summary.failed == 0
+    types = events_of(conn, cid)
+    assert types[-1] == "command.cancelled" and "command.failed" not in types, types
+    error = scalar(conn, "SELECT error FROM noetl.command WHERE command_id = %s", (cid,))
+    assert error == "cancelled by tester"
+
+
+def test_cancel_an_execution(start_worker: Any, conn: psycopg.Connection[Any]) -> None:
+    e = enqueue(conn, tool_kind="python", tool_config=SLEEPY, count=3)
+    eid = e.execution_ids[0]
+    running: RunningWorker = start_worker(concurrency=1, poll_interval=60, python_mode="process")
+    wait_until(lambda: count_status(conn, "RUNNING") == 1, timeout=30)
+    result = control.cancel_execution(conn, eid, wait=20, by="tester")
+    assert result.ok, result
+    assert "3 of 3 command(s) cancelled" in result.message
+    running.stop()
+    assert count_status(conn, "CANCELLED") == 3
