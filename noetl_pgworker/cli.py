@@ -98,8 +98,9 @@ _START_OPTIONS = (
         envvar=_env("WORKER_ID"),
         show_envvar=True,
         default=None,
-        help="Name of this worker in noetl.runtime and noetl.command.worker_id."
-        "  [default: <host>-<pid>]",
+        help="Name of this worker in noetl.runtime and noetl.command.worker_id; the same at"
+        " every restart, one process per name.  [default: the host name, or"
+        " <host>-$NOETL_PGWORKER_INSTANCE]",
     ),
     click.option(
         "--concurrency",

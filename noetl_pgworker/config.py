@@ -18,8 +18,13 @@ NOTIFY_CHANNEL = "noetl_pgworker_command"
 
 
 def default_worker_id() -> str:
-    """``<host>-<pid>``: unique per process on a machine, readable in ``noetl.runtime``."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """The host name, or ``<host>-<instance>`` with ``NOETL_PGWORKER_INSTANCE`` (the template
+    unit ``noetl-pgworker@<instance>.service`` sets it): the same at every restart, so that
+    what a stop spooled is written by the next start, and ``noetl.runtime`` keeps one row per
+    worker. Several processes on one machine need an instance (or a --worker-id) each."""
+    host = socket.gethostname() or "noetl-pgworker"
+    instance = os.environ.get(f"{ENV_PREFIX}INSTANCE", "").strip()
+    return f"{host}-{instance}" if instance else host
 
 
 class Settings(BaseModel):

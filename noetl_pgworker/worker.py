@@ -59,6 +59,10 @@ logger = logging.getLogger(__name__)
 
 #: At shutdown, outcomes get at least this long to be written, whatever --shutdown-timeout.
 STOP_WRITE_MIN = 5.0
+#: A noetl-pgworker worker's runtime row with no heartbeat for this long (seconds) is removed
+#: by the next worker that starts (the worker renamed or retired; the database allows no less
+#: than an hour).
+RUNTIME_PRUNE_AFTER = 24 * 3600.0
 #: Each other step of a shutdown (release claims, go offline, …) waits at most this long.
 STOP_STEP_TIMEOUT = 2.0
 
@@ -526,6 +530,27 @@ class Worker:
         if parts.heartbeat is not None:
             with wrap_errors(self.settings.dsn, "registering the worker"):
                 parts.heartbeat.beat()
+        if parts.pool is not None:
+            self._prune_runtime(parts.pool)
+
+    def _prune_runtime(self, pool: ConnectionPool[Any]) -> None:
+        """Remove the runtime rows of noetl-pgworker workers gone for good (no heartbeat for
+        RUNTIME_PRUNE_AFTER); a failure is only logged (the rows are only clutter)."""
+        try:
+            with pool.connection(timeout=5) as conn:
+                row = conn.execute(
+                    query("prune_runtime"), {"older_than": RUNTIME_PRUNE_AFTER}
+                ).fetchone()
+        except Exception as exc:
+            logger.debug("runtime rows not pruned: %s", redact_text(str(exc), self.settings.dsn))
+            return
+        if row and row[0]:
+            logger.info(
+                "removed %d runtime row(s) of workers gone for %.0f h or more",
+                row[0],
+                RUNTIME_PRUNE_AFTER / 3600,
+                extra={"action": "runtime_pruned"},
+            )
 
     def _start(self, parts: Parts) -> None:
         """Start every part's threads, then watch them."""

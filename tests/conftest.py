@@ -118,6 +118,8 @@ def start_worker(dsn: str) -> Iterator[Callable[..., RunningWorker]]:
 
     def start(**overrides: Any) -> RunningWorker:
         values: dict[str, Any] = {"dsn": dsn, "poll_interval": 0.5, "heartbeat_interval": 1.0}
+        # The default worker id is the host name: each worker started here gets its own.
+        values["worker_id"] = f"test-{len(started)}"
         values.update(overrides)
         traces = values.pop("traces", None)  # a Worker argument, not a setting
         running = RunningWorker(Worker(Settings(**values), traces=traces))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -307,3 +308,33 @@ def test_make_demos_job_accounts_for_every_command(pg_server: Any) -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "all commands accounted for" in r.stdout + r.stderr
     assert "2225/2225 commands terminal" in r.stdout
+
+
+def test_restarts_keep_one_identity_and_prune_workers_gone_for_good(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    """Without --worker-id a worker is the host: three starts leave one runtime row. A worker
+    gone for more than a day is removed at the next start; NoETL's own rows are not."""
+    conn.execute(
+        "INSERT INTO noetl.runtime (runtime_id, name, kind, status, labels, heartbeat,"
+        " created_at, updated_at) VALUES"
+        " (noetl.snowflake_id(), 'retired', 'worker_pool', 'offline',"
+        "  '{\"worker\": \"noetl-pgworker\"}', now() - interval '2 days', now(), now()),"
+        " (noetl.snowflake_id(), 'recent', 'worker_pool', 'offline',"
+        "  '{\"worker\": \"noetl-pgworker\"}', now() - interval '2 hours', now(), now()),"
+        " (noetl.snowflake_id(), 'noetl-rust', 'worker_pool', 'offline',"
+        "  '{}', now() - interval '9 days', now(), now())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NOETL_PGWORKER_INSTANCE"}
+    for _ in range(3):
+        r = subprocess.run(
+            [sys.executable, "-m", "noetl_pgworker", "start", "--dsn", dsn, "--drain"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert r.returncode == 0, r.stderr
+    names = [row[0] for row in conn.execute("SELECT name FROM noetl.runtime ORDER BY name")]
+    assert names == sorted(["noetl-rust", "recent", socket.gethostname()]), names

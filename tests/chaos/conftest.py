@@ -93,7 +93,8 @@ def spawn(
     started: list[WorkerProcess], dsn: str, tmp_path: Path, worker_id: str | None, *extra: str
 ) -> WorkerProcess:
     log = tmp_path / f"worker-{worker_id or len(started)}-{time.monotonic_ns()}.log"
-    w = WorkerProcess(dsn, worker_id, log, *extra)
+    # The default worker id is the host name: each process started here gets its own.
+    w = WorkerProcess(dsn, worker_id or f"chaos-{len(started)}", log, *extra)
     started.append(w)
     return w
 

@@ -148,3 +148,15 @@ def test_gather_and_start_write_delay_reach_the_settings(monkeypatch: pytest.Mon
     assert (seen[1].write_gather, seen[1].claim_gather, seen[1].start_write_delay) == (0, 0, 0)
     bad = CliRunner().invoke(main, [*args, "--gather", "2"])
     assert bad.exit_code == 2 and "--gather" in bad.output
+
+
+def test_the_default_worker_id_is_the_host_and_the_instance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    monkeypatch.delenv("NOETL_PGWORKER_INSTANCE", raising=False)
+    assert Settings().worker_id == socket.gethostname()  # the same at every start
+    monkeypatch.setenv("NOETL_PGWORKER_INSTANCE", "2")
+    assert Settings().worker_id == f"{socket.gethostname()}-2"
+    assert Settings(worker_id="given").worker_id == "given"
