@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from . import enqueue as enqueue_mod
 from . import logs, schema
 from . import status as status_mod
+from .cli_control import register as register_control
 from .config import Settings
 from .db import connect, wrap_errors
 from .errors import ConfigError, PgWorkerError
@@ -783,3 +784,7 @@ def tools_cmd() -> None:
     """List the tool kinds this worker can run."""
     for kind in default_registry().kinds():
         click.echo(kind)
+
+
+# Job control: show, retry, cancel, pause, resume (cli_control.py).
+register_control(main, dsn_option, log_options, handle_errors)

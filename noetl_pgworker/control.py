@@ -163,10 +163,16 @@ def _wait_terminal(
 
 
 def cancel(
-    conn: psycopg.Connection[Any], command_id: int, *, wait: float = 10.0, by: str = ""
+    conn: psycopg.Connection[Any],
+    command_id: int,
+    *,
+    wait: float = 10.0,
+    by: str = "",
+    stopped_is_done: bool = False,
 ) -> Result:
     """PENDING -> CANCELLED; CLAIMED/RUNNING -> the worker that holds it stops it and writes
-    CANCELLED (waited for up to ``wait`` seconds)."""
+    CANCELLED (waited for up to ``wait`` seconds). ``stopped_is_done``: any end counts (in
+    server mode NoETL's server writes the row: the stopped command's report is a failure)."""
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(query("control_cancel"), {"command_id": command_id, "by": by or operator()})
         row = cur.fetchone()
@@ -179,9 +185,11 @@ def cancel(
         return Result(False, f"{command_id} is already {status}: nothing to cancel")
     final, seconds = _wait_terminal(conn, command_id, wait)
     data = {"was": status, "worker_id": worker, "status": final, "seconds": round(seconds, 3)}
-    if final == "CANCELLED":
+    if final == "CANCELLED" or (stopped_is_done and final in TERMINAL):
         return Result(
-            True, f"cancelled {command_id} (was {status} on {worker}, {seconds:.1f} s)", data
+            True,
+            f"cancelled {command_id} (was {status} on {worker}, {final} after {seconds:.1f} s)",
+            data,
         )
     if final in TERMINAL:
         return Result(False, f"{command_id} ended {final} before it could be cancelled", data)
@@ -210,7 +218,7 @@ def cancel_execution(
     ids = [
         r[0] for r in conn.execute(query("control_live_commands"), {"execution_id": execution_id})
     ]
-    results = [cancel(conn, cid, wait=wait, by=by) for cid in ids]
+    results = [cancel(conn, cid, wait=wait, by=by, stopped_is_done=bool(server_url)) for cid in ids]
     done = sum(r.ok for r in results)
     message = f"{server_note}execution {execution_id}: {done} of {len(ids)} command(s) cancelled"
     failures = [r.message for r in results if not r.ok]

@@ -79,6 +79,7 @@ class FakeNoetl:
         self.keys: set[str] = set()
         self.refs: dict[str, Any] = {}
         self.executions: list[dict[str, Any]] = []  # bodies of POST /api/execute
+        self.cancelled: list[tuple[int, Any]] = []  # POST /api/executions/{id}/cancel
         self.down = False
         self.drop_after_apply = 0  # apply, then drop the connection (a lost answer) this often
         self.no_batch = False
@@ -221,6 +222,14 @@ class FakeNoetl:
             self._reply(
                 h, 200, {"execution_id": str(7000 + len(self.executions)), "status": "started"}
             )
+        elif url.path.startswith("/api/executions/") and url.path.endswith("/cancel"):
+            # 4.26 and 2.103.4 (tests/e2e/test_runtime.py): {"reason"} → 200
+            # {"status": "cancelled", ...}, and an execution.cancelled event.
+            execution_id = int(url.path.split("/")[3])
+            self.cancelled.append((execution_id, body))
+            with self.lock:
+                self._audit(execution_id, "execution.cancelled")
+            self._reply(h, 200, {"status": "cancelled", "execution_id": str(execution_id)})
         elif url.path == "/api/events":
             extra = set(body) - SINGLE_KEYS
             if extra or not isinstance(body.get("execution_id"), str) or "name" not in body:

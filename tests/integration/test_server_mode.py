@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -385,3 +386,29 @@ def test_a_playbook_step_starts_its_sub_playbook_through_the_server(
     assert fake.executions[0]["payload"]["base"] == 20
     done = next(e for e in fake.received if e["name"] == "call.done")
     assert done["payload"]["response"]["execution_id"] == "7001"
+
+
+def test_cancel_an_execution_through_the_server_stops_its_running_command(
+    start_worker: Callable[..., RunningWorker], conn: psycopg.Connection[Any], fake: FakeNoetl
+) -> None:
+    from noetl_pgworker import control
+
+    execution_id = int(scalar(conn, "SELECT noetl.snowflake_id()"))
+    sleepy = {"code": "import time\ndef main():\n    time.sleep(60)\n    return 1\n"}
+    cid = fake.issue(execution_id, "nap", "python", sleepy, {}, catalog_id=ensure_catalog(conn))
+    running = start_worker(server_url=fake.url, poll_interval=60, python_mode="process")
+    wait_until(
+        lambda: (
+            scalar(conn, "SELECT status FROM noetl.command WHERE command_id = %s", (cid,))
+            == "RUNNING"
+        ),
+        timeout=30,
+    )
+    result = control.cancel_execution(conn, execution_id, wait=20, by="tester", server_url=fake.url)
+    assert result.ok, result
+    assert result.message.startswith(f"NoETL server: execution {execution_id} cancelled")
+    assert fake.cancelled == [(execution_id, {"reason": "cancelled by tester"})]
+    assert result.data["commands"][0]["seconds"] < 20  # stopped, not waited for
+    running.stop()
+    failed = [e for e in fake.received if e["name"] == "command.failed"]
+    assert len(failed) == 1 and "cancelled by tester" in json.dumps(failed[0]), failed
