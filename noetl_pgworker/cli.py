@@ -732,6 +732,14 @@ _STATUS_OPTIONS = (
         help="Count finished commands (history) exactly: reads every row of noetl.command."
         "  [default: live commands exact, history estimated from statistics]",
     ),
+    click.option(
+        "--failed-hours",
+        type=click.FloatRange(0.01, 24 * 366),
+        default=24.0,
+        show_default=True,
+        help="FAILED and CANCELLED commands that ended in the last N hours are counted"
+        " exactly (from their own index, whatever the history's size).",
+    ),
 )
 
 
@@ -741,14 +749,24 @@ _STATUS_OPTIONS = (
 @log_options
 @handle_errors
 def status_cmd(
-    dsn: str, as_json: bool, watch: float | None, lease: float, exact: bool, **_: Any
+    dsn: str,
+    as_json: bool,
+    watch: float | None,
+    lease: float,
+    exact: bool,
+    failed_hours: float,
+    **_: Any,
 ) -> None:
     """Commands by status and tool kind, oldest pending age, commands stuck past the lease,
-    workers with their in-flight counts and heartbeat ages. Live commands are counted exactly;
+    failures of the last hours, paused kinds, workers with their in-flight counts and
+    heartbeat ages. Live commands and recent failures are counted exactly; the rest of
     history is estimated (marked ~) unless --exact."""
+    read = functools.partial(
+        status_mod.read_status, lease=lease, exact=exact, recent_hours=failed_hours
+    )
     if watch is None:
         with wrap_errors(dsn, "reading status"), connect(dsn) as conn:
-            st = status_mod.read_status(conn, lease, exact=exact)
+            st = read(conn)
         if as_json:
             click.echo(json.dumps(st.as_dict(), indent=2, sort_keys=True))
         else:
@@ -764,7 +782,7 @@ def status_cmd(
     try:
         with wrap_errors(dsn, "reading status"), connect(dsn, autocommit=True) as conn:
             while not stop.is_set():
-                st = status_mod.read_status(conn, lease, exact=exact)
+                st = read(conn)
                 per_worker = rates.update(time.monotonic(), st)
                 if as_json:
                     click.echo(

@@ -161,6 +161,14 @@ def connect(
         ) from exc
 
 
+#: What a database without NoETL's tables or the worker's objects answers.
+NO_SCHEMA_ERRORS = (
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.InvalidSchemaName,
+    psycopg.errors.UndefinedFunction,
+)
+
+
 @contextlib.contextmanager
 def wrap_errors(dsn: str, doing: str) -> Iterator[None]:
     """Turn driver errors into :class:`PgWorkerError` with one readable line."""
@@ -168,6 +176,12 @@ def wrap_errors(dsn: str, doing: str) -> Iterator[None]:
         yield
     except PgWorkerError:
         raise
+    except NO_SCHEMA_ERRORS as exc:
+        raise PgWorkerError(
+            f"{doing}: {redact_text(first_line(exc), dsn)} in the database {redact_dsn(dsn)};"
+            " run `noetl-pgworker schema apply` there (with --with-noetl-tables if it has no"
+            " NoETL tables)"
+        ) from exc
     except TRANSIENT_ERRORS as exc:
         raise DatabaseUnavailable(
             f"{doing}: database unavailable ({redact_dsn(dsn)}):"

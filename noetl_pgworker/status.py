@@ -38,6 +38,12 @@ class QueueStatus:
     #: terminal status -> commands, estimated from statistics (empty when ``exact``)
     estimated: dict[str, int] = field(default_factory=dict)
     exact: bool = False
+    #: FAILED and CANCELLED commands that ended in the last ``recent_hours``, exactly:
+    #: status -> tool kind -> commands
+    recent_failures: dict[str, dict[str, int]] = field(default_factory=dict)
+    recent_hours: float = 24.0
+    #: tool kinds no worker claims (``noetl-pgworker pause``)
+    paused: list[str] = field(default_factory=list)
 
     def total(self, status: str) -> int:
         if status in self.counts:
@@ -54,6 +60,8 @@ class QueueStatus:
             "stuck_past_lease": self.stuck,
             "lease_seconds": self.lease_seconds,
             "workers": [_worker(w) for w in self.workers],
+            "recent_failures": {"hours": self.recent_hours, "counts": self.recent_failures},
+            "paused_tool_kinds": self.paused,
         }
 
 
@@ -70,8 +78,25 @@ def _worker(w: WorkerInfo) -> dict[str, Any]:
     }
 
 
+def _recent_failures(
+    cur: psycopg.Cursor[Any], hours: float
+) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """FAILED/CANCELLED commands of the last ``hours`` (exact, from their own index) and the
+    paused tool kinds."""
+    recent: dict[str, dict[str, int]] = {}
+    cur.execute(query("status_recent_failures"), {"seconds": hours * 3600})
+    for status, kind, n in cur.fetchall():
+        recent.setdefault(str(status), {})[str(kind)] = int(n)
+    cur.execute(query("control_paused_kinds"))
+    return recent, [str(r[0]) for r in cur.fetchall()]
+
+
 def read_status(
-    conn: psycopg.Connection[Any], lease: float = 120.0, *, exact: bool = False
+    conn: psycopg.Connection[Any],
+    lease: float = 120.0,
+    *,
+    exact: bool = False,
+    recent_hours: float = 24.0,
 ) -> QueueStatus:
     """The queue's state. Costs the same however much history the tables hold, unless
     ``exact``: then every command is counted, history included (a scan of the whole table)."""
@@ -97,6 +122,7 @@ def read_status(
             )
             for name, st, cap, age, fl, done, fail, bf in cur.fetchall()
         ]
+        recent, paused = _recent_failures(cur, recent_hours)
     return QueueStatus(
         counts,
         oldest,
@@ -105,6 +131,9 @@ def read_status(
         lease,
         estimated,
         exact,
+        recent,
+        recent_hours,
+        paused,
     )
 
 
@@ -119,16 +148,23 @@ def format_status(st: QueueStatus, rates: dict[str, float] | None = None) -> str
                 f"{status:<11} {'(all, estimate)':<16} {'~' + str(st.estimated[status]):>8}"
             )
     if len(lines) == 1:
-        lines.append("(no commands)")
+        lines.append(
+            "(no commands)"
+            if st.exact
+            else "(no live commands; finished ones are estimated once PostgreSQL has analyzed"
+            " the table: --exact counts them)"
+        )
     if st.estimated:
         lines.append(
             "~ history estimated from the planner's statistics (pg_class, pg_stats);"
             " --exact counts every row"
         )
+    lines += _format_recent(st)
     oldest = "-" if st.oldest_pending_seconds is None else f"{st.oldest_pending_seconds:.1f}s"
     lines += [
         "",
-        f"oldest pending: {oldest}    stuck past the {st.lease_seconds:g} s lease: {st.stuck}",
+        f"oldest pending: {oldest}    stuck past the {st.lease_seconds:g} s lease: {st.stuck}"
+        + (f"    paused: {', '.join(st.paused)}" if st.paused else ""),
         "",
         "WORKER                          STATUS   CAPACITY IN_FLIGHT  COMPLETED   FAILED"
         "  HEARTBEAT_AGE" + ("  CMDS/S(1m)" if rates is not None else ""),
@@ -151,6 +187,17 @@ def format_status(st: QueueStatus, rates: dict[str, float] | None = None) -> str
                 " server and then failed there (see the worker's log)"
             )
     return "\n".join(lines)
+
+
+def _format_recent(st: QueueStatus) -> list[str]:
+    hours = f"{st.recent_hours:g} h"
+    if not st.recent_failures:
+        return ["", f"failed or cancelled in the last {hours}: none"]
+    lines = ["", f"failed or cancelled in the last {hours} (exact):"]
+    for status, kinds in sorted(st.recent_failures.items()):
+        for kind, n in sorted(kinds.items()):
+            lines.append(f"{status:<11} {kind:<16} {n:>8}")
+    return lines
 
 
 class RateTracker:

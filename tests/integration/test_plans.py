@@ -314,7 +314,7 @@ def test_status_reads_only_live_rows_and_estimates_history(
     rec = _Recorder(hconn)
     for _ in range(watch_rounds):  # `status --watch` repeats the same reading
         st = status.read_status(rec, 120)  # type: ignore[arg-type]
-    assert len(rec.ran) == 5 * watch_rounds
+    assert len(rec.ran) == 7 * watch_rounds
     for statement, params in rec.ran:
         _plan, scans = history_scans(hconn, statement, params)
         seq = [n["Relation Name"] for n in scans if n["Node Type"] == "Seq Scan"]
@@ -376,3 +376,35 @@ def test_the_worker_sessions_keep_one_generic_plan_that_prunes_as_it_runs(
     ]
     assert scans and not [n for n in scans if n["Node Type"] == "Seq Scan"], json.dumps(plan)
     assert sum(rows_read(n) for n in scans) <= 200, json.dumps(plan)[:3000]
+
+
+def test_status_counts_recent_failures_exactly_from_their_index(
+    history: History, hconn: psycopg.Connection[Any]
+) -> None:
+    """FAILED and CANCELLED commands of the last hours: exact, and read from
+    pgworker_command_failed_idx alone however many the history holds (80,000 here, a month
+    old)."""
+    with hconn.transaction(force_rollback=True):
+        hconn.execute(
+            "INSERT INTO noetl.command (command_id, event_id, execution_id, catalog_id,"
+            " step_name, tool_kind, status, context, meta, completed_at)"
+            " SELECT 3000000000 + g, 3000000000 + g, 3000 + g, catalog_id, 'step',"
+            " (ARRAY['python','http'])[g % 2 + 1],"
+            " (ARRAY['FAILED','FAILED','CANCELLED'])[g % 3 + 1], '{}', '{}',"
+            " now() - g * interval '1 minute'"
+            " FROM generate_series(0, 59) AS g,"
+            " (SELECT catalog_id FROM noetl.command LIMIT 1) AS c"
+        )
+        params = {"seconds": 3600.0}
+        plan, scans = history_scans(hconn, query("status_recent_failures"), params)
+        assert scans and all(n["Node Type"] != "Seq Scan" for n in scans), plan
+        # the partial index on completed_at: a range of it, nothing of the month-old failures
+        assert all("completed_at" in n.get("Index Cond", "") for n in scans), plan
+        assert sum(rows_read(n) for n in scans) <= 60, plan
+        st = status.read_status(hconn, 120, recent_hours=1.0)
+    # g = 0..59 minutes ago, the last hour: 40 FAILED and 20 CANCELLED, python and http alike
+    assert st.recent_failures == {
+        "CANCELLED": {"http": 10, "python": 10},
+        "FAILED": {"http": 20, "python": 20},
+    }
+    assert "failed or cancelled in the last 1 h (exact):" in status.format_status(st)
