@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Any
 
 from . import threads
 
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -32,7 +34,12 @@ class NullMetrics:
     """Metrics off."""
 
     def claimed(
-        self, kinds: list[str], *, reclaimed: int = 0, wake_latency: float | None = None
+        self,
+        kinds: list[str],
+        *,
+        reclaimed: int = 0,
+        wake_latency: float | None = None,
+        waits: list[float] | None = None,
     ) -> None:
         pass
 
@@ -48,7 +55,7 @@ class NullMetrics:
     def db_error(self, component: str) -> None:
         pass
 
-    def queue_depth(self, depth: dict[tuple[str, str], int], stuck: int = 0) -> None:
+    def queue_depth(self, depth: dict[tuple[str, str], int] | None, stuck: int = 0) -> None:
         pass
 
     def server_batch_failed(self) -> None:
@@ -70,6 +77,14 @@ class Metrics(NullMetrics):
         from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry(auto_describe=True)
+        self._add_process_and_build()
+        self.registry.register(
+            _CounterOf(
+                "noetl_pgworker_listener_reconnects",
+                "LISTEN connections replaced.",
+                listener_reconnects,
+            )
+        )
         self._add_counters()
         self._add_histograms()
         self._add_gauges(
@@ -80,16 +95,32 @@ class Metrics(NullMetrics):
                     "Commands whose state awaits its write.",
                     pending_writes,
                 ),
-                "noetl_pgworker_listener_reconnects": (
-                    "LISTEN connections replaced.",
-                    listener_reconnects,
-                ),
                 "noetl_pgworker_heartbeat_age_seconds": (
                     "Seconds since the last successful heartbeat.",
                     heartbeat_age,
                 ),
             }
         )
+
+    def _add_process_and_build(self) -> None:
+        """process_* (CPU, memory, file descriptors, start time) and
+        noetl_pgworker_build_info{version, python} = 1."""
+        import platform
+        from importlib.metadata import PackageNotFoundError, version
+
+        from prometheus_client import Gauge, ProcessCollector
+
+        try:
+            release = version("noetl-pgworker")
+        except PackageNotFoundError:  # (a checkout not installed)
+            release = "unknown"
+        ProcessCollector(registry=self.registry)
+        Gauge(
+            "noetl_pgworker_build_info",
+            "The worker's version and Python (always 1).",
+            ["version", "python"],
+            registry=self.registry,
+        ).labels(release, platform.python_version()).set(1)
 
     def _add_counters(self) -> None:
         from prometheus_client import Counter
@@ -155,6 +186,13 @@ class Metrics(NullMetrics):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self._queue_wait = Histogram(
+            "noetl_pgworker_queue_wait_seconds",
+            "From a command's creation to its claim (claimed_at - created_at).",
+            ["tool_kind"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
         self._batch = Histogram(
             "noetl_pgworker_claim_batch_size",
             "Commands per claim.",
@@ -182,10 +220,17 @@ class Metrics(NullMetrics):
             Gauge(name, doc, registry=r).set_function(fn)
 
     def claimed(
-        self, kinds: list[str], *, reclaimed: int = 0, wake_latency: float | None = None
+        self,
+        kinds: list[str],
+        *,
+        reclaimed: int = 0,
+        wake_latency: float | None = None,
+        waits: list[float] | None = None,
     ) -> None:
         for kind in kinds:
             self._claimed.labels(kind).inc()
+        for kind, wait in zip(kinds, waits or (), strict=False):
+            self._queue_wait.labels(kind).observe(wait)
         if reclaimed:
             self._reclaimed.inc(reclaimed)
         if kinds:
@@ -209,16 +254,34 @@ class Metrics(NullMetrics):
     def db_error(self, component: str) -> None:
         self._db_errors.labels(component).inc()
 
-    def queue_depth(self, depth: dict[tuple[str, str], int], stuck: int = 0) -> None:
+    def queue_depth(self, depth: dict[tuple[str, str], int] | None, stuck: int = 0) -> None:
+        """``depth`` None: another worker exports it (this one exports no series)."""
         self._stuck.set(stuck)
         self._depth.clear()
-        for (status, kind), n in depth.items():
+        for (status, kind), n in (depth or {}).items():
             self._depth.labels(status, kind).set(n)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
         return bytes(generate_latest(self.registry))
+
+
+class _CounterOf:
+    """A counter read from a function at each scrape (``<name>_total``)."""
+
+    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self.name, self.doc, self.read = name, doc, read
+
+    def describe(self) -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        return [CounterMetricFamily(self.name, self.doc)]
+
+    def collect(self) -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        return [CounterMetricFamily(self.name, self.doc, value=self.read())]
 
 
 class HealthServer:

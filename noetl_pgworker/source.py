@@ -144,6 +144,14 @@ class ClaimOptions:
     reclaim_every: float | None = None
 
 
+def _queue_wait(row: dict[str, Any]) -> float:
+    """Seconds from the command's creation to this claim (both the database's clock)."""
+    created, claimed = row.get("created_at"), row.get("claimed_at")
+    if created is None or claimed is None:
+        return 0.0
+    return max(0.0, float((claimed - created).total_seconds()))
+
+
 class PgCommandSource:
     """Claims commands from ``noetl.command`` in batches as large as the free thread slots.
 
@@ -364,6 +372,7 @@ class PgCommandSource:
             [str(r.get("tool_kind")) for r in claimed],
             reclaimed=reclaimed,
             wake_latency=(time.monotonic() - wake) if wake is not None and claimed else None,
+            waits=[_queue_wait(r) for r in claimed],
         )
         if claimed:
             logger.debug(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
 from . import threads, tracing
@@ -619,21 +620,40 @@ class Worker:
                 return
 
     def _sample_queue(self, pool: ConnectionPool[Any]) -> None:
-        """Queue depth for the metrics, every 15 s (sampled, not per scrape)."""
+        """Queue depth for the metrics, every 15 s (sampled, not per scrape). Only one worker
+        of the fleet exports it (see ``queue_depth_leader``), one series per (status, kind)
+        that any live worker runs, 0 included; the others export none, so that a sum over
+        the fleet counts the queue once."""
+        seen: set[str] = set(self.tool_kinds)
         while True:
             try:
                 with pool.connection(timeout=5) as conn:
-                    rows = conn.execute(query("queue_depth")).fetchall()
-                    stuck = conn.execute(
-                        query("status_stuck"), {"lease": self.settings.lease}
-                    ).fetchone()
-                self._metrics.queue_depth(
-                    {(str(s), str(k)): int(n) for s, k, n in rows}, int(stuck[0]) if stuck else 0
-                )
+                    depth, stuck = self._read_queue(conn, seen)
+                self._metrics.queue_depth(depth, stuck)
             except Exception:  # a sample missed is no harm
                 self._metrics.db_error("sampler")
             if self._stop.wait(15):
                 return
+
+    def _read_queue(
+        self, conn: psycopg.Connection[Any], seen: set[str]
+    ) -> tuple[dict[tuple[str, str], int] | None, int]:
+        """(depth by (status, kind) with zeros, or None when another worker exports it;
+        claims stuck past the lease)."""
+        s = self.settings
+        stuck = conn.execute(query("status_stuck"), {"lease": s.lease}).fetchone()
+        stuck_n = int(stuck[0]) if stuck else 0
+        lead = conn.execute(
+            query("queue_depth_leader"), {"name": s.worker_id, "stale_after": s.stale_after}
+        ).fetchone()
+        if not lead or not lead[0]:
+            return None, stuck_n
+        seen.update(str(k) for k in lead[1] or ())
+        depth = {(st, kind): 0 for kind in seen for st in ("PENDING", "CLAIMED", "RUNNING")}
+        for st, kind, n in conn.execute(query("queue_depth")).fetchall():
+            seen.add(str(kind))
+            depth[(str(st), str(kind))] = int(n)
+        return depth, stuck_n
 
     def _watch_cancels(self, pool: ConnectionPool[Any]) -> None:
         """Stop the running commands someone cancelled (``noetl-pgworker cancel``): looked up

@@ -112,7 +112,7 @@ claimed AS (
     RETURNING c.command_id, c.event_id, c.execution_id, c.catalog_id, c.parent_execution_id,
               c.parent_command_id, c.step_name, c.tool_kind, c.attempt, c.context::text AS context,
               c.meta::text AS meta, c.meta -> 'command_id' AS meta_command_id, c.loop_event_id,
-              c.iter_index, c.created_at, t.claim_event_id
+              c.iter_index, c.created_at, c.claimed_at, t.claim_event_id
 ),
 claim_events AS (
     INSERT INTO noetl.event (
@@ -235,7 +235,8 @@ reclaimed AS (
     RETURNING c.command_id, c.event_id, c.execution_id, c.catalog_id, c.parent_execution_id,
               c.parent_command_id, c.step_name, c.tool_kind, c.attempt, c.context::text AS context,
               c.meta::text AS meta, c.meta -> 'command_id' AS meta_command_id, c.loop_event_id,
-              c.iter_index, c.created_at, l.event_id AS claim_event_id, l.old_worker, l.reason
+              c.iter_index, c.created_at, c.claimed_at, l.event_id AS claim_event_id,
+              l.old_worker, l.reason
 ),
 reclaim_events AS (
     INSERT INTO noetl.event (
@@ -878,3 +879,23 @@ ORDER BY c.status, tool_kind;
 
 -- name: prune_runtime
 SELECT noetl.pgworker_prune_runtime(%(older_than)s) AS pruned;
+
+-- name: queue_depth_leader
+-- Does this worker export the queue depth? One worker of the fleet does: the first by name of
+-- the noetl-pgworker workers whose heartbeat is fresh. Also every kind those workers run, so
+-- that each (kind, status) series is there at 0.
+WITH alive AS (
+    SELECT r.name, r.capabilities
+    FROM noetl.runtime AS r
+    WHERE r.kind = 'worker_pool' AND r.status = 'ready'
+      AND r.labels ->> 'worker' = 'noetl-pgworker'
+      AND r.heartbeat > now() - make_interval(secs => %(stale_after)s)
+)
+SELECT COALESCE((SELECT min(a.name) FROM alive AS a) = %(name)s, false) AS leads,
+       ARRAY(SELECT DISTINCT k.kind
+               FROM alive AS a,
+                    jsonb_array_elements_text(
+                        CASE WHEN jsonb_typeof(a.capabilities -> 'tool_kinds') = 'array'
+                             THEN a.capabilities -> 'tool_kinds' ELSE '[]'::jsonb END
+                    ) AS k(kind)
+              ORDER BY k.kind) AS kinds;

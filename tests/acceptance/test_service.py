@@ -145,6 +145,12 @@ def test_metrics_after_a_drain_have_the_right_counts(
     assert ("noetl_pgworker_claim_batch_size_count", ()) in samples
     assert samples[("noetl_pgworker_stuck_claims", ())] == 0
     assert samples[("noetl_pgworker_heartbeat_age_seconds", ())] < 5
+    # claimed - created of every claim, by kind
+    wait = ("noetl_pgworker_queue_wait_seconds_count", (("tool_kind", "noop"),))
+    assert samples[wait] == 40
+    assert samples[("noetl_pgworker_listener_reconnects_total", ())] == 0
+    assert samples[("process_resident_memory_bytes", ())] > 0
+    assert any(name == "noetl_pgworker_build_info" for name, _ in samples)
     assert scrape(health.port, "/healthz") == (200, "ok\n")
     assert scrape(health.port, "/readyz") == (200, "ready\n")
     running.stop()
@@ -455,3 +461,36 @@ def test_a_worker_with_the_units_capabilities_gives_none_to_its_commands(
     out = rows["shell-probe"]["context"]["stdout"]
     assert "CapEff:\t0000000000000000" in out and "CapAmb:\t0000000000000000" in out, out
     assert out.strip().splitlines()[-1] == str(run_as.pw_uid)
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_one_worker_of_the_fleet_exports_the_queue_depth_zeros_included(
+    start_worker: Any, conn: psycopg.Connection[Any]
+) -> None:
+    enqueue(conn, tool_kind="python", tool_config={"code": "result = 1"}, count=3)
+    common = {"metrics_port": 0, "metrics_host": "127.0.0.1", "tool_kinds": ("noop",)}
+    first: RunningWorker = start_worker(worker_id="a", **common)
+    second: RunningWorker = start_worker(worker_id="b", **common)
+    assert first.worker.health is not None and second.worker.health is not None
+
+    def depth(running: RunningWorker) -> dict[tuple[str, str], float]:
+        assert running.worker.health is not None
+        _, text = scrape(running.worker.health.port)
+        return {
+            (dict(labels)["status"], dict(labels)["tool_kind"]): value
+            for (name, labels), value in metric_samples(text).items()
+            if name == "noetl_pgworker_queue_depth"
+        }
+
+    wait_until(lambda: bool(depth(first)), timeout=30)
+    leader = depth(first)
+    assert leader[("PENDING", "python")] == 3  # a kind no worker runs, still counted
+    assert leader[("PENDING", "noop")] == 0 and leader[("RUNNING", "noop")] == 0  # at 0
+    assert depth(second) == {}  # the other worker exports nothing for it
