@@ -699,8 +699,10 @@ def enqueue_cmd(  # noqa: PLR0913 — click passes each option as an argument
             execution_id=execution_id,
             catalog_path=catalog_path,
         )
-    for eid in result.execution_ids:
-        click.echo(eid)
+    # One line per command, "<command id> <execution id>": what `show`, `cancel` and
+    # `retry` take.
+    for cid, eid in zip(result.command_ids, result.command_executions, strict=True):
+        click.echo(f"{cid} {eid}")
     click.echo(
         f"enqueued {len(result.command_ids)} {tool_kind} command(s) in"
         f" {len(result.execution_ids)} execution(s)",

@@ -18,6 +18,8 @@ class Enqueued:
     catalog_id: int
     execution_ids: tuple[int, ...]
     command_ids: tuple[int, ...]
+    #: each command's execution id, in the order of ``command_ids``
+    command_executions: tuple[int, ...] = ()
 
 
 def ensure_catalog(conn: psycopg.Connection[Any], path: str = DEFAULT_CATALOG_PATH) -> int:
@@ -82,4 +84,5 @@ def enqueue(  # noqa: PLR0913 — keyword-only, the columns of the commands it w
         catalog_id=catalog_id,
         execution_ids=tuple(dict.fromkeys(int(r[0]) for r in rows)),
         command_ids=tuple(int(r[1]) for r in rows),
+        command_executions=tuple(int(r[0]) for r in rows),
     )

@@ -48,7 +48,10 @@ def test_apply_enqueue_start_sigterm(empty_dsn: str) -> None:
     assert r.returncode == 0 and "schema ok" in r.stderr
     r = cli("enqueue", "--dsn", empty_dsn, "--count", "50", "--executions", "5")
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.split()) == 5  # the execution ids
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert len(lines) == 50 and len({eid for _, eid in lines}) == 5  # command and execution ids
+    shown = cli("show", "--dsn", empty_dsn, lines[0][0])
+    assert shown.returncode == 0 and f"execution {lines[0][1]}" in shown.stdout
     r = cli(
         "enqueue",
         "--dsn",
