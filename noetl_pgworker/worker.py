@@ -698,10 +698,15 @@ class Worker:
                 inflight.unreserve()
                 break
             threads_held = 1
-            if command.attempt > 1 and inflight.concurrency > 1:
-                # Taken back from a worker that died: it may be what killed it. Run it alone,
-                # so that if it kills this worker too, no innocent command is abandoned with it:
-                # the others claimed with it go back to PENDING first.
+            if (
+                command.attempt > 1
+                and inflight.concurrency > 1
+                and not self.registry.isolated(command.tool_kind)
+            ):
+                # Taken back from a worker that died: it may be what killed it. Unless it runs
+                # in a process of its own (where it can only kill itself), run it alone, so that
+                # if it kills this worker too, no innocent command is abandoned with it: the
+                # others claimed with it go back to PENDING first.
                 try:
                     source.release_unstarted()
                 except Exception as exc:  # they will be recovered after the lease

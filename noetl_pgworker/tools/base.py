@@ -97,6 +97,12 @@ class ToolRegistry:
     def kinds(self) -> tuple[str, ...]:
         return tuple(sorted(self._tools))
 
+    def isolated(self, kind: str | None) -> bool:
+        """Does a command of ``kind`` run where it cannot take the worker down with it (a
+        process of its own, or nothing of it runs)? A tool says so with ``isolated = True``."""
+        tool = self._tools.get(kind or "")
+        return bool(getattr(tool, "isolated", False))
+
     def start(self) -> None:
         """Start what tools keep running (the fork servers)."""
         for tool in [*self._tools.values(), self.isolated]:

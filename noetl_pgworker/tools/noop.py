@@ -10,6 +10,8 @@ from .base import ToolContext
 
 class NoopTool:
     kind = "noop"
+    #: nothing of the command runs
+    isolated = True
 
     def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
         return {"status": "noop", "step": command.step}

@@ -62,6 +62,8 @@ class PythonTool:
         if mode not in MODES:
             raise ValueError("python mode must be 'process', 'spawn' or 'inline'")
         self.mode = mode
+        #: process and spawn: each command in a process of its own; inline: on the worker
+        self.isolated = mode != "inline"
         self.memory_mb = memory_mb
         self.sandbox: process.Sandbox | None = None
         if mode != "inline":

@@ -27,6 +27,8 @@ from .base import ToolContext
 
 class ShellTool:
     kind = "shell"
+    #: every command in a process (session) of its own
+    isolated = True
 
     def __init__(self, sandbox: process.Sandbox | None = None) -> None:
         self.sandbox = sandbox or process.Sandbox()

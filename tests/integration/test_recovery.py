@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +13,8 @@ from psycopg_pool import ConnectionPool
 from noetl_pgworker.enqueue import enqueue
 from noetl_pgworker.source import ClaimOptions, PgCommandSource, SourceHooks
 
-from ..helpers import scalar
+from ..conftest import RunningWorker
+from ..helpers import count_status, scalar, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -164,3 +166,43 @@ def test_recovery_ignores_kinds_this_worker_does_not_run(
     claim_as(conn, "dead-2", age_s=600)
     assert source(pool).claim(5) == []
     assert scalar(conn, "SELECT worker_id FROM noetl.command") == "dead-2"
+
+
+OVERLAP = (
+    "import time\n"
+    "def main():\n"
+    "    t0 = time.time()\n"
+    "    time.sleep(2)\n"
+    "    return {'start': t0, 'end': time.time()}\n"
+)
+
+
+def test_taken_back_commands_tell_their_run_and_run_side_by_side_when_isolated(
+    start_worker: Any, conn: psycopg.Connection[Any]
+) -> None:
+    """Commands of a dead worker, taken back: each run writes its own command.started (the
+    trail tells attempt 2 ran), and python commands (each in a process of its own, where a
+    poison kills only itself) run at the same time instead of one after another."""
+    enqueue(conn, tool_kind="python", tool_config={"code": OVERLAP}, count=4)
+    claim_as(conn, "dead-3", age_s=600)
+    conn.execute(
+        "INSERT INTO noetl.event (execution_id, catalog_id, event_id, event_type, status,"
+        " worker_id, command_id) SELECT execution_id, catalog_id, noetl.snowflake_id(),"
+        " 'command.started', 'RUNNING', 'dead-3', command_id FROM noetl.command"
+    )
+    running: RunningWorker = start_worker(
+        worker_id="rescuer", concurrency=4, python_mode="process", tool_kinds=("python",)
+    )
+    wait_until(lambda: count_status(conn, "COMPLETED") == 4, timeout=60)
+    running.stop()
+    started = conn.execute(
+        "SELECT command_id, worker_id FROM noetl.event WHERE event_type = 'command.started'"
+    ).fetchall()
+    assert sorted(w for _, w in started) == ["dead-3"] * 4 + ["rescuer"] * 4, started
+    spans = [
+        (r[0]["context"]["start"], r[0]["context"]["end"])
+        for r in conn.execute("SELECT result FROM noetl.command").fetchall()
+    ]
+    spans.sort()
+    # side by side: a command started before the one before it ended
+    assert any(b[0] < a[1] for a, b in itertools.pairwise(spans)), spans
