@@ -591,6 +591,24 @@ def schema_apply(dsn: str, with_noetl_tables: bool, with_role: bool, **_: Any) -
     click.echo(f"schema applied to {redact_dsn(dsn)}", err=True)
 
 
+@schema_group.command(name="uninstall")
+@dsn_option
+@click.option(
+    "--with-role",
+    is_flag=True,
+    help="Also drop the group role noetl_pgworker (cluster-wide; `schema apply --with-role`).",
+)
+@log_options
+@handle_errors
+def schema_uninstall(dsn: str, with_role: bool, **_: Any) -> None:
+    """Remove the worker's own objects (trigger, functions, indexes, the paused-kind and
+    cancel tables); NoETL's tables and rows stay. Stop the workers first."""
+    with wrap_errors(dsn, "uninstalling the schema"), connect(dsn) as conn:
+        schema.uninstall(conn, with_role=with_role)
+    role = " and the role noetl_pgworker" if with_role else ""
+    click.echo(f"noetl-pgworker's objects{role} removed from {redact_dsn(dsn)}")
+
+
 @schema_group.command(name="verify")
 @dsn_option
 @log_options

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from typing import Any
 
+import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import schema
@@ -18,13 +19,14 @@ from .config import Settings
 from .db import (
     apply_session_settings,
     connect_kwargs,
+    first_line,
     worker_session_kwargs,
     wrap_errors,
 )
 from .errors import DatabaseUnavailable
 from .incarnation import application_name, new_token
 from .netguard import PacedPool
-from .redact import redact_dsn
+from .redact import redact_dsn, redact_text
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +43,21 @@ def open_pool(
     Its connections are named ``noetl-pgworker@<incarnation>:<worker id>``; a lost one is
     replaced at a steady pace (``netguard.PacedPool``)."""
     s = settings
+    kwargs = {
+        **connect_kwargs(
+            application_name("", s.worker_id, incarnation or new_token()),
+            s.connect_timeout,
+            s.pool_mode,
+            dsn=s.dsn,
+            network_timeout=s.network_timeout,
+        ),
+        **worker_session_kwargs(s.dsn, s.pool_mode, s.network_timeout),
+    }
     pool: ConnectionPool[Any] = PacedPool(
         s.dsn,
         min_size=3,
         max_size=4,
-        kwargs={
-            **connect_kwargs(
-                application_name("", s.worker_id, incarnation or new_token()),
-                s.connect_timeout,
-                s.pool_mode,
-                dsn=s.dsn,
-                network_timeout=s.network_timeout,
-            ),
-            **worker_session_kwargs(s.dsn, s.pool_mode, s.network_timeout),
-        },
+        kwargs=kwargs,
         name="noetl-pgworker",
         open=False,
         timeout=30,
@@ -65,7 +68,7 @@ def open_pool(
         pool.open(wait=True, timeout=s.connect_timeout + 1)
     except PoolTimeout as exc:
         pool.close(timeout=1)
-        probe = _probe_error(s.dsn, s.connect_timeout)
+        probe = _probe_error(s.dsn, kwargs)
         raise DatabaseUnavailable(f"cannot connect to {redact_dsn(s.dsn)}: {probe}") from exc
     closing.callback(pool.close, timeout=5)
     if s.verify_schema:
@@ -109,12 +112,18 @@ def log_pool_mode(settings: Settings, *, listens: bool, session_locks: bool) -> 
         )
 
 
-def _probe_error(dsn: str, timeout: float) -> str:
-    """Why a connection fails, in one line (the pool only says it timed out)."""
-    from .db import connect
-
+def _probe_error(dsn: str, kwargs: dict[str, Any]) -> str:
+    """Why a connection with the pool's parameters fails, in one line (the pool only says it
+    timed out), with the fix when a pooler refused the worker's startup ``options``."""
     try:
-        connect(dsn, connect_timeout=timeout).close()
-    except DatabaseUnavailable as exc:
-        return exc.message.split(": ", 1)[-1]
+        psycopg.connect(dsn, **kwargs).close()
+    except psycopg.Error as exc:
+        why = redact_text(first_line(exc), dsn)
+        if "unsupported startup parameter" in why:
+            why += (
+                " -- --dsn goes through a pooler (PgBouncer), which refuses the `options` the"
+                " worker sends to PostgreSQL: start it with --pool-mode session (or"
+                " transaction; see the README, 'Where PostgreSQL runs')"
+            )
+        return why
     return "timed out"

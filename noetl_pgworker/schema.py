@@ -12,6 +12,8 @@ from .queries import query, read_sql_file
 NOETL_TABLES_FILE = "noetl_tables.sql"
 WORKER_OBJECTS_FILE = "worker_objects.sql"
 ROLES_FILE = "roles.sql"
+UNINSTALL_FILE = "uninstall.sql"
+UNINSTALL_ROLE_FILE = "uninstall_role.sql"
 # Serialises concurrent `schema apply` runs (many workers starting at once).
 _APPLY_LOCK_KEY = 0x6E6F65746C706777  # "noetlpgw"
 
@@ -40,7 +42,7 @@ def apply(
         if not with_noetl_tables:
             missing = [m for m in _missing(conn) if "pgworker" not in m]
             if missing:
-                raise SchemaMissing(missing)
+                raise NoNoetlTables(conn.info.dbname, missing)
         lacking = [
             str(need)
             for need, has in conn.execute(
@@ -59,6 +61,29 @@ def apply(
         except psycopg.errors.InsufficientPrivilege as exc:
             first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             raise MissingPrivilege(str(user[0]) if user else "?", [first]) from exc
+
+
+class NoNoetlTables(SchemaMissing):
+    """`schema apply` on a database without NoETL's tables (and no --with-noetl-tables)."""
+
+    def __init__(self, dbname: str, missing: list[str]) -> None:
+        self.missing = missing
+        PgWorkerError.__init__(
+            self,
+            f"the database {dbname} has no NoETL tables (missing: {', '.join(missing)}):"
+            " point --dsn at NoETL's database, or add --with-noetl-tables to create"
+            " NoETL-compatible ones here (a standalone queue, tests)",
+        )
+
+
+def uninstall(conn: psycopg.Connection[Any], *, with_role: bool = False) -> None:
+    """Remove the worker's own objects (trigger, functions, indexes, its tables) and, with
+    ``with_role``, the role noetl_pgworker; never NoETL's tables or rows. One transaction."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_APPLY_LOCK_KEY,))
+        conn.execute(read_sql_file(UNINSTALL_FILE).encode())
+        if with_role:
+            conn.execute(read_sql_file(UNINSTALL_ROLE_FILE).encode())
 
 
 class MissingPrivilege(PgWorkerError):

@@ -51,6 +51,7 @@ from .source import ClaimOptions, CommandSource, PgCommandSource, SourceFactory,
 from .spool import Spool
 from .tools import Confinement, ToolRegistry, default_registry
 from .tools.artifact import ArtifactTool
+from .tools.duckdb import INSTALL_HINT
 from .tools.playbook import PlaybookTool
 from .tracing import CommandTraces, TracedSink
 from .workbook import Workbooks, expander
@@ -193,9 +194,11 @@ class Worker:
         kinds = settings.tool_kinds or self.registry.kinds()
         unknown = [k for k in kinds if k not in self.registry]
         if unknown:
+            hint = f" ({INSTALL_HINT})" if "duckdb" in unknown else ""
             raise ConfigError(
                 f"unknown tool kind(s) {', '.join(unknown)}; available: "
                 + ", ".join(self.registry.kinds())
+                + hint
             )
         self.tool_kinds: tuple[str, ...] = tuple(kinds)
         self.inflight = InFlight(settings.concurrency, settings.max_pending_writes)
@@ -701,7 +704,7 @@ class Worker:
             if (
                 command.attempt > 1
                 and inflight.concurrency > 1
-                and not self.registry.isolated(command.tool_kind)
+                and not self.registry.runs_apart(command.tool_kind)
             ):
                 # Taken back from a worker that died: it may be what killed it. Unless it runs
                 # in a process of its own (where it can only kill itself), run it alone, so that

@@ -63,19 +63,32 @@ def default_registry(
             HttpTool(allow_loopback=c.http_allow_loopback, own_ports=c.own_ports),
             PostgresTool(max_result_bytes=c.max_result_bytes, confinement=c),
             ShellTool(sandbox),
+        ],
+        isolated=isolated,
+    )
+    if duckdb_installed():  # else this worker neither lists nor claims duckdb commands
+        registry.register(
             DuckdbTool(
                 isolated,
                 max_result_bytes=c.max_result_bytes,
                 db_dir=c.duckdb_dir,
                 allowed_dirs=c.duckdb_allowed_dirs,
                 confinement=c,
-            ),
-        ],
-        isolated=isolated,
-    )
+            )
+        )
     registry.register(TaskSequenceTool(registry))  # runs its tasks through the others
     registry.register(WorkbookTool())  # run as its action: the worker expands it first
     return registry
+
+
+def duckdb_installed() -> bool:
+    """Is the optional ``duckdb`` package importable (``noetl-pgworker[duckdb]``)?"""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("duckdb") is not None
+    except (ImportError, ValueError):  # (ValueError: a module without a spec, or blocked)
+        return False
 
 
 __all__ = [

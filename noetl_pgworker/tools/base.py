@@ -97,11 +97,11 @@ class ToolRegistry:
     def kinds(self) -> tuple[str, ...]:
         return tuple(sorted(self._tools))
 
-    def isolated(self, kind: str | None) -> bool:
+    def runs_apart(self, kind: str | None) -> bool:
         """Does a command of ``kind`` run where it cannot take the worker down with it (a
-        process of its own, or nothing of it runs)? A tool says so with ``isolated = True``."""
+        process of its own, or nothing of it runs)? A tool says so with ``runs_apart = True``."""
         tool = self._tools.get(kind or "")
-        return bool(getattr(tool, "isolated", False))
+        return getattr(tool, "runs_apart", False) is True
 
     def start(self) -> None:
         """Start what tools keep running (the fork servers)."""

@@ -38,6 +38,8 @@ ENTRY = "noetl_pgworker.tools.duckdb_child:run"
 
 class DuckdbTool:
     kind = "duckdb"
+    #: every command in a process of its own (the isolated sandbox)
+    runs_apart = True
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ from .base import ToolContext
 class NoopTool:
     kind = "noop"
     #: nothing of the command runs
-    isolated = True
+    runs_apart = True
 
     def run(self, command: Command, ctx: ToolContext) -> dict[str, Any]:
         return {"status": "noop", "step": command.step}

@@ -63,7 +63,7 @@ class PythonTool:
             raise ValueError("python mode must be 'process', 'spawn' or 'inline'")
         self.mode = mode
         #: process and spawn: each command in a process of its own; inline: on the worker
-        self.isolated = mode != "inline"
+        self.runs_apart = mode != "inline"
         self.memory_mb = memory_mb
         self.sandbox: process.Sandbox | None = None
         if mode != "inline":

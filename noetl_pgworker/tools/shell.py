@@ -28,7 +28,7 @@ from .base import ToolContext
 class ShellTool:
     kind = "shell"
     #: every command in a process (session) of its own
-    isolated = True
+    runs_apart = True
 
     def __init__(self, sandbox: process.Sandbox | None = None) -> None:
         self.sandbox = sandbox or process.Sandbox()

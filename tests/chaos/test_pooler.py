@@ -156,3 +156,23 @@ def test_drain_through_pgbouncer_session_pooling(
         start_at_once_max_s=round(max(at_once), 3),
         **figures,
     )
+
+
+def test_a_pooler_without_pool_mode_is_named_with_the_option(chaos_dsn: str) -> None:
+    """PgBouncer refuses the `options` startup parameter the worker sends in direct mode: the
+    error names the cause and the option, instead of a bare time-out."""
+    import subprocess
+    import sys
+
+    with pgbouncer(chaos_dsn, "session", pool_size=4) as bouncer:
+        r = subprocess.run(
+            [sys.executable, "-m", "noetl_pgworker", "start", "--drain", "--dsn"]
+            + [bouncer.dsn(chaos_dsn), "--connect-timeout", "3", "--worker-id", "no-mode"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert r.returncode == 1, r.stderr
+    assert "unsupported startup parameter" in r.stderr, r.stderr
+    assert "--pool-mode session" in r.stderr, r.stderr

@@ -122,3 +122,29 @@ def test_one_notify_per_inserting_transaction(dsn: str) -> None:
         got = list(listener.notifies(timeout=1.0))
         assert len(got) == 2
         assert {n.channel for n in got} == {"noetl_pgworker_command"}
+
+
+def test_uninstall_removes_the_workers_objects_and_keeps_noetls(dsn: str) -> None:
+    from noetl_pgworker.enqueue import enqueue
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        schema.apply(conn, with_role=True)
+        enqueue(conn, tool_kind="noop", count=3)
+        schema.uninstall(conn, with_role=True)
+        missing = schema.verify(conn)
+        assert missing and all("pgworker" in m for m in missing), missing
+        assert conn.execute("SELECT count(*) FROM noetl.command").fetchone() == (3,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'noetl_pgworker'"
+        ).fetchone() == (0,)
+        schema.uninstall(conn)  # again: nothing left to remove, no error
+        schema.apply(conn)  # and back
+        assert schema.verify(conn) == []
+
+
+def test_apply_on_a_database_without_noetl_names_it_and_the_option(empty_dsn: str) -> None:
+    with psycopg.connect(empty_dsn) as conn, pytest.raises(schema.NoNoetlTables) as err:
+        schema.apply(conn)
+    dbname = psycopg.conninfo.conninfo_to_dict(empty_dsn)["dbname"]
+    assert f"the database {dbname} has no NoETL tables" in str(err.value)
+    assert "--with-noetl-tables" in str(err.value)

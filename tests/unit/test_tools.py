@@ -291,8 +291,12 @@ def test_duckdb_runs_sql_with_params_and_several_statements() -> None:
 
 def test_duckdb_without_the_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "duckdb", None)  # as if it were not installed
-    out = execute(cmd("duckdb", {"query": "SELECT 1"}), default_registry())
+    from noetl_pgworker.tools.duckdb import DuckdbTool
+
+    registry = ToolRegistry([DuckdbTool()])  # registered anyway: the command says why it fails
+    out = execute(cmd("duckdb", {"query": "SELECT 1"}), registry)
     assert not out.ok and "pip install 'noetl-pgworker[duckdb]'" in (out.error or "")
+    assert "duckdb" not in default_registry().kinds()  # by default: not run, not claimed
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -375,3 +379,28 @@ def test_process_mode_python_runs_in_a_scratch_directory_not_in_root() -> None:
     out = run_python("process", {"code": code})
     assert out.ok, out.error
     assert out.data != "/" and "noetl-pgworker-scratch-" in out.data
+
+
+def test_without_duckdb_the_worker_neither_lists_nor_claims_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from noetl_pgworker.config import Settings
+    from noetl_pgworker.errors import ConfigError
+    from noetl_pgworker.tools import default_registry
+    from noetl_pgworker.worker import Worker
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "duckdb" else real(name, *a)
+    )
+    registry = default_registry()
+    try:
+        assert "duckdb" not in registry.kinds() and "python" in registry.kinds()
+    finally:
+        registry.close()
+    with pytest.raises(
+        ConfigError, match=r"unknown tool kind\(s\) duckdb.*noetl-pgworker\[duckdb\]"
+    ):
+        Worker(Settings(dsn="", tool_kinds="noop,duckdb"))
