@@ -165,9 +165,10 @@ def test_a_pooler_without_pool_mode_is_named_with_the_option(chaos_dsn: str) -> 
     import sys
 
     with pgbouncer(chaos_dsn, "session", pool_size=4) as bouncer:
+        args = [sys.executable, "-m", "noetl_pgworker", "start", "--drain"]
+        args += ["--dsn", bouncer.dsn(chaos_dsn), "--connect-timeout", "3", "--worker-id", "x"]
         r = subprocess.run(
-            [sys.executable, "-m", "noetl_pgworker", "start", "--drain", "--dsn"]
-            + [bouncer.dsn(chaos_dsn), "--connect-timeout", "3", "--worker-id", "no-mode"],
+            args,
             capture_output=True,
             text=True,
             timeout=60,
