@@ -170,6 +170,8 @@ class InMemorySink:
                 if self.status.get(key) in TERMINAL_STATUSES:
                     continue
                 self.status[key] = row.status
+                if row.status == CommandStatus.PENDING:  # given back: unclaimed, as in SQL
+                    self.holders.pop(key, None)
                 if row.error is not None or row.status != CommandStatus.RUNNING:
                     self.errors[key] = row.error
                 self.events += row.events

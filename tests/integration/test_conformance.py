@@ -278,3 +278,20 @@ def test_an_outcome_that_cannot_be_stored_is_refused_by_name(sinks: Any) -> None
         sinks.sink.write([WriteItem(other, outcome=Outcome.success(1)), bad])
     assert info.value.key == bad.key and info.value.error_type == "serialisation"
     assert sinks.status(other) == "CLAIMED"  # nothing of the batch was written
+
+
+def test_a_cancelled_run_ends_cancelled(sinks: Any) -> None:
+    ref = sinks.claimed()
+    item = WriteItem(ref, started=True, outcome=Outcome.failure("x", error_type="cancelled"))
+    assert sinks.sink.write([item]) == {item.key}
+    assert sinks.status(ref) == "CANCELLED"
+    assert sinks.events(ref) == ["command.started", "command.cancelled"]
+
+
+def test_an_interrupted_run_goes_back_to_the_queue_unclaimed(sinks: Any) -> None:
+    ref = sinks.claimed()
+    item = WriteItem(ref, started=True, outcome=Outcome.failure("y", error_type="interrupted"))
+    assert sinks.sink.write([item]) == {item.key}
+    assert sinks.status(ref) == "PENDING" and sinks.events(ref) == []
+    # unclaimed: a late write of the run that was given back changes nothing
+    assert sinks.sink.write([WriteItem(ref, outcome=Outcome.success(1))]) == set()
