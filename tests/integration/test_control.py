@@ -169,3 +169,20 @@ def test_cancel_an_execution(start_worker: Any, conn: psycopg.Connection[Any]) -
     assert "3 of 3 command(s) cancelled" in result.message
     running.stop()
     assert count_status(conn, "CANCELLED") == 3
+
+
+def test_a_cancel_request_without_its_notify_is_found_by_the_poll(
+    start_worker: Any, conn: psycopg.Connection[Any]
+) -> None:
+    e = enqueue(conn, tool_kind="python", tool_config=SLEEPY)
+    cid, eid = e.command_ids[0], e.execution_ids[0]
+    running: RunningWorker = start_worker(poll_interval=1, python_mode="process")
+    wait_until(lambda: status_of(conn, cid) == "RUNNING", timeout=30)
+    # the request alone, as if the notification were lost
+    conn.execute(
+        "INSERT INTO noetl.pgworker_cancel (command_id, execution_id, requested_by)"
+        " VALUES (%s, %s, 'tester')",
+        (cid, eid),
+    )
+    wait_until(lambda: status_of(conn, cid) == "CANCELLED", timeout=30)
+    running.stop()
