@@ -72,12 +72,15 @@ def envelope(status: str, context: dict[str, Any]) -> dict[str, Any]:
 
 
 def _meta(ref: CommandRef, worker_id: str, *, actionable: bool) -> dict[str, Any]:
-    return {
+    meta = {
         "command_id": ref.wire_command_id,
         "worker_id": worker_id,
         "actionable": actionable,
         "informative": True,
     }
+    if ref.attempt > 1:  # a run after the first (taken back, or retried) says which
+        meta["attempt"] = ref.attempt
+    return meta
 
 
 def _event(

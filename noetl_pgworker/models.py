@@ -55,6 +55,9 @@ class CommandRef:
     #: A loop iteration's epoch and index as NoETL's ``meta`` holds them, echoed in events.
     loop_epoch_id: Any = None
     loop_index: Any = None
+    #: Which run of the command this is (``noetl.command.attempt``): events of runs after the
+    #: first say so in their ``meta``.
+    attempt: int = 1
 
     @property
     def wire_command_id(self) -> Any:
@@ -77,7 +80,15 @@ class CommandRef:
             parent_execution_id=row.get("parent_execution_id"),
             meta_command_id=meta.get("command_id") if isinstance(meta, dict) else None,
             **_loop_keys(meta, row.get("loop_event_id"), row.get("iter_index")),
+            attempt=_attempt(row.get("attempt")),
         )
+
+
+def _attempt(value: Any) -> int:
+    try:
+        return max(1, int(value))
+    except (TypeError, ValueError):
+        return 1
 
 
 class Command(BaseModel):
@@ -134,6 +145,7 @@ class Command(BaseModel):
             parent_execution_id=self.parent_execution_id,
             meta_command_id=self.meta.get("command_id"),
             **_loop_keys(self.meta, self.loop_event_id, self.iter_index),
+            attempt=self.attempt,
         )
 
     def seed_json(self) -> str:

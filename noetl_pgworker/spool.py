@@ -52,6 +52,7 @@ class Spooled:
                 "meta_command_id": r.meta_command_id,
                 "loop_epoch_id": r.loop_epoch_id,
                 "loop_index": r.loop_index,
+                "attempt": r.attempt,
             },
             "outcome": {
                 "ok": o.ok,

@@ -79,6 +79,10 @@ def test_retry_a_failed_command_wakes_a_worker_and_keeps_the_trail(
     assert types.count("command.failed") == 1, types
     assert types.count("command.completed") == 1, types
     assert types.count("command.started") == 2, types  # each run tells its own start
+    found = control.show(conn, cid)
+    assert found is not None
+    runs = {e["event_type"]: e["attempt"] for e in found["events"]}
+    assert runs["command.completed"] == "2" and "attempt 2" in control.format_show(found)
     again = control.retry(conn, cid)
     assert not again.ok and "COMPLETED" in again.message
 
