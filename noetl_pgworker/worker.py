@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from psycopg_pool import ConnectionPool
 
 from . import threads, tracing
@@ -55,16 +54,13 @@ from .tools.duckdb import INSTALL_HINT
 from .tools.playbook import PlaybookTool
 from .tracing import CommandTraces, TracedSink
 from .workbook import Workbooks, expander
+from .watchers import CancelWatcher, QueueSampler, prune_runtime
 
 logger = logging.getLogger(__name__)
 
 
 #: At shutdown, outcomes get at least this long to be written, whatever --shutdown-timeout.
 STOP_WRITE_MIN = 5.0
-#: A noetl-pgworker worker's runtime row with no heartbeat for this long (seconds) is removed
-#: by the next worker that starts (the worker renamed or retired; the database allows no less
-#: than an hour).
-RUNTIME_PRUNE_AFTER = 24 * 3600.0
 #: Each other step of a shutdown (release claims, go offline, …) waits at most this long.
 STOP_STEP_TIMEOUT = 2.0
 
@@ -535,26 +531,7 @@ class Worker:
             with wrap_errors(self.settings.dsn, "registering the worker"):
                 parts.heartbeat.beat()
         if parts.pool is not None:
-            self._prune_runtime(parts.pool)
-
-    def _prune_runtime(self, pool: ConnectionPool[Any]) -> None:
-        """Remove the runtime rows of noetl-pgworker workers gone for good (no heartbeat for
-        RUNTIME_PRUNE_AFTER); a failure is only logged (the rows are only clutter)."""
-        try:
-            with pool.connection(timeout=5) as conn:
-                row = conn.execute(
-                    query("prune_runtime"), {"older_than": RUNTIME_PRUNE_AFTER}
-                ).fetchone()
-        except Exception as exc:
-            logger.debug("runtime rows not pruned: %s", redact_text(str(exc), self.settings.dsn))
-            return
-        if row and row[0]:
-            logger.info(
-                "removed %d runtime row(s) of workers gone for %.0f h or more",
-                row[0],
-                RUNTIME_PRUNE_AFTER / 3600,
-                extra={"action": "runtime_pruned"},
-            )
+            prune_runtime(parts.pool, self.settings.dsn)
 
     def _start(self, parts: Parts) -> None:
         """Start every part's threads, then watch them."""
@@ -596,11 +573,29 @@ class Worker:
         self._start_helpers(parts)
 
     def _start_helpers(self, parts: Parts) -> None:
-        if parts.pool is not None and self.settings.metrics_port is not None:
-            sampler = self._helper(parts, "noetl-pgworker-sampler", self._sample_queue, parts.pool)
-            self._watched.append(sampler)
+        s = self.settings
+        if parts.pool is not None and s.metrics_port is not None:
+            sampler = QueueSampler(
+                parts.pool,
+                worker_id=s.worker_id,
+                tool_kinds=self.tool_kinds,
+                lease=s.lease,
+                stale_after=s.stale_after,
+                stop=self._stop,
+                metrics=self._metrics,
+            )
+            self._watched.append(self._helper(parts, "noetl-pgworker-sampler", sampler.run))
         if parts.pool is not None:
-            self._helper(parts, "noetl-pgworker-cancels", self._watch_cancels, parts.pool)
+            cancels = CancelWatcher(
+                parts.pool,
+                self.interrupts,
+                wake=self._cancel_wake,
+                stop=self._stop,
+                running=self.inflight.running,
+                interval=min(s.poll_interval, 5.0),
+                metrics=self._metrics,
+            )
+            self._helper(parts, "noetl-pgworker-cancels", cancels.run)
         if self.notifier is not None:
             self._helper(parts, "noetl-pgworker-ready", self._announce, parts.source)
             self.notifier.start_watchdog(self.loop_alive, self.status_line)
@@ -621,69 +616,6 @@ class Worker:
                 if not self._stop.is_set():
                     self.notifier.ready(self.status_line())
                 return
-
-    def _sample_queue(self, pool: ConnectionPool[Any]) -> None:
-        """Queue depth for the metrics, every 15 s (sampled, not per scrape). Only one worker
-        of the fleet exports it (see ``queue_depth_leader``), one series per (status, kind)
-        that any live worker runs, 0 included; the others export none, so that a sum over
-        the fleet counts the queue once."""
-        seen: set[str] = set(self.tool_kinds)
-        while True:
-            try:
-                with pool.connection(timeout=5) as conn:
-                    depth, stuck = self._read_queue(conn, seen)
-                self._metrics.queue_depth(depth, stuck)
-            except Exception:  # a sample missed is no harm
-                self._metrics.db_error("sampler")
-            if self._stop.wait(15):
-                return
-
-    def _read_queue(
-        self, conn: psycopg.Connection[Any], seen: set[str]
-    ) -> tuple[dict[tuple[str, str], int] | None, int]:
-        """(depth by (status, kind) with zeros, or None when another worker exports it;
-        claims stuck past the lease)."""
-        s = self.settings
-        stuck = conn.execute(query("status_stuck"), {"lease": s.lease}).fetchone()
-        stuck_n = int(stuck[0]) if stuck else 0
-        lead = conn.execute(
-            query("queue_depth_leader"), {"name": s.worker_id, "stale_after": s.stale_after}
-        ).fetchone()
-        if not lead or not lead[0]:
-            return None, stuck_n
-        seen.update(str(k) for k in lead[1] or ())
-        depth = {(st, kind): 0 for kind in seen for st in ("PENDING", "CLAIMED", "RUNNING")}
-        for st, kind, n in conn.execute(query("queue_depth")).fetchall():
-            seen.add(str(kind))
-            depth[(str(st), str(kind))] = int(n)
-        return depth, stuck_n
-
-    def _watch_cancels(self, pool: ConnectionPool[Any]) -> None:
-        """Stop the running commands someone cancelled (``noetl-pgworker cancel``): looked up
-        at once on a NOTIFY 'cancel', else every poll interval while commands run."""
-        interval = min(self.settings.poll_interval, 5.0)
-        while not self._stop.is_set() or self.inflight.running():
-            self._cancel_wake.wait(interval)
-            self._cancel_wake.clear()
-            running = self.interrupts.ids()
-            if not running:
-                continue
-            try:
-                with pool.connection(timeout=5) as conn:
-                    rows = conn.execute(
-                        query("cancel_requests"), {"command_ids": [int(i) for i in running]}
-                    ).fetchall()
-            except Exception:  # looked up again at the next interval
-                self._metrics.db_error("cancel")
-                continue
-            for command_id, by in rows:
-                if self.interrupts.cancel(str(command_id), by or "an operator"):
-                    logger.info(
-                        "command %s cancelled by %s: stopping it",
-                        command_id,
-                        by,
-                        extra={"action": "cancel", "command_id": str(command_id)},
-                    )
 
     def _claim_loop(self, parts: Parts) -> None:
         """Reserve a thread and a claim, take the next command, run it; until stopped."""
