@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 class Listener:
-    def __init__(
+    def __init__(  # noqa: PLR0913 — keyword-only settings, each with a default
         self,
         dsn: str,
         wake: threading.Event,

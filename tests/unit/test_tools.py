@@ -293,7 +293,7 @@ def test_duckdb_without_the_extra_says_how_to_install(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "duckdb", None)  # as if it were not installed
     from noetl_pgworker.tools.duckdb import DuckdbTool
 
-    registry = ToolRegistry([DuckdbTool()])  # registered anyway: the command says why it fails
+    registry = ToolRegistry([DuckdbTool(None)])  # registered anyway: the command says why
     out = execute(cmd("duckdb", {"query": "SELECT 1"}), registry)
     assert not out.ok and "pip install 'noetl-pgworker[duckdb]'" in (out.error or "")
     assert "duckdb" not in default_registry().kinds()  # by default: not run, not claimed
