@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -385,24 +386,32 @@ result = {"uid": os.getuid(), "caps": {k: v.strip() for k, v in status.items()},
 """
 
 
-def interpreter_for_another_user() -> tuple[str, dict[str, str]]:
-    """A python another user may run with this checkout and its dependencies: this one, or
-    (when it lives in a home others cannot enter) the system's of the same version with the
-    environment's packages on PYTHONPATH."""
+def interpreter_for_another_user(request: pytest.FixtureRequest) -> str:
+    """A python another user may run, with this checkout and its dependencies: this one, or
+    (when it lives in a home others cannot enter) a virtual environment of the system's python
+    of the same version whose site-packages point at the checkout and at this environment's
+    packages (a ``.pth`` file: read even under ``python -I``, as the fork servers run)."""
     import sysconfig
 
     real = os.path.realpath(sys.executable)
     if not real.startswith("/root/"):
-        return sys.executable, dict(os.environ)
-    system = shutil.which(f"python{sys.version_info[0]}.{sys.version_info[1]}", path="/usr/bin")
+        return sys.executable
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    system = shutil.which(f"python{version}", path="/usr/bin")
     if system is None:
         pytest.skip(f"{real} is not executable by another user and no system python matches")
-    path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])
-    return system, {**os.environ, "PYTHONPATH": path}
+    # (not under tmp_path: pytest's base directory is the current user's alone)
+    venv = Path(tempfile.mkdtemp(prefix="pgw-venv-"))
+    request.addfinalizer(lambda: shutil.rmtree(venv, ignore_errors=True))
+    venv.chmod(0o755)
+    subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = venv / "lib" / f"python{version}" / "site-packages"
+    (site / "checkout.pth").write_text(f"{REPO}\n{sysconfig.get_paths()['purelib']}\n")
+    return str(venv / "bin" / "python")
 
 
 def test_a_worker_with_the_units_capabilities_gives_none_to_its_commands(
-    dsn: str, conn: psycopg.Connection[Any], tmp_path: Path
+    dsn: str, conn: psycopg.Connection[Any], request: pytest.FixtureRequest
 ) -> None:
     """The unit runs the worker as its own user with CAP_SETUID, CAP_SETGID and CAP_KILL
     (ambient), in the run-as user's group: the worker starts python and shell commands as the
@@ -413,7 +422,7 @@ def test_a_worker_with_the_units_capabilities_gives_none_to_its_commands(
     import pwd
 
     worker, run_as = pwd.getpwnam("daemon"), pwd.getpwnam("nobody")
-    python, env = interpreter_for_another_user()
+    python = interpreter_for_another_user(request)
     caps = "+setuid,+setgid,+kill"
     probe = {"code": CAPS_PROBE}
     enqueue(conn, tool_kind="python", step="probe", tool_config=probe, args={"worker_uid": 1})
@@ -448,9 +457,7 @@ def test_a_worker_with_the_units_capabilities_gives_none_to_its_commands(
         "--worker-id",
         "caps",
     ]
-    r = subprocess.run(
-        args, cwd="/", env=env, capture_output=True, text=True, timeout=120, check=False
-    )
+    r = subprocess.run(args, cwd="/", capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     rows = dict(conn.execute("SELECT step_name, result FROM noetl.command").fetchall())
     python = rows["probe"]["context"]
