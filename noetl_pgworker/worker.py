@@ -207,6 +207,8 @@ class Worker:
         #: running commands' handles (cancel), and the stop that reaches their processes
         self.interrupts = Interrupts()
         self._ready = threading.Event()
+        #: the internal thread whose death stopped the worker
+        self._died: str | None = None
         self._progress = time.monotonic()
         #: False through a transaction-pooling proxy without a session DSN (no LISTEN, polling),
         #: and without a database.
@@ -278,6 +280,7 @@ class Worker:
         self._progress = time.monotonic()
         dead = self.dead_thread()
         if dead is not None:
+            self._died = dead  # (before the stop: /readyz keeps saying why)
             raise WorkerThreadDied(
                 f"internal thread {dead} died; stopping so that this worker's claims are taken"
                 " back (see its traceback above)"
@@ -295,13 +298,14 @@ class Worker:
     def loop_alive(self, max_age: float) -> bool:
         """The claim loop showed progress within ``max_age`` seconds and no internal thread
         died (the watchdog's test: a wedged worker must not keep feeding it)."""
-        return time.monotonic() - self._progress < max_age and self.dead_thread() is None
+        fresh = time.monotonic() - self._progress < max_age
+        return fresh and self._died is None and self.dead_thread() is None
 
     def readiness(self) -> tuple[bool, str]:
         """``/readyz``: database reachable (a recent heartbeat), listener up, not stopping."""
-        if self._stop.is_set():
+        dead = self._died or self.dead_thread()
+        if dead is None and self._stop.is_set():
             return False, "shutting down"
-        dead = self.dead_thread()
         if dead is not None:
             return False, f"internal thread {dead} died"
         if self.uses_database:
