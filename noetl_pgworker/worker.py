@@ -37,7 +37,6 @@ from .interrupt import Interrupts
 from .listener import Listener
 from .metrics import HealthServer, Metrics, NullMetrics
 from .models import Command, CommandRef, Outcome
-from .queries import query
 from .redact import redact_dsn, redact_text
 from .reporter import Reporter
 from .runtime import Heartbeat
@@ -53,8 +52,8 @@ from .tools.artifact import ArtifactTool
 from .tools.duckdb import INSTALL_HINT
 from .tools.playbook import PlaybookTool
 from .tracing import CommandTraces, TracedSink
-from .workbook import Workbooks, expander
 from .watchers import CancelWatcher, QueueSampler, prune_runtime
+from .workbook import Workbooks, expander
 
 logger = logging.getLogger(__name__)
 

@@ -17,3 +17,4 @@ DROP INDEX IF EXISTS noetl.pgworker_command_failed_idx;
 DROP TABLE IF EXISTS noetl.pgworker_paused_kind;
 DROP TABLE IF EXISTS noetl.pgworker_cancel;
 DROP FUNCTION IF EXISTS noetl.pgworker_prune_runtime(double precision);
+DROP VIEW IF EXISTS noetl.pgworker_queue_by_kind;
