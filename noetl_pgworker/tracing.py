@@ -159,8 +159,11 @@ class CommandTraces:
                 self._open.popitem(last=False)
 
     def written(self, ref: CommandRef, outcome: Outcome) -> None:
-        """``ref``'s outcome was committed now: its spans."""
-        self._emit(ref, outcome, "COMPLETED" if outcome.ok else "FAILED", time.time_ns())
+        """``ref``'s outcome was committed now: its spans. An outcome that is not a success
+        ends its command as the sink wrote it (``sink.ENDED_BY``): a stop's interruption put it
+        back to PENDING (``stopped``), a cancel made it CANCELLED, anything else FAILED."""
+        result = "COMPLETED" if outcome.ok else _NOT_OK.get(outcome.error_type or "", "FAILED")
+        self._emit(ref, outcome, result, time.time_ns())
 
     def given_up(self, ref: CommandRef, why: str, outcome: Outcome | None = None) -> None:
         """``ref`` ends here for this worker without its outcome written: ``why`` (``fenced``:
@@ -209,7 +212,7 @@ class CommandTraces:
         }
         root = self._root(key[0], seen.step, attributes, seen.created_ns)
         self._children(root, seen, outcome, seen.tool_kind, now)
-        if outcome is not None and not outcome.ok:
+        if outcome is not None and not outcome.ok and result != "stopped":
             self._fail(root, outcome)
         root.end(end_time=now)
 
@@ -254,6 +257,10 @@ class CommandTraces:
         span.set_status(Status(StatusCode.ERROR, message))
         if outcome.error_type:
             span.set_attribute("error.type", outcome.error_type)
+
+
+#: A written outcome that is not a success, by its error_type: what it made of its command.
+_NOT_OK = {"interrupted": "stopped", "cancelled": "CANCELLED"}
 
 
 class TracedSink:
