@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
+import pytest
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 
@@ -70,3 +72,11 @@ def insert_raw_command(
     ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A test that needs something this machine lacks: skipped, saying why, on a user's
+    machine; failed in CI (``CI=true``), where everything it needs is installed."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)

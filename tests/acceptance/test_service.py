@@ -28,7 +28,7 @@ from noetl_pgworker.enqueue import enqueue
 from noetl_pgworker.sdnotify import Notifier
 
 from ..conftest import RunningWorker
-from ..helpers import all_terminal, count_status, insert_raw_command, wait_until
+from ..helpers import all_terminal, count_status, insert_raw_command, unavailable, wait_until
 
 pytestmark = pytest.mark.acceptance
 REPO = Path(__file__).resolve().parents[2]
@@ -233,7 +233,9 @@ def test_systemd_unit_is_accepted_by_systemd_analyze(name: str, tmp_path: Path) 
         assert needed in unit
     analyze = systemd_analyze()
     if analyze is None:
-        pytest.skip("no systemd-analyze: only the directives above were checked")
+        unavailable(
+            "no systemd-analyze (apt-get install systemd): only the directives were checked"
+        )
     path = installed_unit(name, tmp_path)
     r = subprocess.run(
         [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60, check=False
@@ -247,7 +249,7 @@ def test_systemd_unit_exposure_is_ok(name: str, tmp_path: Path) -> None:
     """`systemd-analyze security` rates the unit 2.0 or less ("OK")."""
     analyze = systemd_analyze()
     if analyze is None:
-        pytest.skip("no systemd-analyze")
+        unavailable("no systemd-analyze (apt-get install systemd)")
     path = installed_unit(name, tmp_path)
     r = subprocess.run(
         [analyze, "security", "--offline=true", "--no-pager", str(path)],
@@ -399,7 +401,7 @@ def interpreter_for_another_user(request: pytest.FixtureRequest) -> str:
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     system = shutil.which(f"python{version}", path="/usr/bin")
     if system is None:
-        pytest.skip(f"{real} is not executable by another user and no system python matches")
+        unavailable(f"{real} is not executable by another user and no system python matches")
     # (not under tmp_path: pytest's base directory is the current user's alone)
     venv = Path(tempfile.mkdtemp(prefix="pgw-venv-"))
     request.addfinalizer(lambda: shutil.rmtree(venv, ignore_errors=True))
@@ -418,7 +420,7 @@ def test_a_worker_with_the_units_capabilities_gives_none_to_its_commands(
     run-as user, and they hold no capability (cannot switch back to the worker's user)."""
     setpriv = shutil.which("setpriv")
     if not IS_ROOT or setpriv is None:
-        pytest.skip("needs root and setpriv (util-linux) to start a worker as the unit does")
+        unavailable("needs root and setpriv (util-linux) to start a worker as the unit does")
     import pwd
 
     worker, run_as = pwd.getpwnam("daemon"), pwd.getpwnam("nobody")
