@@ -80,3 +80,39 @@ def unavailable(reason: str) -> NoReturn:
     if os.environ.get("CI", "").lower() in ("true", "1"):
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
+
+
+def table_check(conn: psycopg.Connection[Any], expected: int) -> dict[str, int]:
+    """The end-of-test verdict: every command terminal exactly once, nothing lost or stuck."""
+    total = conn.execute("SELECT count(*) FROM noetl.command").fetchone()
+    assert total == (expected,), f"commands lost or added: {total}"
+    stuck = conn.execute(
+        "SELECT count(*) FROM noetl.command"
+        " WHERE status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')"
+    ).fetchone()
+    assert stuck == (0,), f"{stuck} commands not terminal"
+    finals = conn.execute(
+        "SELECT c.command_id, count(e.event_id) FROM noetl.command c"
+        " LEFT JOIN noetl.event e ON e.execution_id = c.execution_id"
+        "  AND e.command_id = c.command_id"
+        "  AND e.event_type IN ('command.completed', 'command.failed')"
+        " GROUP BY c.command_id"
+    ).fetchall()
+    bad = [(cid, n) for cid, n in finals if n != 1]
+    assert not bad, f"commands without exactly one terminal event: {bad[:10]} ({len(bad)})"
+    started = conn.execute(
+        "SELECT count(*) FILTER (WHERE n > 1), coalesce(sum(n - 1) FILTER (WHERE n > 1), 0)"
+        " FROM (SELECT command_id, count(*) AS n FROM noetl.event"
+        "       WHERE event_type = 'command.started' GROUP BY command_id) s"
+    ).fetchone()
+    reclaimed = conn.execute(
+        "SELECT count(*) FROM noetl.event"
+        " WHERE event_type = 'command.claimed' AND meta ? 'reclaimed'"
+    ).fetchone()
+    assert started is not None and reclaimed is not None
+    return {
+        "commands": expected,
+        "recovered": int(reclaimed[0]),
+        "duplicates_executed": int(started[1]),
+        "duplicates_completed": sum(max(0, n - 1) for _, n in finals),
+    }

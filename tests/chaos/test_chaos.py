@@ -16,8 +16,8 @@ import pytest
 
 from noetl_pgworker.enqueue import enqueue
 
-from ..helpers import count_status, scalar, wait_until
-from .conftest import WorkerProcess, report, spawn, table_check
+from ..helpers import count_status, scalar, table_check, wait_until
+from .conftest import WorkerProcess, report, spawn
 
 pytestmark = pytest.mark.chaos
 

@@ -18,9 +18,9 @@ import pytest
 
 from noetl_pgworker.enqueue import enqueue
 
-from ..helpers import count_status, scalar, wait_until
+from ..helpers import count_status, scalar, table_check, wait_until
 from ..pgbouncer import pgbouncer
-from .conftest import WorkerProcess, report, spawn, table_check
+from .conftest import WorkerProcess, report, spawn
 
 pytestmark = pytest.mark.chaos
 

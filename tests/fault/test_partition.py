@@ -22,8 +22,7 @@ import pytest
 
 from noetl_pgworker.enqueue import enqueue
 
-from ..chaos.conftest import table_check
-from ..helpers import scalar
+from ..helpers import scalar, table_check
 from .conftest import FaultDb, Net, Workers, report
 
 pytestmark = pytest.mark.fault
