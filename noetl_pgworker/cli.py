@@ -28,7 +28,7 @@ from . import enqueue as enqueue_mod
 from . import logs, schema
 from . import status as status_mod
 from .cli_control import register as register_control
-from .config import Settings
+from .config import DEFAULT_PENDING_WRITES, Settings
 from .db import connect, wrap_errors
 from .errors import ConfigError, PgWorkerError
 from .redact import redact_dsn, redact_secrets
@@ -111,6 +111,17 @@ _START_OPTIONS = (
         default=8,
         show_default=True,
         help="Threads, i.e. commands run at once.",
+    ),
+    click.option(
+        "--max-pending-writes",
+        envvar=_env("MAX_PENDING_WRITES"),
+        show_envvar=True,
+        type=click.IntRange(0, 100_000),
+        default=DEFAULT_PENDING_WRITES,
+        show_default=True,
+        help="Finished commands whose outcome may await its write while the worker claims"
+        " more, so that claims and writes overlap over a distant database. Claims held <="
+        " concurrency + this; each holds an entry of PostgreSQL's lock table until written.",
     ),
     click.option(
         "--tool-kinds",
@@ -471,6 +482,7 @@ def start(**opts: Any) -> None:
 _SETTINGS_AS_IS = (
     "dsn",
     "concurrency",
+    "max_pending_writes",
     "tool_kinds",
     "poll_interval",
     "drain",

@@ -27,6 +27,11 @@ def default_worker_id() -> str:
     return f"{host}-{instance}" if instance else host
 
 
+#: Outcomes that may await their write: deep enough that claims and writes overlap over a
+#: database a few milliseconds away (docs/benchmarks.md, "Latency to the database").
+DEFAULT_PENDING_WRITES = 256
+
+
 class Settings(BaseModel):
     """Everything a running worker needs to know."""
 
@@ -93,11 +98,13 @@ class Settings(BaseModel):
         description="a command's start (RUNNING, command.started) is written alone only once it"
         " has run this long; a shorter command's start goes with its outcome, in one write",
     )
-    max_pending_writes: int | None = Field(
-        default=None,
+    max_pending_writes: int = Field(
+        default=DEFAULT_PENDING_WRITES,
         ge=0,
+        le=100_000,
         description="finished commands whose outcome may await its write while the worker"
-        " claims more (default: concurrency); claims held <= concurrency + this",
+        " claims more; claims held <= concurrency + this (each holds one entry of"
+        " PostgreSQL's lock table until its outcome is written)",
     )
     listener_check_interval: float = Field(default=30.0, gt=0)
     max_result_bytes: int = Field(default=1024 * 1024, ge=1024)

@@ -126,6 +126,21 @@ class InFlight:
             free = self.free()
         return free
 
+    def ahead(self, seconds: float) -> int:
+        """Claims worth taking beyond :meth:`free`: twice as many commands as this worker has
+        lately finished in ``seconds`` (one claim's round trip), so that threads freed
+        meanwhile find their next command already claimed instead of a claim under way. Twice:
+        a claim that takes only what one round trip consumes would hold the rate where it is;
+        twice lets it grow until the threads, the claim slots or the machine are the limit.
+        Such a command waits for its thread about two round trips at most; a worker whose
+        commands run long (or none ran lately) claims nothing ahead. Only within the free
+        claim slots."""
+        with self._lock:
+            gap = max(self._finish_gap, time.monotonic() - self._last_finish, 1e-6)
+        likely = int(2 * seconds / gap)
+        spare = self.claims.available() - self.free()
+        return max(0, min(likely, spare))
+
     def finishing_within(self, seconds: float, count: int = 1) -> bool:
         """Whether ``count`` more commands are likely to finish within ``seconds`` (some are
         running, and lately commands have finished at least that often)."""

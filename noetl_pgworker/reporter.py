@@ -71,6 +71,7 @@ class Reporter:
         start_delay: float = 0.2,
         gather: float = 0.0,
         busy: Callable[[], bool] | None = None,
+        enough: int | None = None,
         on_fenced: Callable[[CommandRef], None] | None = None,
         on_done: Callable[[CommandRef], None] | None = None,
         metrics: NullMetrics | None = None,
@@ -82,6 +83,8 @@ class Reporter:
         self._gather = gather
         #: Whether other outcomes are likely to come within ``gather``.
         self._busy = busy or (lambda: False)
+        #: Outcomes that make a batch worth writing without gathering more.
+        self._enough = min(enough or flush_max, flush_max)
         self._on_fenced = on_fenced
         self._on_done = on_done
         self._metrics = metrics or NullMetrics()
@@ -281,10 +284,11 @@ class Reporter:
     def _gather_while_busy(self) -> None:
         """While other commands are running and finishing fast, wait up to ``gather`` seconds
         for their outcomes too: under load, one write for several commands; alone, or beside
-        long commands, no wait at all."""
+        long commands, no wait at all; with ``enough`` outcomes waiting, no wait either (a deep
+        queue forms its batches while the previous write is under way)."""
         deadline = time.monotonic() + self._gather
         while not self._stop.is_set() and self._busy():
-            if sum(e.outcome is not None for e in self._entries.values()) >= self._flush_max:
+            if sum(e.outcome is not None for e in self._entries.values()) >= self._enough:
                 return
             left = deadline - time.monotonic()
             if left <= 0:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import pq
+from psycopg import pq, sql
+from psycopg.rows import dict_row
 
 from .config import Settings
 from .connections import log_pool_mode
@@ -179,10 +180,11 @@ class ClaimSession:
                 self._after_failure(conn)
                 raise
 
-    @contextlib.contextmanager
-    def statement(self) -> Iterator[psycopg.Connection[Any]]:
-        """The session for one statement, atomic on its own (no BEGIN/COMMIT round trips);
-        pending unlocks are sent in the same round trip (a pipeline).
+    def fetch(self, statement: sql.SQL, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Run one statement, atomic on its own (no BEGIN/COMMIT round trips), and return its
+        rows as dicts. Pending unlocks go in the same round trip: both are sent in a pipeline
+        with one Sync, and nothing is read before the pipeline ends (reading inside it would
+        cost a second round trip).
 
         If the statement fails, locks it took for rows it did not claim are given back."""
         with self._lock:
@@ -190,17 +192,25 @@ class ClaimSession:
             with self._done_lock:
                 ids, self._done = sorted(self._done), set()
             try:
-                if ids:
-                    with conn.pipeline():
-                        conn.execute(query("session_unlock"), {"ids": ids})
-                        yield conn
-                else:  # (a pipeline costs an idle worker's claim a little latency)
-                    yield conn
+                with conn.cursor(row_factory=dict_row) as cur:
+                    if ids:
+                        with conn.pipeline():
+                            conn.execute(query("session_unlock"), {"ids": ids})
+                            cur.execute(statement, params)
+                    else:  # (a pipeline costs an idle worker's claim a little latency)
+                        cur.execute(statement, params)
+                    return cur.fetchall()
             except BaseException:
                 with self._done_lock:  # unlocking twice only warns; never unlocking leaks
                     self._done.update(ids)
                 self._after_failure(conn)
                 raise
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """The session's connection, for a statement that takes no lock (tests, checks)."""
+        with self._lock:
+            yield self._connection()
 
     def _after_failure(self, conn: psycopg.Connection[Any]) -> None:
         """After a failed claim: give back the locks taken for rows it did not claim."""

@@ -59,6 +59,10 @@ def _no_free_slots() -> int:
     return 0
 
 
+def _none_ahead(seconds: float) -> int:
+    return 0
+
+
 def _nothing() -> None:
     return None
 
@@ -78,6 +82,9 @@ class SourceHooks:
     wake: threading.Event = field(default_factory=threading.Event)
     #: Threads free besides the one reserved for the ``next()`` under way.
     free_slots: Callable[[], int] = _no_free_slots
+    #: Claims worth taking beyond the free slots: commands likely to finish within the given
+    #: seconds (a claim's round trip).
+    ahead: Callable[[float], int] = _none_ahead
     #: Command ids this process holds (running, or their outcome not yet written).
     held: Callable[[], Iterable[int]] = tuple
     #: Called while ``next()`` waits: the claim loop shows progress (the watchdog's test).
@@ -178,6 +185,9 @@ class PgCommandSource:
         self._tool_kinds = sorted(set(tool_kinds))
         hooks = hooks or SourceHooks()
         self._free_slots = hooks.free_slots
+        self._ahead = hooks.ahead
+        #: How long a claim statement takes to answer (seconds, a moving average).
+        self.round_trip = 0.0
         self._wake = hooks.wake
         self._stop = hooks.stop
         self._on_malformed = hooks.on_malformed
@@ -227,7 +237,8 @@ class PgCommandSource:
             # Clear before claiming: a NOTIFY that lands during the claim wakes the next wait.
             self._wake.clear()
             try:
-                got_rows = self._claim(1 + max(0, self._free_slots()))
+                free = max(0, self._free_slots())
+                got_rows = self._claim(1 + free + max(0, self._ahead(self.round_trip)))
             except _CLAIM_PAUSING as exc:
                 # Every database error pauses claiming, none ends it: an outage, a read-only
                 # primary during a failover, a lock or statement timeout, even a refused row.
@@ -281,22 +292,15 @@ class PgCommandSource:
         # Recovery and the claim in one transaction; the claim alone is one statement, atomic
         # by itself, sent with the pending unlocks in one round trip.
         recover = time.monotonic() >= self._next_reclaim
-        scope = self.session.transaction() if recover else self.session.statement()
-        with scope as conn, conn.cursor(row_factory=dict_row) as cur:
-            if recover:
+        if recover:
+            with self.session.transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
                 found = self._reclaim_rows(cur, limit)
                 limit -= sum(1 for r in found if r["command_id"] is not None)
-            if limit > 0:
-                cur.execute(
-                    query("claim_commands"),
-                    {
-                        "limit": limit,
-                        "tool_kinds": self._tool_kinds,
-                        "worker_id": self._worker_id,
-                        "session_locks": self.session.session_locks,
-                    },
-                )
-                rows = cur.fetchall()
+                if limit > 0:
+                    cur.execute(query("claim_commands"), self._claim_params(limit))
+                    rows = cur.fetchall()
+        else:
+            rows = self.session.fetch(query("claim_commands"), self._claim_params(limit))
         if time.monotonic() >= self._next_reclaim:
             self._next_reclaim = time.monotonic() + self._reclaim_every
         reclaimed, poisoned = self._recovered(found)
@@ -309,9 +313,20 @@ class PgCommandSource:
                 cancelled,
                 extra={"action": "cancelled_ended"},
             )
+        if not recover:
+            took = time.perf_counter() - t0
+            self.round_trip += 0.2 * (took - self.round_trip) if self.round_trip else took
         self._take(claimed)
         self._count_claim(claimed, len(reclaimed), t0)
         return bool(claimed) or cancelled > 0 or poisoned > 0
+
+    def _claim_params(self, limit: int) -> dict[str, Any]:
+        return {
+            "limit": limit,
+            "tool_kinds": self._tool_kinds,
+            "worker_id": self._worker_id,
+            "session_locks": self.session.session_locks,
+        }
 
     def _reclaim_rows(
         self, cur: psycopg.Cursor[dict[str, Any]], limit: int

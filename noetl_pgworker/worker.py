@@ -394,6 +394,7 @@ class Worker:
             stop=self._stop,
             wake=self._wake,
             free_slots=lambda: self.inflight.gathered_free(s.claim_gather),
+            ahead=self.inflight.ahead,
             held=self._held_ids,
             tick=self._tick,
             on_malformed=self._malformed,
@@ -428,6 +429,7 @@ class Worker:
             start_delay=s.start_write_delay,
             gather=s.write_gather,
             busy=lambda: self.inflight.outcomes_worth_gathering(s.write_gather),
+            enough=s.concurrency,
             on_done=self._written,
             metrics=self._metrics,
         )

@@ -43,7 +43,7 @@ def test_pool_and_claim_session_are_bounded(dsn: str) -> None:
             assert server_values(conn) == ("12000", "6", "2", "3")
             assert params["application_name"] == "noetl-pgworker@0badc0de:bounded"
         session = open_session(s, tuple, closing, listens=True, incarnation="0badc0de")
-        with session.statement() as conn:
+        with session.connection() as conn:
             assert client_params(conn)["tcp_user_timeout"] == "12000"
             assert server_values(conn) == ("12000", "6", "2", "3")
             assert (

@@ -438,3 +438,52 @@ def test_outcomes_are_not_gathered_when_every_claim_waits_for_its_write() -> Non
     inflight.finished(refs[0])
     inflight.written(refs[0])
     assert inflight.outcomes_worth_gathering(30.0)  # a slot is free, one command still runs
+
+
+def test_a_claim_takes_ahead_only_what_the_threads_will_soon_run() -> None:
+    inflight = InFlight(4, pending_writes=10)
+    refs = [CommandRef(execution_id=1, command_id=i, catalog_id=1, step="s") for i in range(40)]
+    # Nothing ran yet: nothing ahead, whatever the round trip.
+    assert inflight.ahead(1.0) == 0
+    # Commands finish about every millisecond: a claim may take ahead what the threads will
+    # finish in two round trips, but never more than the free claim slots beyond the threads.
+    for ref in refs[:30]:
+        assert inflight.reserve(1)
+        inflight.hold(ref)
+        inflight.finished(ref)
+        inflight.written(ref)
+        time.sleep(0.001)
+    assert inflight.free() == 4
+    assert inflight.ahead(1.0) == 10  # 14 claim slots, 4 of them the free threads'
+    assert inflight.ahead(0.0) == 0
+    # Outcomes awaiting their write hold claim slots: less room ahead.
+    for ref in refs[30:36]:
+        assert inflight.reserve(1)
+        inflight.hold(ref)
+        inflight.finished(ref)
+    assert inflight.ahead(1.0) == 4
+    # A worker that finished nothing lately claims nothing ahead.
+    time.sleep(0.3)
+    assert inflight.ahead(0.1) == 0
+
+
+def test_enough_waiting_outcomes_are_written_without_gathering_more() -> None:
+    refs = [CommandRef(execution_id=1, command_id=i, catalog_id=1, step="s") for i in (1, 2, 3)]
+    sink, writes = _recording_sink(refs)
+    # Others still run all along, and the gather window is long: only `enough` ends the wait.
+    running = [True]
+    reporter = Reporter(sink, gather=30.0, busy=lambda: running[0], enough=2)
+    reporter.start()
+    try:
+        reporter.finished(refs[0], Outcome.success({"a": 1}))
+        time.sleep(0.2)
+        assert writes == []  # one outcome: the others are waited for
+        reporter.finished(refs[1], Outcome.success({"a": 2}))
+        deadline = time.monotonic() + 5
+        while not writes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert writes == [[(1, False, True), (2, False, True)]]  # well within the 30 s
+    finally:
+        running[0] = False
+        reporter.finished(refs[2], Outcome.success({"a": 3}))
+        assert reporter.close(5)
