@@ -3,6 +3,7 @@ few milliseconds away every extra round trip is a pause of the whole claim loop.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from typing import Any
 
@@ -34,7 +35,7 @@ def traced_claim(source: PgCommandSource, limit: int) -> tuple[int, list[Any], s
         trace.seek(0)
         text = trace.read()
     sides = [line[0] for line in text.splitlines() if line[:2] in ("F\t", "B\t")]
-    trips = sum(1 for a, b in zip(sides, sides[1:], strict=False) if (a, b) == ("F", "B"))
+    trips = sum(1 for a, b in itertools.pairwise(sides) if (a, b) == ("F", "B"))
     return trips, claimed, text
 
 
@@ -46,9 +47,10 @@ def test_a_claim_and_the_pending_unlocks_cost_one_round_trip(
         # The first claim also recovers dead workers' claims (a transaction); later ones do
         # not for an hour.
         source = PgCommandSource(
-            pool, worker_id="round-trips", tool_kinds=["noop"], options=ClaimOptions(
-                reclaim_every=3600
-            )
+            pool,
+            worker_id="round-trips",
+            tool_kinds=["noop"],
+            options=ClaimOptions(reclaim_every=3600),
         )
         try:
             first = source.claim(1)
