@@ -628,6 +628,7 @@ class Worker:
         while not self._stop.is_set():
             self._tick()
             if not inflight.reserve(timeout=0.5):
+                self._give_back_waiting(source)
                 continue
             try:
                 command = source.next()
@@ -731,6 +732,19 @@ class Worker:
                 self.inflight.threads.in_use(),
                 self.settings.shutdown_timeout,
                 extra={"action": "shutdown_timeout"},
+            )
+
+    def _give_back_waiting(self, source: CommandSource) -> None:
+        """Commands claimed ahead that found no thread for half a second (the commands running
+        turned out long): back to PENDING, for a worker with a free thread."""
+        if not source.buffered():
+            return
+        released = self._release_unstarted(source)
+        if released:
+            logger.info(
+                "gave back %d command(s) claimed ahead: no thread freed up for them",
+                released,
+                extra={"action": "gave_back_unstarted", "count": released},
             )
 
     def _release_unstarted(self, source: CommandSource) -> int:

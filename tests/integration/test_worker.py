@@ -176,6 +176,36 @@ def test_without_pending_writes_it_holds_no_more_claims_than_threads(
     assert max(held) <= 3, max(held)
 
 
+def test_commands_claimed_ahead_go_back_when_no_thread_frees_up(
+    start_worker: Start, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from noetl_pgworker.inflight import InFlight
+
+    # Claims ahead as a busy worker does (how many depends on the rate; here a fixed 10).
+    monkeypatch.setattr(InFlight, "ahead", lambda self, seconds: 10)
+    code = "import time\ndef main():\n    time.sleep(4)\n    return 1\n"
+    enqueue(conn, tool_kind="python", tool_config={"code": code}, count=2)
+    enqueue(conn, tool_kind="noop", count=10)
+    first = start_worker(worker_id="long", concurrency=2, poll_interval=0.1, python_mode="inline")
+    wait_until(lambda: count_status(conn, "RUNNING") == 2, timeout=10)
+    t0 = time.monotonic()
+    # The ten claimed with the two long commands wait for no thread: back to PENDING ...
+    wait_until(lambda: count_status(conn, "PENDING") == 10, timeout=3)
+    second = start_worker(worker_id="free", concurrency=2, poll_interval=0.1)
+    # ... and another worker runs them while the long ones still run.
+    wait_until(lambda: count_status(conn, "COMPLETED") == 10, timeout=10)
+    assert time.monotonic() - t0 < 3.5
+    assert count_status(conn, "RUNNING") == 2
+    ran = scalar(
+        conn,
+        "SELECT array_agg(DISTINCT worker_id) FROM noetl.command WHERE tool_kind = 'noop'",
+    )
+    assert ran == ["free"]
+    wait_until(lambda: count_status(conn, "COMPLETED") == 12, timeout=10)
+    assert first.stop().released == 0
+    second.stop()
+
+
 def test_malformed_rows_and_failing_code_fail_readably_and_the_worker_goes_on(
     start_worker: Start, conn: psycopg.Connection[Any]
 ) -> None:
