@@ -195,7 +195,12 @@ def spawn_worker(dsn: str, name: str, env: dict[str, str] | None = None) -> subp
     )
 
 
-def wait_terminal(conn: psycopg.Connection[Any], n: int, timeout: float) -> None:
+def wait_terminal(
+    conn: psycopg.Connection[Any], n: int, timeout: float, every: float = 0.05
+) -> None:
+    """Until ``n`` commands are terminal; a count of the table every ``every`` seconds (which
+    costs the database what it costs: where the rate comes from the rows' timestamps, poll
+    seldom)."""
     deadline = time.monotonic() + timeout
     while True:
         row = conn.execute(
@@ -205,7 +210,7 @@ def wait_terminal(conn: psycopg.Connection[Any], n: int, timeout: float) -> None
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {row[0] if row else 0}/{n} terminal after {timeout} s")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def row_writes(dsn: str) -> dict[str, list[int]]:
@@ -1029,7 +1034,9 @@ def net_worker_drain(admin_dsn: str, n: int, delay_ms: float) -> float:
                     "--log-level", "warning"]  # fmt: skip
             proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
-                wait_terminal(conn, n, timeout=900)
+                # The rate comes from the rows' timestamps: counting the table 20 times a
+                # second would only take the database's time from the worker.
+                wait_terminal(conn, n, timeout=900, every=0.5)
             finally:
                 proc.send_signal(signal.SIGTERM)
                 _, err = proc.communicate(timeout=120)

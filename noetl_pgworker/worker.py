@@ -209,6 +209,8 @@ class Worker:
         #: the internal thread whose death stopped the worker
         self._died: str | None = None
         self._progress = time.monotonic()
+        #: When the claim loop may try again to give back commands claimed ahead.
+        self._give_back_after = 0.0
         #: False through a transaction-pooling proxy without a session DSN (no LISTEN, polling),
         #: and without a database.
         self._listens = self.uses_database and (
@@ -737,9 +739,11 @@ class Worker:
     def _give_back_waiting(self, source: CommandSource) -> None:
         """Commands claimed ahead that found no thread for half a second (the commands running
         turned out long): back to PENDING, for a worker with a free thread."""
-        if not source.buffered():
+        if not source.buffered() or time.monotonic() < self._give_back_after:
             return
         released = self._release_unstarted(source)
+        if source.buffered():  # the database is away: try again in a while, not every loop
+            self._give_back_after = time.monotonic() + 5.0
         if released:
             logger.info(
                 "gave back %d command(s) claimed ahead: no thread freed up for them",
