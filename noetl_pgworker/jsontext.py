@@ -38,7 +38,9 @@ def dumps(value: Any) -> str:
         raise NotSerialisable(f"result is not JSON-serialisable: {storable(str(exc))}") from exc
     except RecursionError as exc:
         raise NotSerialisable("result is not JSON-serialisable: nested too deeply") from exc
-    if "\\u0000" in text or _UNSTORABLE.search(text):
+    # NUL comes out escaped; a lone surrogate raw, and only in text that is not ASCII (which
+    # Python knows without reading it: the scan is skipped for most outcomes).
+    if "\\u0000" in text or (not text.isascii() and _UNSTORABLE.search(text)):
         # Replace rather than fail the whole batch (jsonb rejects U+0000 and lone surrogates).
         text = json.dumps(_scrub(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return text
