@@ -28,10 +28,11 @@ throwaway PostgreSQL. Prints a table and writes JSON (``--out``). Scenarios:
             interleaved 3 times (--python-rounds), median; an idle worker's RSS with its fork
             server; one step's p50 time per mode, sequentially.
   latency-net
-            the same N no-op commands (--net-commands, 5,000) drained by one worker
+            the same N no-op commands (--net-commands, 10,000) drained by one worker
             (--concurrency 8) and by PgQueuer, each through bench/delayproxy.py holding every
-            chunk 0, 1, 2 and 5 ms each way (a database 0-10 ms round trip away); commands/s
-            and each one's ratio to its own 0 ms rate.
+            chunk 0, 1, 2 and 5 ms each way (a database 0-10 ms round trip away), 3 rounds
+            interleaved (--net-rounds); median commands/s and each one's ratio to its own
+            0 ms rate.
   tracing   the 1-process drain with command traces off and on (OTLP/HTTP to a collector
             in this process that takes and counts what it is sent), interleaved 3 times
             (--tracing-rounds), median; commands/s and the worker's CPU per command. Not in
@@ -934,7 +935,8 @@ def main() -> int:
     )
     parser.add_argument("--python-commands", type=int, default=400)
     parser.add_argument("--python-rounds", type=int, default=3)
-    parser.add_argument("--net-commands", type=int, default=5000)
+    parser.add_argument("--net-commands", type=int, default=10000)
+    parser.add_argument("--net-rounds", type=int, default=3)
     parser.add_argument("--tracing-rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(".bench/results.json"))
     args = parser.parse_args()
@@ -977,7 +979,7 @@ def main() -> int:
             say("peers")
             report["peers"] = peers(admin, args.commands)
         if "latency-net" in wanted:
-            report["latency_net"] = latency_net(admin, args.net_commands)
+            report["latency_net"] = latency_net(admin, args.net_commands, args.net_rounds)
         if "tracing" in wanted:
             report["tracing"] = tracing_cost(admin, args.commands, args.tracing_rounds)
     if args.fast_cluster and wanted & {"drain", "peers", "latency"}:
@@ -1064,29 +1066,44 @@ def net_peer_drain(admin_dsn: str, python: Path, n: int, delay_ms: float) -> flo
         return float(out["jobs_per_s"])
 
 
-def latency_net(admin_dsn: str, n: int) -> dict[str, Any]:
-    """The worker and PgQueuer through the delay proxy at each of NET_DELAYS_MS."""
+def latency_net(admin_dsn: str, n: int, rounds: int) -> dict[str, Any]:
+    """The worker and PgQueuer through the delay proxy at each of NET_DELAYS_MS, ``rounds``
+    times interleaved (delay by delay, the worker then PgQueuer); the median of each."""
     python = peers_python()
-    rows = []
+    runs: dict[float, dict[str, list[float]]] = {
+        d: {"noetl-pgworker": [], "pgqueuer": []} for d in NET_DELAYS_MS
+    }
+    for round_ in range(rounds):
+        for delay in NET_DELAYS_MS:
+            say(f"latency-net ({round_ + 1}/{rounds}), +{delay} ms each way: noetl-pgworker")
+            runs[delay]["noetl-pgworker"].append(net_worker_drain(admin_dsn, n, delay))
+            say(f"latency-net ({round_ + 1}/{rounds}), +{delay} ms each way: pgqueuer")
+            runs[delay]["pgqueuer"].append(net_peer_drain(admin_dsn, python, n, delay))
+    rows: list[dict[str, Any]] = []
     for delay in NET_DELAYS_MS:
-        say(f"latency-net, +{delay} ms each way: noetl-pgworker")
-        worker = net_worker_drain(admin_dsn, n, delay)
-        say(f"latency-net, +{delay} ms each way: pgqueuer")
-        peer = net_peer_drain(admin_dsn, python, n, delay)
-        rows.append({"delay_ms": delay, "noetl-pgworker": worker, "pgqueuer": peer})
+        row: dict[str, Any] = {"delay_ms": delay}
+        for name, rates in runs[delay].items():
+            row[name] = statistics.median(rates)
+            row[f"{name}_runs"] = rates
+        rows.append(row)
     for name in ("noetl-pgworker", "pgqueuer"):
         base = rows[0][name]
         for r in rows:
             r[f"{name}_ratio"] = round(r[name] / base, 2) if base else None
-    return {"commands": n, "concurrency": 8, "rows": rows}
+    return {"commands": n, "concurrency": 8, "rounds": rounds, "rows": rows}
 
 
 def print_latency_net(net: dict[str, Any]) -> None:
     for r in net["rows"]:
+        runs = {
+            name: " · ".join(f"{x:.0f}" for x in r.get(f"{name}_runs", []))
+            for name in ("noetl-pgworker", "pgqueuer")
+        }
+        worker, peer = "noetl-pgworker", "pgqueuer"
         print(
-            f"latency-net +{r['delay_ms']} ms each way  noetl-pgworker"
-            f" {r['noetl-pgworker']:>7.0f}/s ({r['noetl-pgworker_ratio']:.0%})"
-            f"  pgqueuer {r['pgqueuer']:>7.0f}/s ({r['pgqueuer_ratio']:.0%})"
+            f"latency-net +{r['delay_ms']} ms each way  {worker}"
+            f" {r[worker]:>7.0f}/s ({r[worker + '_ratio']:.0%}; {runs[worker]})"
+            f"  {peer} {r[peer]:>7.0f}/s ({r[peer + '_ratio']:.0%}; {runs[peer]})"
         )
 
 
