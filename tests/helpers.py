@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import json
 import os
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
 from typing import Any, NoReturn
 
 import psycopg
 import pytest
+from psycopg import conninfo, sql
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 
@@ -80,6 +89,69 @@ def unavailable(reason: str) -> NoReturn:
     if os.environ.get("CI", "").lower() in ("true", "1"):
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
+
+
+def require_module(name: str, extra: str) -> ModuleType:
+    """The module ``name``; if it is not installed, :func:`unavailable` (failed in CI, where
+    ``make test`` installs the ``dev`` extra that holds it)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        unavailable(f"{name} is not installed (pip install 'noetl-pgworker[{extra}]')")
+
+
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A local HTTP server answering with ``handler`` for the block: its base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(
+        target=httpd.serve_forever, name=f"test-{handler.__name__}", daemon=True
+    )
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+@contextlib.contextmanager
+def role_login(dsn: str, prefix: str) -> Iterator[str]:
+    """A new login holding nothing but the role ``noetl_pgworker`` (which must exist), for the
+    block: its DSN. Dropped with whatever it owns afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    login = sql.Identifier(name)
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE noetl_pgworker").format(login))
+    try:
+        yield conninfo.make_conninfo(dsn, user=name)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(login))
+            admin.execute(sql.SQL("DROP ROLE {}").format(login))
+
+
+class Figures:
+    """What a tier's scenarios measured: printed as one JSON line each in pytest's terminal
+    summary, and written to the file the environment variable ``env`` names, if set."""
+
+    def __init__(self, title: str, env: str) -> None:
+        self.title, self.env = title, env
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, name: str, **figures: Any) -> None:
+        self.rows.append({"test": name, **figures})
+
+    def summary(self, terminalreporter: Any) -> None:
+        if not self.rows:
+            return
+        terminalreporter.section(self.title)
+        for row in self.rows:
+            terminalreporter.write_line(json.dumps(row, sort_keys=True))
+        out = os.environ.get(self.env)
+        if out:
+            Path(out).write_text(json.dumps(self.rows, indent=2))
 
 
 def table_check(conn: psycopg.Connection[Any], expected: int) -> dict[str, int]:

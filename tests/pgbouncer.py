@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pytest
 from psycopg import conninfo
 
 from noetl_pgworker.testing import _unprivileged_user
+
+from .helpers import unavailable
 
 
 def pgbouncer_binary() -> str:
@@ -37,9 +38,7 @@ def pgbouncer_binary() -> str:
         "pgbouncer is not installed (Debian/Ubuntu: apt-get install pgbouncer): the tests of"
         " --pool-mode session|transaction run the worker through a real PgBouncer"
     )
-    if os.environ.get("CI", "").lower() in ("true", "1"):
-        pytest.fail(message)
-    pytest.skip(message)
+    unavailable(message)
 
 
 def _free_port() -> int:

@@ -18,7 +18,7 @@ import pytest
 
 from noetl_pgworker.enqueue import enqueue
 
-from ..helpers import count_status, wait_until
+from ..helpers import count_status, require_module, wait_until
 from .attack_harness import (
     STALE_AFTER,
     attacked_worker,
@@ -143,7 +143,7 @@ def _with_password(dsn: str) -> str:
 
 
 def test_duckdb_reads_and_writes_nothing_of_the_worker(dsn: str, tmp_path: Path) -> None:
-    pytest.importorskip("duckdb")
+    require_module("duckdb", "duckdb")
     env = _secret_env(tmp_path)
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -189,7 +189,7 @@ BIG_RESULTS = {
 @pytest.mark.parametrize("kind", sorted(BIG_RESULTS))
 def test_a_huge_result_stops_at_max_result_bytes(dsn: str, kind: str) -> None:
     if kind == "duckdb":
-        pytest.importorskip("duckdb")
+        require_module("duckdb", "duckdb")
     config: dict[str, Any] = {"query": BIG_RESULTS[kind]}
     if kind == "postgres":
         config["connection_string"] = dsn

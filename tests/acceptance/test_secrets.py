@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from ..helpers import unavailable
 from ..integration.test_sandbox import FakePostgres
 from .attack_harness import attacked_worker, enqueue_one, every_text, time_to_terminal
 
@@ -136,11 +137,12 @@ def _rows(env: dict[str, str], capture: Capture, fake_pg: FakePostgres) -> list[
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(not IS_ROOT, reason="--run-as (the production setup) needs a root worker")
 @pytest.mark.parametrize("python_mode", ["process", "spawn"])  # (inline is the worker itself)
 def test_no_tool_kind_reads_a_secret_of_the_worker(
     dsn: str, tmp_path: Path, python_mode: str
 ) -> None:
+    if not IS_ROOT:
+        unavailable("--run-as (the production setup) needs a root worker: run as root (as CI does)")
     env = _worker_env(tmp_path)
     os.chmod(tmp_path, 0o755)
     capture = Capture()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,8 +17,9 @@ from noetl_pgworker import schema
 from noetl_pgworker.testing import LocalCluster, NoPostgres, find_pg_bindir
 
 from ..conftest import PgServer, fresh_database
+from ..helpers import Figures
 
-REPORT: list[dict[str, Any]] = []
+FIGURES = Figures("chaos figures", "NOETL_PGWORKER_CHAOS_REPORT")
 FAST = [
     "--heartbeat-interval", "0.5", "--stale-after", "2", "--lease", "2",
     "--poll-interval", "0.2", "--connect-timeout", "3",
@@ -100,15 +99,9 @@ def spawn(
 
 
 def report(name: str, **figures: Any) -> None:
-    REPORT.append({"test": name, **figures})
+    """Keep a scenario's figures for the summary (and $NOETL_PGWORKER_CHAOS_REPORT)."""
+    FIGURES.add(name, **figures)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not REPORT:
-        return
-    terminalreporter.section("chaos figures")
-    for row in REPORT:
-        terminalreporter.write_line(json.dumps(row, sort_keys=True))
-    out = os.environ.get("NOETL_PGWORKER_CHAOS_REPORT")
-    if out:
-        Path(out).write_text(json.dumps(REPORT, indent=2))
+    FIGURES.summary(terminalreporter)

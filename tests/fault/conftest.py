@@ -33,7 +33,9 @@ from psycopg import conninfo
 from noetl_pgworker import schema
 from noetl_pgworker.testing import LocalCluster, NoPostgres, find_pg_bindir, scratch_database
 
-REPORT: list[dict[str, Any]] = []
+from ..helpers import Figures, unavailable
+
+FIGURES = Figures("fault figures", "NOETL_PGWORKER_FAULT_REPORT")
 #: A MAC address no interface has: frames sent to it are lost.
 NOWHERE = "02:00:00:de:ad:01"
 #: Short liveness settings so that scenarios take seconds, not minutes.
@@ -44,9 +46,7 @@ FAST = [
 
 
 def _cannot_run(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"the fault tier cannot run: {reason}", pytrace=False)
-    pytest.skip(f"fault tier: {reason}")
+    unavailable(f"the fault tier cannot run: {reason}")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -241,15 +241,8 @@ def workers(net: Net, tmp_path: Path) -> Iterator[Workers]:
 
 def report(name: str, **figures: Any) -> None:
     """Keep a scenario's figures for the summary (and $NOETL_PGWORKER_FAULT_REPORT)."""
-    REPORT.append({"test": name, **figures})
+    FIGURES.add(name, **figures)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not REPORT:
-        return
-    terminalreporter.section("fault figures")
-    for row in REPORT:
-        terminalreporter.write_line(json.dumps(row, sort_keys=True))
-    out = os.environ.get("NOETL_PGWORKER_FAULT_REPORT")
-    if out:
-        Path(out).write_text(json.dumps(REPORT, indent=2))
+    FIGURES.summary(terminalreporter)

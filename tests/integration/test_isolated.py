@@ -15,6 +15,8 @@ from noetl_pgworker.tools import isolated, process
 from noetl_pgworker.tools.pgstream import run_streamed
 from noetl_pgworker.tools.resultcap import ResultCap, ResultTooLarge
 
+from ..helpers import require_module, unavailable
+
 pytestmark = pytest.mark.integration
 
 DUCKDB = "noetl_pgworker.tools.duckdb_child:run"
@@ -42,7 +44,7 @@ def duck(iso: isolated.Isolated, sql: str, tmp: Path, **kw: Any) -> Any:
 
 
 def test_duckdb_runs_in_a_child_and_answers(iso: isolated.Isolated, tmp_path: Path) -> None:
-    pytest.importorskip("duckdb")
+    require_module("duckdb", "duckdb")
     out = duck(iso, "SELECT 41 + 1 AS n, 'x' AS s", tmp_path)
     assert out["rows"] == [{"n": 42, "s": "x"}] and out["executed_commands"] == 1
 
@@ -64,7 +66,7 @@ def test_duckdb_runs_in_a_child_and_answers(iso: isolated.Isolated, tmp_path: Pa
 def test_duckdb_reaches_nothing_outside_its_directories(
     iso: isolated.Isolated, tmp_path: Path, sql: str
 ) -> None:
-    pytest.importorskip("duckdb")
+    require_module("duckdb", "duckdb")
     with pytest.raises(ToolError) as failed:
         duck(iso, sql, tmp_path)
     assert failed.value.message.startswith("duckdb: "), failed.value.message
@@ -73,21 +75,21 @@ def test_duckdb_reaches_nothing_outside_its_directories(
 
 
 def test_duckdb_writes_inside_an_allowed_directory(iso: isolated.Isolated, tmp_path: Path) -> None:
-    pytest.importorskip("duckdb")
+    require_module("duckdb", "duckdb")
     os.chmod(tmp_path, 0o777)
     duck(iso, f"COPY (SELECT 7 AS n) TO '{tmp_path}/out.csv'", tmp_path)
     assert (tmp_path / "out.csv").read_text().split() == ["n", "7"]
 
 
 def test_duckdb_result_stops_at_the_cap(iso: isolated.Isolated, tmp_path: Path) -> None:
-    pytest.importorskip("duckdb")
+    require_module("duckdb", "duckdb")
     with pytest.raises(ToolError) as failed:
         duck(iso, "SELECT repeat('x', 1000) FROM range(1000000)", tmp_path, max_bytes=100_000)
     assert "max-result-bytes" in failed.value.message
 
 
 def test_an_endless_child_is_killed_at_the_timeout(iso: isolated.Isolated, tmp_path: Path) -> None:
-    pytest.importorskip("duckdb")
+    require_module("duckdb", "duckdb")
     args = {
         "texts": ["SELECT count(*) FROM range(100000000000) a"],
         "params": None,
@@ -164,9 +166,10 @@ def test_a_template_bomb_fails_in_its_own_process(iso: isolated.Isolated) -> Non
     assert failed.value.message.startswith("templates: ")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="--run-as needs a root worker")
 def test_duckdb_and_templates_run_as_the_run_as_user(tmp_path: Path) -> None:
-    pytest.importorskip("duckdb")
+    if os.geteuid() != 0:
+        unavailable("--run-as needs a root worker (the tests run as root in CI)")
+    require_module("duckdb", "duckdb")
     from noetl_pgworker import render
     from noetl_pgworker.models import Command
     from noetl_pgworker.tools.base import ToolContext

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import conninfo, sql
 from psycopg_pool import ConnectionPool
 
 from noetl_pgworker import schema
@@ -16,7 +14,7 @@ from noetl_pgworker.enqueue import enqueue
 from noetl_pgworker.source import ClaimOptions, PgCommandSource
 
 from ..conftest import RunningWorker
-from ..helpers import count_status, scalar
+from ..helpers import count_status, role_login, scalar
 
 pytestmark = pytest.mark.integration
 
@@ -24,22 +22,14 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def limited_dsn(dsn: str) -> Iterator[str]:
     """A login that holds nothing but the noetl_pgworker role."""
-    login = f"pgw_role_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(dsn, autocommit=True) as admin:
         # What older releases granted: UPDATE on every column. Applying the role narrows it.
         schema.apply(admin, with_role=True)
         admin.execute("GRANT SELECT, UPDATE, INSERT ON noetl.command TO noetl_pgworker")
         admin.execute("GRANT INSERT, UPDATE ON noetl.event, noetl.runtime TO noetl_pgworker")
         schema.apply(admin, with_role=True)
-        admin.execute(
-            sql.SQL("CREATE ROLE {} LOGIN IN ROLE noetl_pgworker").format(sql.Identifier(login))
-        )
-    try:
-        yield conninfo.make_conninfo(dsn, user=login)
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(login)))
-            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))
+    with role_login(dsn, "pgw_role") as login_dsn:
+        yield login_dsn
 
 
 def source(pool: ConnectionPool[Any], worker_id: str) -> PgCommandSource:

@@ -4,7 +4,6 @@ while a worker drains them, and nothing of other kinds."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,13 +11,12 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from psycopg import conninfo, sql
 
 from noetl_pgworker import schema
 from noetl_pgworker.enqueue import enqueue
 
 from ..conftest import RunningWorker
-from ..helpers import insert_raw_command, wait_until
+from ..helpers import insert_raw_command, role_login, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -43,18 +41,10 @@ def scaler() -> tuple[str, list[str]]:
 @pytest.fixture
 def worker_login_dsn(dsn: str) -> Iterator[str]:
     """A login holding nothing but the role noetl_pgworker (what KEDA connects as)."""
-    login = f"pgw_keda_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(dsn, autocommit=True) as admin:
         schema.apply(admin, with_role=True)
-        admin.execute(
-            sql.SQL("CREATE ROLE {} LOGIN IN ROLE noetl_pgworker").format(sql.Identifier(login))
-        )
-    try:
-        yield conninfo.make_conninfo(dsn, user=login)
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(login)))
-            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))
+    with role_login(dsn, "pgw_keda") as login_dsn:
+        yield login_dsn
 
 
 def sample(conn: psycopg.Connection[Any], query: str, kinds: list[str]) -> tuple[int, int, int]:

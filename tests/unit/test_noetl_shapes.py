@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,6 +19,8 @@ from noetl_pgworker.tools.base import Confinement, ToolContext
 from noetl_pgworker.tools.returned import returned_failure
 from noetl_pgworker.tools.scriptsource import MAX_SCRIPT_BYTES, load_script
 from noetl_pgworker.workbook import expand, expander
+
+from ..helpers import serving
 
 pytestmark = pytest.mark.unit
 
@@ -158,15 +159,8 @@ class _Scripts(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def script_server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Scripts)
-    thread = threading.Thread(target=httpd.serve_forever, name="scripts", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    with serving(_Scripts) as url:
+        yield url
 
 
 def test_an_http_script_is_fetched_with_rendered_endpoint_and_headers(script_server: str) -> None:
@@ -311,15 +305,8 @@ class _Results(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def result_server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Results)
-    thread = threading.Thread(target=httpd.serve_forever, name="results", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    with serving(_Results) as url:
+        yield url
 
 
 @pytest.mark.parametrize(
